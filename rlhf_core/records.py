@@ -1,0 +1,174 @@
+"""Reading and writing record files without losing anything.
+
+Every invalid record becomes a :class:`Reject` that names the file, the line
+(or row) and the field at fault; every valid record is kept.  Rejects are
+written next to the outputs of a stage so that nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from rlhf_core.errors import DataError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Reject:
+    file: str
+    line: int
+    reason: str
+    field: str | None = None
+    raw: str | None = None
+    kind: str = "invalid"
+
+    def describe(self) -> str:
+        where = f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.reason}" if self.field else f"{where}: {self.reason}"
+
+
+@dataclass
+class ReadResult(Generic[T]):
+    records: list[T] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def _raw_preview(raw: object, limit: int = 500) -> str:
+    text = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def validation_rejects(exc: ValidationError, file: str, line: int, raw: object) -> list[Reject]:
+    """One reject per problem pydantic found in a record."""
+    out = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"]) or None
+        reason = "missing" if error["type"] == "missing" else error["msg"]
+        out.append(Reject(file, line, reason, loc, _raw_preview(raw)))
+    return out
+
+
+def iter_raw_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """(line or row number, decoded object or the undecodable text) for JSONL, JSONL.gz, CSV and Parquet."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield number, row
+    elif name.endswith(".csv"):
+        import csv
+
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                yield reader.line_num, row
+    else:
+        import gzip
+
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield number, _BadJSON(line.rstrip("\n"), exc.msg)
+
+
+@dataclass(frozen=True)
+class _BadJSON:
+    text: str
+    message: str
+
+
+def read_records(path: str | Path, model: type[T], *, unique_field: str | None = "id") -> ReadResult[T]:
+    """Validate every row of a JSONL(.gz)/CSV/Parquet file against ``model``.
+
+    Rows with bad JSON, missing or ill-typed fields, or a repeated ``unique_field``
+    become rejects; the rest are returned in file order.
+    """
+    path = Path(path)
+    result: ReadResult[T] = ReadResult()
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    seen: set = set()
+    for number, raw in iter_raw_rows(path):
+        if isinstance(raw, _BadJSON):
+            result.rejects.append(Reject(str(path), number, f"not valid JSON ({raw.message})", None, _raw_preview(raw.text)))
+            continue
+        if not isinstance(raw, dict):
+            result.rejects.append(Reject(str(path), number, "expected a JSON object", None, _raw_preview(raw)))
+            continue
+        try:
+            record = model.model_validate(raw)
+        except ValidationError as exc:
+            result.rejects.extend(validation_rejects(exc, str(path), number, raw))
+            continue
+        if unique_field is not None:
+            key = getattr(record, unique_field)
+            if key in seen:
+                result.rejects.append(Reject(str(path), number, f"duplicate {unique_field} {key!r}", unique_field, _raw_preview(raw)))
+                continue
+            seen.add(key)
+        result.records.append(record)
+    return result
+
+
+def read_jsonl(path: str | Path, model: type[T]) -> list[T]:
+    """Read a file this pipeline wrote itself; any invalid record is an error, not a reject."""
+    result = read_records(path, model, unique_field=None)
+    if result.rejects:
+        first = result.rejects[0]
+        raise DataError(f"{first.describe()} ({len(result.rejects)} invalid records in a pipeline output)")
+    return result.records
+
+
+def _atomic_write(path: Path, lines: Iterable[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for line in lines:
+                handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: str | Path, records: Iterable[BaseModel | dict]) -> int:
+    """Atomically write records (pydantic models or dicts) as JSONL; returns the count."""
+    count = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal count
+        for record in records:
+            count += 1
+            if isinstance(record, BaseModel):
+                yield record.model_dump_json()
+            else:
+                yield json.dumps(record, ensure_ascii=False, default=str)
+
+    _atomic_write(Path(path), lines())
+    return count
+
+
+def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> int:
+    return write_jsonl(path, (asdict(reject) for reject in rejects))
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    _atomic_write(Path(path), [json.dumps(data, indent=2, sort_keys=True, default=str)])

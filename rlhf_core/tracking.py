@@ -1,0 +1,265 @@
+"""The one module that talks to MLflow.
+
+* :func:`stage_run` opens the MLflow run of a pipeline stage, tags it with its
+  lineage (stage, git commit, params hash, input data hash, Prefect flow run),
+  and on :meth:`StageRun.finish` sends one metrics dict both to
+  ``metrics/<stage>.json`` (DVC metrics) and to MLflow.
+* The registry helpers register model folders as versions and move aliases
+  (``candidate``, ``champion``, ``previous``).
+
+The store is SQLite inside the project's working area with an explicit artifact
+location (see :mod:`rlhf_core.runtime`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from rlhf_core import runtime
+from rlhf_core.records import write_json
+
+EXPERIMENT = "rlhf"
+FLOW_RUN_ENV = "RLHF_FLOW_RUN_ID"
+FLOW_RUN_NAME_ENV = "RLHF_FLOW_RUN_NAME"
+
+
+def _mlflow():
+    runtime.configure()
+    import mlflow
+
+    return mlflow
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+        commit = out.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return f"{commit}-dirty" if dirty else commit
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def hash_paths(paths: Iterable[str | Path]) -> str:
+    """Content hash of files and folders (recursively, in sorted order); missing paths hash as absent."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            if not file.exists():
+                digest.update(b"<absent>")
+                continue
+            with file.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def hash_config(*sections) -> str:
+    """Stable hash of pydantic config sections."""
+    payload = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def experiment_id(name: str = EXPERIMENT) -> str:
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = runtime.mlflow_artifact_root() / name
+    location.mkdir(parents=True, exist_ok=True)
+    try:
+        return client.create_experiment(name, artifact_location=location.as_uri())
+    except Exception:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def flatten(metrics: Mapping, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a/b': 1}."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+
+
+@dataclass
+class StageRun:
+    """Handle of one stage's MLflow run."""
+
+    stage: str
+    run_id: str
+    metrics_path: Path
+    artifact_uri: str
+    _logged: dict = field(default_factory=dict)
+
+    def log_step(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log a row of a curve (e.g. one PPO update) in one batched call."""
+        mlflow = _mlflow()
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, step) for k, v in flatten(metrics).items() if _numeric(v)]
+        if rows:
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=rows)
+
+    def log_curve(self, name: str, values: Iterable[float], start: int = 0) -> None:
+        """Log a whole curve at once (one batched call per 1000 points)."""
+        mlflow = _mlflow()
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [Metric(name, float(v), now, start + i) for i, v in enumerate(values) if _numeric(v)]
+        client = mlflow.MlflowClient()
+        for i in range(0, len(rows), 1000):
+            client.log_batch(self.run_id, metrics=rows[i : i + 1000])
+
+    def log_params(self, params: Mapping) -> None:
+        mlflow = _mlflow()
+        from mlflow.entities import Param
+
+        rows = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        client = mlflow.MlflowClient()
+        for i in range(0, len(rows), 100):
+            client.log_batch(self.run_id, params=rows[i : i + 100])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        client = _mlflow().MlflowClient()
+        for key, value in tags.items():
+            client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        client = _mlflow().MlflowClient()
+        if path.is_dir():
+            client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, metrics: Mapping) -> dict:
+        """Write ``metrics/<stage>.json`` and log the numeric values to MLflow; returns the flat dict."""
+        flat = flatten(metrics)
+        write_json(self.metrics_path, flat)
+        self.log_step({k: v for k, v in flat.items() if _numeric(v)}, step=0)
+        text = {k: v for k, v in flat.items() if not _numeric(v) and v is not None}
+        if text:
+            self.set_tags({f"metric.{k}": v for k, v in text.items()})
+        self._logged = flat
+        return flat
+
+
+@contextmanager
+def stage_run(
+    stage: str,
+    *,
+    metrics_dir: str | Path,
+    config_sections: Iterable = (),
+    inputs: Iterable[str | Path] = (),
+    run_name: str | None = None,
+) -> Iterator[StageRun]:
+    """Open, tag and close the MLflow run of one stage.
+
+    The run ends FAILED (and the exception propagates) if the body raises.
+    """
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    tags = {
+        "stage": stage,
+        "git_commit": git_commit(),
+        "params_hash": hash_config(*config_sections),
+        "input_hash": hash_paths(inputs),
+        "mlflow.runName": run_name or stage,
+    }
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    if os.environ.get(FLOW_RUN_NAME_ENV):
+        tags["prefect_flow_run_name"] = os.environ[FLOW_RUN_NAME_ENV]
+    run = client.create_run(experiment_id(), tags=tags, run_name=run_name or stage)
+    handle = StageRun(stage, run.info.run_id, Path(metrics_dir) / f"{stage}.json", run.info.artifact_uri)
+    try:
+        yield handle
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def local_path(uri: str) -> Path:
+    """Filesystem path of a ``file://`` URI (MLflow artifact locations here are local)."""
+    parsed = urlparse(uri)
+    return Path(unquote(parsed.path)) if parsed.scheme in ("file", "") else Path(uri)
+
+
+def register_version(
+    name: str, run: StageRun, artifact_path: str, *, aliases: Iterable[str] = (), tags: Mapping[str, str] | None = None
+) -> str:
+    """Register ``<run artifacts>/<artifact_path>`` as a new version of model ``name``; returns the version."""
+    client = _mlflow().MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name)
+    version = client.create_model_version(
+        name, source=f"{run.artifact_uri}/{artifact_path}", run_id=run.run_id, tags=dict(tags or {})
+    ).version
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    path: Path
+    run_id: str | None
+    tags: dict
+
+
+def model_by_alias(name: str, alias: str) -> ModelRef | None:
+    """The version behind ``models:/name@alias`` with its local folder, or None if there is none."""
+    client = _mlflow().MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except Exception:
+        return None
+    return ModelRef(name, str(version.version), local_path(version.source), version.run_id, dict(version.tags))
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    _mlflow().MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def delete_alias(name: str, alias: str) -> None:
+    _mlflow().MlflowClient().delete_registered_model_alias(name, alias)
+
+
+def tag_version(name: str, version: str, tags: Mapping[str, object]) -> None:
+    client = _mlflow().MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))

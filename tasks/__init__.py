@@ -1,0 +1,1 @@
+"""Thin Prefect tasks: each runs one DVC stage and returns its metrics."""

@@ -1,0 +1,84 @@
+"""One Prefect task per pipeline stage.
+
+A task runs ``dvc repro <stage>`` (DVC decides whether anything needs to run,
+so there is no second cache here) and returns ``metrics/<stage>.json``.  Exit
+status 2 from ``rlhf`` means bad input or config: retrying cannot help, so
+only other failures are retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import task
+
+from rlhf_core import runtime
+from rlhf_core.config import load_params
+from rlhf_core.tracking import FLOW_RUN_ENV, FLOW_RUN_NAME_ENV
+
+#: stages whose work benefits from an accelerator; their tasks carry the ``gpu`` tag (see the concurrency limit).
+GPU_STAGES = {"generate_candidates", "train_reward", "ppo", "evaluate"}
+_TAIL_LINES = 15
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage failed; the message carries the end of its output."""
+
+    def __init__(self, stage: str, returncode: int, tail: str):
+        self.stage, self.returncode = stage, returncode
+        #: dvc reports the command's own exit status; 2 means bad input or config
+        self.deterministic = "exited with 2" in tail
+        super().__init__(f"stage {stage!r} failed (exit {returncode}):\n{tail}")
+
+
+def _flow_env() -> dict[str, str]:
+    """The environment of the stage: this venv first on PATH, and the flow run for MLflow lineage tags."""
+    from prefect.runtime import flow_run
+
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    if flow_run.id:
+        env[FLOW_RUN_ENV] = str(flow_run.id)
+        env[FLOW_RUN_NAME_ENV] = str(flow_run.name)
+    return env
+
+
+def repro(stage: str, root: Path, *, force: bool = False) -> dict:
+    """Run ``dvc repro <stage>`` in ``root`` and return that stage's metrics."""
+    runtime.configure(root)
+    cmd = [sys.executable, "-m", "dvc", "repro", stage] + (["--force", "--single-item"] if force else [])
+    done = subprocess.run(cmd, cwd=root, env=_flow_env(), capture_output=True, text=True)
+    output = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        raise StageFailed(stage, done.returncode, "\n".join(output.splitlines()[-_TAIL_LINES:]))
+    metrics_file = root / load_params(root / "params.yaml").paths.metrics / f"{stage}.json"
+    return json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+
+
+def _is_transient(task, task_run, state) -> bool:
+    """Retry unless the stage rejected its input or config (``rlhf`` exits 2 for those)."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return not exc.deterministic
+    except Exception:
+        return True
+    return False
+
+
+def stage_task(stage: str, retries: int = 2, retry_delay_seconds: int = 10):
+    """The Prefect task that runs DVC stage ``stage``."""
+    tags = ["gpu"] if stage in GPU_STAGES else []
+    return task(
+        repro,
+        name=stage,
+        task_run_name=stage,
+        tags=tags,
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+        retry_condition_fn=_is_transient,
+    )

@@ -1,0 +1,116 @@
+"""Shared fixtures: an isolated work area per test and a tiny copy of the project.
+
+Tiny models are chosen through params (``base_model.source: tiny``), exactly as a
+user would choose them for a quick run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+#: overrides that make every stage run in seconds on a tiny random model
+TINY_OVERRIDES = {
+    "base_model": {"source": "tiny"},
+    "candidates": {"max_prompts": 12, "max_new_tokens": 8, "batch_size": 16},
+    "ppo": {"updates": 3, "batch_size": 4, "max_new_tokens": 8, "freeze_layers": 1, "checkpoint_every": 1,
+            "gold_eval_every": 2, "gold_eval_prompts": 4},
+    "reward": {"freeze_layers": 1, "max_length": 64},
+    "evaluate": {"num_prompts": 8, "max_new_tokens": 8, "best_of_n": [1, 2, 4], "best_of_n_prompts": 4},
+}
+
+
+def deep_update(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = deep_update(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def write_params(root: Path, overrides: dict | None = None) -> Path:
+    """params.yaml of the repo with the tiny overrides (and any others) applied, written into ``root``."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = deep_update(params, TINY_OVERRIDES)
+    params = deep_update(params, overrides or {})
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def isolate_env(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Point every tool's state into ``root/.work`` for this test (and its subprocesses)."""
+    work = root / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("RLHF_PROJECT_ROOT", str(root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    monkeypatch.setenv("PREFECT_HOME", str(work / "prefect"))
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(work / "dvc-site-cache"))
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    for key in ("RLHF_FLOW_RUN_ID", "RLHF_FLOW_RUN_NAME", "PREFECT_API_URL"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def work_env(tmp_path, monkeypatch) -> Path:
+    """A bare isolated project root (params.yaml with tiny overrides, empty .work)."""
+    isolate_env(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    return tmp_path
+
+
+def make_project(root: Path, overrides: dict | None = None) -> Path:
+    """A runnable copy of the project in ``root``: git + DVC initialised, code linked, tiny params."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("rlhf_core", "tasks", "flows"):
+        (root / name).symlink_to(REPO / name)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "data").mkdir()
+    shutil.copy(REPO / "data" / "prompts.jsonl", root / "data" / "prompts.jsonl")
+    write_params(root, overrides)
+    (root / ".gitignore").write_text(".work/\n")
+    run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, capture_output=True)  # noqa: E731
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "ci@example.invalid")
+    run("git", "config", "user.name", "ci")
+    run(str(BIN / "dvc"), "init", "-q")
+    run(str(BIN / "dvc"), "config", "core.analytics", "false")
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "project")
+    return root
+
+
+@pytest.fixture
+def tiny_project(tmp_path, monkeypatch) -> Path:
+    root = make_project(tmp_path / "project")
+    isolate_env(monkeypatch, root)
+    monkeypatch.chdir(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory) -> Path:
+    """A tiny random model folder with the real tokenizer, built once per session."""
+    from rlhf_core.base_model import build_tiny
+    from rlhf_core.config import TinyModelConfig
+
+    out = tmp_path_factory.mktemp("tiny") / "base"
+    build_tiny(TinyModelConfig(), out)
+    return out
+
+
+def rlhf(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the ``rlhf`` console script as a user would."""
+    done = subprocess.run([str(BIN / "rlhf"), *args], cwd=cwd, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"rlhf {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
