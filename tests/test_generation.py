@@ -1,0 +1,46 @@
+import torch
+
+from rlhf_core.base_model import load_causal_lm, load_tokenizer
+from rlhf_core.generation import encode_queries, sample_completions, sample_tokens
+
+PROMPTS = ["Hi", "Explain how tides work in two sentences, please.", "List three fruits."]
+
+
+def _greedy_reference(model, tokenizer, steps):
+    ids, mask = encode_queries(tokenizer, PROMPTS)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    return ids, mask, out[:, ids.shape[1]:]
+
+
+def test_near_zero_temperature_matches_greedy_decoding_with_left_padding(tiny_base_model):
+    model, tokenizer = load_causal_lm(tiny_base_model).eval(), load_tokenizer(tiny_base_model)
+    ids, mask, greedy = _greedy_reference(model, tokenizer, 6)
+    rollout = sample_tokens(model, ids, mask, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
+                            max_new_tokens=6, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rollout.response_ids, greedy)
+    assert rollout.response_mask.all() and not rollout.finished.any()
+
+
+def test_stop_token_ends_a_row_and_masks_the_rest(tiny_base_model):
+    model, tokenizer = load_causal_lm(tiny_base_model).eval(), load_tokenizer(tiny_base_model)
+    ids, mask, greedy = _greedy_reference(model, tokenizer, 6)
+    stop = int(greedy[0, 2])
+    rollout = sample_tokens(model, ids, mask, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+                            max_new_tokens=6, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    assert bool(rollout.finished[0])
+    first_stop = int((greedy[0] == stop).nonzero()[0])
+    assert rollout.response_mask[0].tolist() == [1] * (first_stop + 1) + [0] * (rollout.response_ids.shape[1] - first_stop - 1)
+    assert (rollout.response_ids[0, first_stop + 1:] == tokenizer.pad_token_id).all()
+
+
+def test_sample_completions_is_deterministic_per_seed(tiny_base_model):
+    model, tokenizer = load_causal_lm(tiny_base_model).eval(), load_tokenizer(tiny_base_model)
+    kwargs = dict(num_samples=2, max_new_tokens=5, batch_size=4)
+    first, stats = sample_completions(model, tokenizer, PROMPTS, seed=3, **kwargs)
+    again, _ = sample_completions(model, tokenizer, PROMPTS, seed=3, **kwargs)
+    other, _ = sample_completions(model, tokenizer, PROMPTS, seed=4, **kwargs)
+    assert [s.token_ids for s in first] == [s.token_ids for s in again]
+    assert [s.token_ids for s in first] != [s.token_ids for s in other]
+    assert [(s.prompt_index, s.sample_index) for s in first] == [(p, k) for p in range(3) for k in range(2)]
+    assert stats.tokens == sum(s.num_tokens for s in first) and stats.tokens_per_second > 0
