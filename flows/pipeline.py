@@ -1,34 +1,88 @@
-"""The RLHF pipeline as a Prefect flow: every DVC stage in order, one task each."""
+"""The RLHF pipeline as a Prefect flow: every DVC stage in order, one task each.
+
+    python -m flows.pipeline                      # one round from the base model (what `make run` does)
+    python -m flows.pipeline --from-champion      # a retraining round starting from the current champion
+
+DVC decides what actually runs (an unchanged stage is skipped); the flow adds
+retries for transient failures, a ``gpu`` concurrency limit, lineage tags on
+every MLflow run, a registry that is restored if anything fails, and a DVC
+experiment per flow run.
+"""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
+from flows.summary import render_summary
 from rlhf_core import runtime
 from rlhf_core.config import load_params
-from tasks.stages import stage_task
+from tasks.experiments import record_experiment
+from tasks.registry import apply_overrides, restore_registry, snapshot_registry, start_from_champion
+from tasks.stages import GPU_STAGES, ensure_concurrency_limit, stage_task
 
 #: the stages in pipeline order (names as in dvc.yaml)
-STAGES = ["base_model", "prompts"]
+STAGES = [
+    "base_model",
+    "prompts",
+    "generate_candidates",
+    "collect_preferences",
+    "train_reward",
+    "ppo",
+    "evaluate",
+    "promote",
+]
 
 
 @flow(name="rlhf-pipeline", log_prints=True)
-def rlhf_pipeline(project_dir: str = ".", stages: list[str] | None = None) -> dict[str, dict]:
-    """Run the pipeline's DVC stages in order; a failing stage fails the flow with its error."""
+def rlhf_pipeline(
+    project_dir: str = ".",
+    stages: list[str] | None = None,
+    from_champion: bool = False,
+    record_dvc_experiment: bool = True,
+    overrides: dict[str, str] | None = None,
+) -> dict[str, dict]:
+    """Run the pipeline's DVC stages in order; a failing stage fails the flow with its error
+    and puts the registry aliases back as they were."""
     root = Path(project_dir).resolve()
     runtime.configure(root)
+    if overrides:
+        apply_overrides(root, overrides)
     params = load_params(root / "params.yaml")
     logger = get_run_logger()
+    ensure_concurrency_limit("gpu", params.orchestration.gpu_concurrency)
+    snapshot = snapshot_registry(root)
+    if from_champion:
+        logger.info("starting from policy %s", start_from_champion(root))
     results: dict[str, dict] = {}
-    for stage in stages or STAGES:
-        run_stage = stage_task(stage, params.orchestration.retries, params.orchestration.retry_delay_seconds)
-        results[stage] = run_stage(stage, root)
-        logger.info("%s: %s", stage, {k: v for k, v in results[stage].items() if not isinstance(v, str)})
+    try:
+        for stage in stages or STAGES:
+            run_stage = stage_task(stage, params.orchestration.retries, params.orchestration.retry_delay_seconds)
+            results[stage] = run_stage(stage, root)
+    except BaseException:
+        changed = restore_registry(root, snapshot)
+        if changed:
+            logger.warning("registry restored after failure: %s", "; ".join(changed))
+        raise
+    if record_dvc_experiment:
+        record_experiment(root, flow_run.name or "rlhf-run")
+    print(render_summary(root, params, results, GPU_STAGES))
     return results
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the RLHF pipeline flow (all DVC stages in order).")
+    parser.add_argument("--project-dir", default=".", help="project root holding params.yaml and dvc.yaml")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, help="run only these stages (and what they need)")
+    parser.add_argument("--from-champion", action="store_true", help="start candidates and PPO from the champion policy")
+    parser.add_argument("--no-experiment", action="store_true", help="do not record the run as a DVC experiment")
+    args = parser.parse_args(argv)
+    runtime.configure(Path(args.project_dir).resolve())
+    rlhf_pipeline(args.project_dir, args.stages, args.from_champion, not args.no_experiment)
+
+
 if __name__ == "__main__":
-    runtime.configure()
-    rlhf_pipeline()
+    main()

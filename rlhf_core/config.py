@@ -72,7 +72,9 @@ class PromptsConfig(Section):
 
 class CandidatesConfig(Section):
     policy: str = Field(
-        "base", description="'base' or a version of the registered model rlhf-policy (the retraining flow sets it)."
+        "base",
+        description="'base', 'champion' (the registry's champion, else base) or a version of the registered model "
+        "rlhf-policy (the retraining flow sets it).",
     )
     k: int = Field(4, ge=2, description="Completions per prompt.")
     max_prompts: int | None = Field(None, gt=0, description="Use only the first N training prompts.")
@@ -88,17 +90,37 @@ class LabelingConfig(Section):
     backend: Literal["simulated", "human", "import"] = "simulated"
     import_file: str | None = Field(None, description="File or folder inside paths.preference_import to import.")
     import_format: Literal["auto", "trl", "hh", "ratings", "label_studio", "rankings"] = "auto"
-    num_annotators: int = Field(8, gt=0)
-    noise: float = Field(0.5, ge=0, description="Per-item Gumbel (Plackett-Luce) noise scale of simulated annotators.")
-    bias_scale: float = Field(0.1, ge=0, description="Spread of each simulated annotator's personal bias.")
+    num_annotators: int = Field(8, gt=0, description="Simulated annotators in the pool.")
+    noise: float = Field(
+        0.5,
+        ge=0,
+        description="Gumbel (Plackett-Luce) noise scale on the standardised gold utilities of simulated annotators; "
+        "calibrated for ~73% pairwise agreement (see rlhf_core/annotators.py).",
+    )
+    bias_scale: float = Field(
+        0.1, ge=0, description="Std of each simulated annotator's length preference (utility per std of log length)."
+    )
     overlap_fraction: float = Field(0.25, ge=0, le=1, description="Share of prompts ranked by several annotators.")
-    annotators_per_overlap: int = Field(2, ge=2)
+    annotators_per_overlap: int = Field(2, ge=2, description="Simulated annotators per overlapping prompt.")
     assignments_per_item: int = Field(1, gt=0, description="Annotators per item in the labelling app.")
-    gold_item_fraction: float = Field(0.0, ge=0, le=1)
-    max_text_chars: int = Field(8000, gt=0)
-    host: str = "127.0.0.1"
+    gold_item_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of each annotator's assignments drawn from gold items (known rankings)."
+    )
+    max_text_chars: int = Field(
+        8000, gt=0, description="Longer prompts or completions are rejected (`rlhf label load`, collect_preferences)."
+    )
+    host: str = Field("127.0.0.1", description="Address `rlhf label serve` binds to (loopback: not reachable from outside).")
     port: int = Field(8765, gt=0, lt=65536)
+    session_hours: float = Field(12.0, gt=0, description="How long a sign-in to the labelling app stays valid.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _enough_annotators_for_overlap(self) -> "LabelingConfig":
+        if self.backend == "simulated" and self.overlap_fraction > 0 and self.annotators_per_overlap > self.num_annotators:
+            raise ValueError(
+                f"annotators_per_overlap ({self.annotators_per_overlap}) exceeds num_annotators ({self.num_annotators})"
+            )
+        return self
 
 
 class RewardConfig(Section):
@@ -119,47 +141,70 @@ class RewardConfig(Section):
 
 
 class KLConfig(Section):
-    controller: Literal["fixed", "adaptive"] = "adaptive"
+    """The KL penalty against the reference inside the reward (Ziegler et al. 2019)."""
+
+    controller: Literal["fixed", "adaptive"] = Field(
+        "adaptive", description="'fixed' beta, or the adaptive controller that steers the KL towards `target`."
+    )
     beta: float = Field(0.05, ge=0, description="Initial (or fixed) KL coefficient.")
     target: float = Field(6.0, gt=0, description="Target KL in nats per response (adaptive controller).")
     horizon: int = Field(10000, gt=0, description="Horizon in episodes of the adaptive controller.")
-    estimator: Literal["k1", "k3"] = "k1"
+    estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token KL estimator in the reward: k1 = log p - log q, k3 = (q/p - 1) - log(q/p) >= 0."
+    )
 
 
 class PPOConfig(Section):
-    init_policy: str = Field("base", description="'base' or a version of rlhf-policy to continue from.")
-    updates: int = Field(20, gt=0)
-    batch_size: int = Field(8, gt=0, description="Prompts (episodes) per update.")
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    ppo_epochs: int = Field(2, gt=0)
-    minibatches: int = Field(1, gt=0)
-    gradient_accumulation: int = Field(1, gt=0)
+    """PPO fine-tuning of the policy against the reward model (stage ppo; see rlhf_core/ppo)."""
+
+    init_policy: str = Field("base", description="'base', 'champion' or a version of rlhf-policy to start from.")
+    updates: int = Field(20, gt=0, description="PPO updates (rollout + optimisation) in the run.")
+    batch_size: int = Field(8, gt=0, description="Prompts (episodes) per update, over all processes.")
+    max_new_tokens: int = Field(32, gt=0, description="Longest response sampled.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same one.")
+    ppo_epochs: int = Field(2, gt=0, description="Passes over each batch of rollouts.")
+    minibatches: int = Field(1, gt=0, description="Optimiser steps per epoch (the batch is split into this many).")
+    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per minibatch (same result, less memory).")
     learning_rate: float = Field(1e-5, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    gamma: float = Field(1.0, gt=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    whiten_rewards: bool = False
-    missing_eos_penalty: float | None = -1.0
+    adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon; 1e-5 as in lm-human-preferences (TF default).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping by global norm.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount over response tokens.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
+    cliprange_value: float = Field(0.2, gt=0, description="Clip range of the value update.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    whiten_rewards: bool = Field(False, description="Scale per-token rewards to unit variance (mean kept).")
+    missing_eos_penalty: float | None = Field(
+        -1.0, description="Score that replaces the reward model's for a response that never emits the stop token "
+        "(the EOS trick); null turns it off."
+    )
     kl: KLConfig = KLConfig()
-    mode: Literal["full", "freeze", "lora"] = "freeze"
-    freeze_layers: int = Field(0, ge=0)
+    mode: Literal["full", "freeze", "lora"] = Field(
+        "freeze", description="What trains: every weight, the layers above `freeze_layers`, or LoRA adapters on them."
+    )
+    freeze_layers: int = Field(
+        0, ge=0, description="Lower decoder layers kept frozen and shared with the reference (modes freeze and lora)."
+    )
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
-    value_model: Literal["head", "separate"] = "head"
-    bf16: Literal["auto", "on", "off"] = "auto"
-    checkpoint_every: int = Field(5, gt=0)
-    gold_eval_every: int = Field(5, gt=0)
-    gold_eval_prompts: int = Field(16, ge=0)
+    value_model: Literal["head", "separate"] = Field(
+        "head", description="Value function as a head on the policy's last hidden state, or as a model of its own."
+    )
+    bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="bf16 autocast; 'auto' where the hardware is fast at it (CUDA, AVX-512 BF16 or AMX CPUs)."
+    )
+    checkpoint_every: int = Field(5, gt=0, description="Updates between resumable checkpoints (and one at the end).")
+    gold_eval_every: int = Field(5, gt=0, description="Updates between gold evaluations of the held-out slice.")
+    gold_eval_prompts: int = Field(16, ge=0, description="Eval prompts in that fixed slice (0 turns it off).")
     seed: int = 0
 
     @model_validator(mode="after")
     def _minibatches_divide_batch(self) -> "PPOConfig":
-        if self.batch_size % self.minibatches:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by minibatches ({self.minibatches})")
+        if self.batch_size % (self.minibatches * self.gradient_accumulation):
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by minibatches x gradient_accumulation "
+                f"({self.minibatches} x {self.gradient_accumulation})"
+            )
         return self
 
     @property
@@ -168,24 +213,62 @@ class PPOConfig(Section):
 
 
 class EvaluateConfig(Section):
-    num_prompts: int = Field(32, gt=0)
+    """Held-out evaluation of the candidate policy against the reference (base) and the champion."""
+
+    num_prompts: int = Field(32, gt=0, description="First N prompts of the eval split.")
     max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    best_of_n: list[int] = [1, 2, 4, 8, 16]
-    best_of_n_prompts: int = Field(16, gt=0)
-    batch_size: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of every policy (and of its log-probs).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Sampling dtype; 'auto' is bf16 where the hardware is fast at it."
+    )
+    best_of_n: list[int] = Field([1, 2, 4, 8, 16], description="n of the best-of-n frontier from the reference.")
+    best_of_n_prompts: int = Field(16, gt=0, description="First N eval prompts that get a pool of max(best_of_n) samples.")
+    batch_size: int = Field(32, gt=0, description="Sequences per sampling or scoring batch.")
+    repetition_ngram: int = Field(4, gt=0, description="n of the repetition rate seq-rep-n (Welleck et al. 2020).")
+    human_eval: Literal["auto", "always", "never"] = Field(
+        "auto", description="Export a blind side-by-side labelling task: 'auto' when there is no gold function."
+    )
     seed: int = 1234
+
+    @model_validator(mode="after")
+    def _frontier_is_sorted(self) -> "EvaluateConfig":
+        if not self.best_of_n or self.best_of_n != sorted(set(self.best_of_n)) or self.best_of_n[0] < 1:
+            raise ValueError(f"best_of_n must be increasing positive integers (got {self.best_of_n})")
+        if self.best_of_n_prompts > self.num_prompts:
+            raise ValueError(f"best_of_n_prompts ({self.best_of_n_prompts}) must not exceed num_prompts ({self.num_prompts})")
+        return self
+
+    @property
+    def pool_size(self) -> int:
+        """Reference samples per best-of-n prompt."""
+        return self.best_of_n[-1]
 
 
 class GatesConfig(Section):
-    min_gold_win_rate_vs_reference: float = Field(0.5, ge=0, le=1, description="Lower 95% bound.")
-    min_gold_win_rate_vs_champion: float = Field(0.45, ge=0, le=1, description="Lower 95% bound.")
-    max_kl: float = Field(10.0, gt=0)
-    min_length_ratio: float = Field(0.5, gt=0)
+    """What a candidate must show before it becomes the champion; every gate must pass."""
+
+    min_gold_win_rate_vs_reference: float = Field(
+        0.5, ge=0, le=1, description="Lower 95% bound of the win rate vs the reference (gold, else human labels)."
+    )
+    min_gold_win_rate_vs_champion: float = Field(
+        0.45, ge=0, le=1, description="Lower 95% bound of the win rate vs the champion (gold, else human labels)."
+    )
+    max_kl: float = Field(10.0, gt=0, description="KL(candidate || reference) in nats per response.")
+    min_length_ratio: float = Field(0.5, gt=0, description="Mean response length over the reference's.")
     max_length_ratio: float = Field(2.0, gt=0)
-    min_distinct_2: float = Field(0.3, ge=0, le=1)
-    block_on_overoptimisation: bool = True
-    min_reward_accuracy: float = Field(0.6, ge=0, le=1)
+    min_distinct_2: float = Field(0.3, ge=0, le=1, description="Distinct token bigrams over all bigrams (Li et al. 2016).")
+    max_repetition_rate: float = Field(0.5, ge=0, le=1, description="Mean seq-rep-n of the candidate's responses.")
+    block_on_overoptimisation: bool = Field(True, description="Fail when proxy rises while gold falls (Gao et al. 2022).")
+    gold_drop_tolerance: float = Field(
+        0.05, ge=0, description="Fall of gold from its peak along the PPO run that counts as over-optimisation."
+    )
+    min_reward_accuracy: float = Field(0.6, ge=0, le=1, description="Held-out pairwise accuracy of the reward model.")
+
+    @model_validator(mode="after")
+    def _length_bounds(self) -> "GatesConfig":
+        if self.min_length_ratio > self.max_length_ratio:
+            raise ValueError("min_length_ratio must not exceed max_length_ratio")
+        return self
 
 
 class OrchestrationConfig(Section):
@@ -263,3 +346,36 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             where = f"{path}:{line}" if line else str(path)
             lines.append(f"{where}: {'.'.join(map(str, keys)) or '<top>'}: {_describe(error)}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def set_param(path: str | Path, dotted_key: str, value: str) -> bool:
+    """Set a scalar ``section.key`` in a params file in place, keeping comments and layout.
+
+    Returns True if the file changed.  The result is validated before it is written.
+    """
+    import re
+
+    path = Path(path)
+    section, key = dotted_key.split(".", 1)
+    lines = path.read_text().splitlines(keepends=True)
+    in_section = False
+    for index, line in enumerate(lines):
+        if re.match(rf"^{re.escape(section)}:\s*(#.*)?$", line):
+            in_section = True
+            continue
+        if in_section and re.match(r"^\S", line):
+            break
+        match = re.match(rf"^(\s+{re.escape(key)}:\s*)([^#\n]*?)(\s*#.*)?(\n?)$", line) if in_section else None
+        if match:
+            if match.group(2).strip() == value:
+                return False
+            padding = match.group(3) or ""
+            lines[index] = f"{match.group(1)}{value}{padding}{match.group(4)}"
+            text = "".join(lines)
+            try:
+                Params.model_validate(yaml.safe_load(text))
+            except ValidationError as exc:
+                raise ConfigError(f"{path}: {dotted_key}={value!r} is invalid: {exc.errors()[0]['msg']}") from None
+            path.write_text(text)
+            return True
+    raise ConfigError(f"{path}: no key {dotted_key}")

@@ -108,3 +108,161 @@ def ranking_to_pairs(
             )
         )
     return pairs
+
+
+#: Reject kind by a phrase of the reason, for rejects the record readers file under the generic "invalid".
+REASON_KINDS = (
+    ("not valid JSON", "bad_json"),
+    ("expected a JSON object", "bad_json"),
+    ("duplicate", "duplicate"),
+    ("repeats a completion", "repeated_id"),
+    ("at least 2 items", "too_few"),
+    ("must not be empty", "empty"),
+    ("at least 1 character", "empty"),
+    ("at most", "too_long"),
+    ("missing", "missing_field"),
+)
+
+
+def classify(reject: Reject) -> Reject:
+    """Give a generic ``invalid`` reject a specific kind (duplicate, too_few, ...) so rejects can be counted by reason."""
+    if reject.kind != "invalid":
+        return reject
+    for phrase, kind in REASON_KINDS:
+        if phrase in reject.reason:
+            return replace(reject, kind=kind)
+    return reject
+
+
+@dataclass
+class _Checker:
+    """Collects the rejects of one :func:`validate_bundle` call, located through the bundle's origins."""
+
+    bundle: PreferenceBundle
+    source: str
+    rejects: list[Reject] = field(default_factory=list)
+
+    def reject(self, kind: str, record, position: int, reason: str, field_name: str, reject_kind: str) -> None:
+        file, line = self.bundle.origin(kind, record.id, position, self.source)
+        raw = record.model_dump_json()
+        self.rejects.append(Reject(file, line, reason, field_name, raw[:500] + ("…" if len(raw) > 500 else ""), reject_kind))
+
+
+def _missing(what: str, record_id: str, rejected: set[str]) -> str:
+    return f"{what} {record_id!r} was rejected" if record_id in rejected else f"unknown {what} {record_id!r}"
+
+
+def validate_bundle(bundle: PreferenceBundle, *, max_text_chars: int, source: str) -> PreferenceBundle:
+    """The records of ``bundle`` that are usable together, with every reject (the bundle's own and new ones).
+
+    Prompts: duplicate ids, texts over ``max_text_chars``.  Completions: duplicate
+    ids, unknown or rejected prompts, empty or over-long texts.  Rankings:
+    duplicate ids, unknown or rejected prompts and completions, completions of
+    another prompt, and the same ranking given twice by one annotator.  (Fewer
+    than two completions or a repeated completion are refused by the schema when
+    a ranking is read.)  The first of two records with one id is kept.
+    """
+    check = _Checker(bundle, source)
+    clean = PreferenceBundle(origins=dict(bundle.origins))
+    prompts: dict[str, Prompt] = {}
+    for position, prompt in enumerate(bundle.prompts, start=1):
+        if prompt.id in prompts:
+            check.reject("prompts", prompt, position, f"duplicate id {prompt.id!r}", "id", "duplicate")
+        elif len(prompt.text) > max_text_chars:
+            check.reject("prompts", prompt, position, f"text too long: {len(prompt.text)} > {max_text_chars} characters", "text", "too_long")
+        else:
+            prompts[prompt.id] = prompt
+    rejected_prompts = {p.id for p in bundle.prompts} - prompts.keys()
+
+    completions: dict[str, Completion] = {}
+    for position, completion in enumerate(bundle.completions, start=1):
+        if completion.id in completions:
+            check.reject("completions", completion, position, f"duplicate id {completion.id!r}", "id", "duplicate")
+        elif completion.prompt_id not in prompts:
+            reason = _missing("prompt", completion.prompt_id, rejected_prompts)
+            check.reject("completions", completion, position, reason, "prompt_id", "unknown_id")
+        elif not completion.text.strip():
+            check.reject("completions", completion, position, "empty text", "text", "empty")
+        elif len(completion.text) > max_text_chars:
+            reason = f"text too long: {len(completion.text)} > {max_text_chars} characters"
+            check.reject("completions", completion, position, reason, "text", "too_long")
+        else:
+            completions[completion.id] = completion
+    rejected_completions = {c.id for c in bundle.completions} - completions.keys()
+
+    rankings: dict[str, Ranking] = {}
+    given: dict[tuple, str] = {}
+    for position, ranking in enumerate(bundle.rankings, start=1):
+        same = (ranking.annotator_id, ranking.prompt_id, frozenset(ranking.rank_of().items()))
+        unknown = [cid for cid in ranking.completion_ids if cid not in completions]
+        foreign = [cid for cid in ranking.completion_ids if cid in completions and completions[cid].prompt_id != ranking.prompt_id]
+        if ranking.id in rankings:
+            check.reject("rankings", ranking, position, f"duplicate id {ranking.id!r}", "id", "duplicate")
+        elif ranking.prompt_id not in prompts:
+            reason = _missing("prompt", ranking.prompt_id, rejected_prompts)
+            check.reject("rankings", ranking, position, reason, "prompt_id", "unknown_id")
+        elif unknown:
+            reason = ", ".join(_missing("completion", cid, rejected_completions) for cid in unknown)
+            check.reject("rankings", ranking, position, reason, "completion_ids", "unknown_id")
+        elif foreign:
+            cid = foreign[0]
+            reason = f"completion {cid!r} belongs to prompt {completions[cid].prompt_id!r}, not {ranking.prompt_id!r}"
+            check.reject("rankings", ranking, position, reason, "completion_ids", "mismatch")
+        elif same in given:
+            reason = f"same ranking as {given[same]!r} by the same annotator"
+            check.reject("rankings", ranking, position, reason, None, "duplicate")
+        else:
+            rankings[ranking.id] = ranking
+            given[same] = ranking.id
+    clean.prompts = list(prompts.values())
+    clean.completions = list(completions.values())
+    clean.rankings = list(rankings.values())
+    clean.rejects = [classify(r) for r in bundle.rejects] + check.rejects
+    return clean
+
+
+def bundle_pairs(bundle: PreferenceBundle, margin: str = "rank_distance") -> list[PreferencePair]:
+    """Every ranking of a validated bundle expanded to its pairs."""
+    prompts = {p.id: p for p in bundle.prompts}
+    completions = {c.id: c for c in bundle.completions}
+    pairs = []
+    for ranking in bundle.rankings:
+        pairs.extend(ranking_to_pairs(ranking, prompts[ranking.prompt_id], completions, margin))
+    return pairs
+
+
+def referenced(bundle: PreferenceBundle) -> PreferenceBundle:
+    """The bundle cut down to its rankings and the prompts and completions they name."""
+    prompt_ids = {r.prompt_id for r in bundle.rankings}
+    completion_ids = {cid for r in bundle.rankings for cid in r.completion_ids}
+    return PreferenceBundle(
+        prompts=[p for p in bundle.prompts if p.id in prompt_ids],
+        completions=[c for c in bundle.completions if c.id in completion_ids],
+        rankings=list(bundle.rankings),
+        rejects=list(bundle.rejects),
+        origins=dict(bundle.origins),
+    )
+
+
+def tie_rate(rankings: list[Ranking]) -> float | None:
+    """Share of all C(K,2) completion pairs of the rankings that were ranked equal."""
+    tied = total = 0
+    for ranking in rankings:
+        ranks = list(ranking.rank_of().values())
+        for a, b in combinations(ranks, 2):
+            tied += a == b
+            total += 1
+    return tied / total if total else None
+
+
+def length_stats(pairs: list[PreferencePair]) -> dict[str, float]:
+    """Mean words of chosen and rejected responses and how often the longer one was chosen (a length-bias check)."""
+    if not pairs:
+        return {}
+    chosen = [len(p.chosen.split()) for p in pairs]
+    rejected = [len(p.rejected.split()) for p in pairs]
+    return {
+        "chosen_words_mean": sum(chosen) / len(pairs),
+        "rejected_words_mean": sum(rejected) / len(pairs),
+        "longer_chosen_rate": sum(c > r for c, r in zip(chosen, rejected)) / len(pairs),
+    }

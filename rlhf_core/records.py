@@ -143,6 +143,7 @@ def _atomic_write(path: Path, lines: Iterable[str]) -> None:
                 handle.write(line + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary shared files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

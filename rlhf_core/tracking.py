@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from rlhf_core import runtime
+from rlhf_core.errors import RLHFError
 from rlhf_core.records import write_json
 
 EXPERIMENT = "rlhf"
@@ -251,6 +252,41 @@ def model_by_alias(name: str, alias: str) -> ModelRef | None:
     return ModelRef(name, str(version.version), local_path(version.source), version.run_id, dict(version.tags))
 
 
+def model_version(name: str, version: str) -> ModelRef | None:
+    """Version ``version`` of registered model ``name`` with its local folder, or None if there is none."""
+    client = _mlflow().MlflowClient()
+    try:
+        found = client.get_model_version(name, str(version))
+    except Exception:
+        return None
+    return ModelRef(name, str(found.version), local_path(found.source), found.run_id, dict(found.tags))
+
+
+#: Registered model name of PPO-trained policies.
+POLICY_MODEL = "rlhf-policy"
+
+
+def resolve_policy(spec: str, base_model: str | Path) -> tuple[Path, str]:
+    """Folder and version label of a policy: ``base``, ``champion`` (the base model while there is none) or a version.
+
+    The label is ``base:<content hash of the folder>`` or ``rlhf-policy/<version>``.
+    """
+    if spec == "champion":
+        ref = model_by_alias(POLICY_MODEL, "champion")
+        if ref is not None:
+            return ref.path, f"{POLICY_MODEL}/{ref.version}"
+        spec = "base"
+    if spec == "base":
+        base = Path(base_model)
+        if not (base / "config.json").exists():
+            raise RLHFError(f"{base}: no base model there (run `rlhf base-model` first)")
+        return base, f"base:{hash_paths([base])[:12]}"
+    ref = model_version(POLICY_MODEL, spec)
+    if ref is None:
+        raise RLHFError(f"policy {spec!r}: expected 'base', 'champion' or a version of registered model {POLICY_MODEL}")
+    return ref.path, f"{POLICY_MODEL}/{ref.version}"
+
+
 def set_alias(name: str, alias: str, version: str) -> None:
     _mlflow().MlflowClient().set_registered_model_alias(name, alias, version)
 
@@ -263,3 +299,44 @@ def tag_version(name: str, version: str, tags: Mapping[str, object]) -> None:
     client = _mlflow().MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
+
+
+def delete_version_tags(name: str, version: str, keys: Iterable[str]) -> None:
+    """Remove tags of a model version (keys it does not have are ignored)."""
+    client = _mlflow().MlflowClient()
+    present = client.get_model_version(name, version).tags
+    for key in keys:
+        if key in present:
+            client.delete_model_version_tag(name, version, key)
+
+
+def alias_snapshot(names: Iterable[str]) -> dict[str, dict[str, str]]:
+    """{model name: {alias: version}} for the registered models that exist."""
+    client = _mlflow().MlflowClient()
+    snapshot = {}
+    for name in names:
+        try:
+            snapshot[name] = {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
+        except Exception:  # not registered yet
+            snapshot[name] = {}
+    return snapshot
+
+
+def restore_aliases(snapshot: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """Put every alias back where ``snapshot`` had it and drop aliases created since; returns what changed."""
+    client = _mlflow().MlflowClient()
+    changed = []
+    for name, aliases in snapshot.items():
+        try:
+            current = {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
+        except Exception:
+            continue
+        for alias, version in current.items():
+            if alias not in aliases:
+                client.delete_registered_model_alias(name, alias)
+                changed.append(f"{name}@{alias} removed")
+        for alias, version in aliases.items():
+            if current.get(alias) != version:
+                client.set_registered_model_alias(name, alias, version)
+                changed.append(f"{name}@{alias} -> {version}")
+    return changed

@@ -30,8 +30,8 @@ class StageFailed(RuntimeError):
 
     def __init__(self, stage: str, returncode: int, tail: str):
         self.stage, self.returncode = stage, returncode
-        #: dvc reports the command's own exit status; 2 means bad input or config
-        self.deterministic = "exited with 2" in tail
+        #: dvc reports the command's exit status (2: bad input or config); errors in dvc.yaml itself mention it
+        self.deterministic = "exited with 2" in tail or "dvc.yaml" in tail
         super().__init__(f"stage {stage!r} failed (exit {returncode}):\n{tail}")
 
 
@@ -68,6 +68,14 @@ def _is_transient(task, task_run, state) -> bool:
     except Exception:
         return True
     return False
+
+
+def ensure_concurrency_limit(tag: str, limit: int) -> None:
+    """Task-run concurrency limit by tag: at most ``limit`` ``gpu`` tasks run at once across flow runs."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
 
 
 def stage_task(stage: str, retries: int = 2, retry_delay_seconds: int = 10):

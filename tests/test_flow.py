@@ -19,9 +19,9 @@ def test_flow_runs_stages_then_dvc_has_nothing_to_do(tiny_project):
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tiny_project / "metrics" / "prompts.json").exists()
     start = time.perf_counter()
-    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=tiny_project, capture_output=True, text=True)
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "prompts"], cwd=tiny_project, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
-    repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=tiny_project, capture_output=True, text=True)
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro", "prompts"], cwd=tiny_project, capture_output=True, text=True)
     assert repro.returncode == 0 and "didn't change" in repro.stdout + repro.stderr
     assert time.perf_counter() - start < 30
 

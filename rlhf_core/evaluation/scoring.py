@@ -1,0 +1,49 @@
+"""Score sampled responses with the proxy (the trained reward model) and, when it exists, the gold function."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlhf_core.evaluation.report import Responses
+from rlhf_core.generation import Sample
+from rlhf_core.gold import gold_score
+
+
+class Scorer:
+    """The reward model, loaded once; ``with_gold`` adds gold scores (simulated labelling only)."""
+
+    def __init__(self, reward_model: str | Path, *, with_gold: bool, batch_size: int):
+        from rlhf_core.reward import RewardModel
+
+        self.model = RewardModel.load(reward_model)
+        self.with_gold = with_gold
+        self.batch_size = batch_size
+
+    def proxy(self, prompts: Sequence[str], samples: Sequence[Sample]) -> list[float]:
+        """Normalised reward-model scores (the reference's responses score mean 0, std 1)."""
+        if not samples:
+            return []
+        scores = self.model.score(
+            [prompts[s.prompt_index] for s in samples],
+            [s.text for s in samples],
+            [s.finished for s in samples],
+            batch_size=self.batch_size,
+        )
+        return [float(x) for x in scores.tolist()]
+
+    def gold(self, prompts: Sequence[str], samples: Sequence[Sample]) -> list[float] | None:
+        if not self.with_gold:
+            return None
+        return [gold_score(prompts[s.prompt_index], s.text) for s in samples]
+
+    def responses(self, name: str, prompts: Sequence[str], samples: Sequence[Sample]) -> Responses:
+        """One policy's scored responses (``samples``: one per prompt, in prompt order)."""
+        return Responses(
+            name=name,
+            texts=[s.text for s in samples],
+            token_ids=[list(s.token_ids) for s in samples],
+            finished=[s.finished for s in samples],
+            proxy=self.proxy(prompts, samples),
+            gold=self.gold(prompts, samples),
+        )

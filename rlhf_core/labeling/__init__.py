@@ -1,0 +1,1 @@
+"""The human labelling app: a SQLite store, a small web app and the ``rlhf label`` commands."""

@@ -1,0 +1,103 @@
+"""Labelling items: a prompt with its K completions, built from a preference bundle.
+
+An item is identified by its prompt id *and* its completion set, so the same
+prompt with new candidates from a later policy round is a new item.  A gold
+item also carries a known ranking, against which annotators are scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+from rlhf_core.preferences import BUNDLE_FILES, PreferenceBundle
+from rlhf_core.records import Reject
+from rlhf_core.schemas import Completion, Prompt, Ranking
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: Prompt
+    completions: tuple[Completion, ...]
+    gold: Ranking | None = None
+
+    @property
+    def key(self) -> str:
+        ids = "\n".join(sorted(c.id for c in self.completions))
+        return f"{self.prompt.id}:{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
+
+
+@dataclass
+class BuiltItems:
+    items: list[Item]
+    rejects: list[Reject]
+
+
+def build_items(bundle: PreferenceBundle, max_text_chars: int, *, gold: bool = False) -> BuiltItems:
+    """Group a bundle's completions under their prompts; anything unusable becomes a reject.
+
+    Texts longer than ``max_text_chars`` are rejected rather than cut, so that
+    an annotator never ranks text it did not see; empty completions, which
+    there is nothing to judge in, are rejected too.  With ``gold=True`` only
+    prompts that have a ranking become items, and the first ranking of each
+    prompt is its known answer.  Rejects found here name the record by id
+    (line 0: the valid records no longer know their line).
+    """
+    rejects = list(bundle.rejects)
+    prompts = {}
+    for prompt in bundle.prompts:
+        if len(prompt.text) > max_text_chars:
+            rejects.append(_too_long("prompts", prompt.id, max_text_chars))
+        else:
+            prompts[prompt.id] = prompt
+    grouped: dict[str, list[Completion]] = defaultdict(list)
+    for completion in bundle.completions:
+        if len(completion.text) > max_text_chars:
+            rejects.append(_too_long("completions", completion.id, max_text_chars))
+        elif not completion.text.strip():
+            rejects.append(_reject("completions", f"completion {completion.id!r}: empty text", "text", "empty"))
+        elif completion.prompt_id not in prompts:
+            reason = f"completion {completion.id!r}: unknown or rejected prompt {completion.prompt_id!r}"
+            rejects.append(_reject("completions", reason, "prompt_id"))
+        else:
+            grouped[completion.prompt_id].append(completion)
+    known = _gold_rankings(bundle.rankings, grouped, rejects) if gold else {}
+    items = []
+    for prompt_id, prompt in prompts.items():
+        completions = grouped.get(prompt_id, [])
+        if len(completions) < 2:
+            reason = f"prompt {prompt_id!r} has {len(completions)} usable completions, needs at least 2"
+            rejects.append(_reject("prompts", reason, "id", "too_few_completions"))
+        elif gold and prompt_id not in known:
+            rejects.append(_reject("prompts", f"gold prompt {prompt_id!r} has no usable ranking", "id"))
+        else:
+            items.append(Item(prompt, tuple(completions), known.get(prompt_id)))
+    return BuiltItems(items, rejects)
+
+
+def _gold_rankings(
+    rankings: list[Ranking], grouped: dict[str, list[Completion]], rejects: list[Reject]
+) -> dict[str, Ranking]:
+    """prompt id -> its known ranking (the first valid one)."""
+    known: dict[str, Ranking] = {}
+    for ranking in rankings:
+        ids = {c.id for c in grouped.get(ranking.prompt_id, [])}
+        unknown = [cid for cid in ranking.completion_ids if cid not in ids]
+        if unknown:
+            reason = f"ranking {ranking.id!r} names unknown completions {unknown}"
+            rejects.append(_reject("rankings", reason, "completion_ids"))
+        elif ranking.prompt_id in known:
+            reason = f"ranking {ranking.id!r}: a gold prompt keeps its first ranking only"
+            rejects.append(_reject("rankings", reason, "prompt_id", "duplicate"))
+        else:
+            known[ranking.prompt_id] = ranking
+    return known
+
+
+def _reject(part: str, reason: str, field: str, kind: str = "invalid") -> Reject:
+    return Reject(BUNDLE_FILES[part], 0, reason, field, kind=kind)
+
+
+def _too_long(part: str, record_id: str, limit: int) -> Reject:
+    return _reject(part, f"{record_id!r}: text longer than labeling.max_text_chars={limit}", "text", "too_long")

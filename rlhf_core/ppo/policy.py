@@ -1,0 +1,323 @@
+"""The models PPO trains: policy, value function and frozen reference around one causal LM.
+
+A decoder-only LM is split at a *trunk*: the token embeddings plus the lower
+``ppo.freeze_layers`` decoder layers.  The cost modes (``ppo.mode``) decide what
+trains and what the reference is:
+
+* ``full``  - every weight trains (no trunk is frozen); the reference is a frozen
+  copy of the whole model.
+* ``freeze`` - the trunk and the LM head stay frozen, the layers above it and the
+  final norm train; the reference is a frozen copy of those upper layers only.
+* ``lora``  - LoRA adapters (peft) on the layers above the trunk; the reference is
+  the same weights with the adapters switched off, so there is one copy.
+
+When the trunk is frozen, its output is the same for the policy before and after
+every update, for the reference and for a separate value model: the rollout keeps
+the trunk's hidden states from sampling and every later pass starts from them
+(see :mod:`rlhf_core.ppo.rollout`).  With 24 of SmolLM2's 30 layers frozen, the
+reference, old-policy, value and training passes run 6 layers instead of 30.
+
+The value function is a scalar head on the policy's last hidden state
+(``value_model: head``, one forward for both) or a model of its own
+(``separate``: a trainable copy of the layers above the trunk with a head).
+
+With bf16 on, frozen weights are stored in bf16 and every pass runs under
+autocast; trainable weights keep fp32 master copies.  Log-probs and values are
+always computed in fp32 from the final hidden states.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhf_core.config import PPOConfig
+from rlhf_core.errors import RLHFError
+
+#: Linear layers of a Llama-style decoder layer that LoRA adapts.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# --------------------------------------------------------------------------- pieces of a decoder-only LM
+
+
+@dataclass
+class DecoderParts:
+    """Handles on the modules of a Llama-style causal LM (Llama, Mistral, Qwen2 and SmolLM share the layout)."""
+
+    embed: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary: nn.Module
+    lm_head: nn.Module
+    config: object
+
+
+def decoder_parts(lm) -> DecoderParts:
+    causal = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    body = getattr(causal, "model", None)
+    names = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if body is None or not all(hasattr(body, n) for n in names) or not hasattr(causal, "lm_head"):
+        raise RLHFError(
+            f"{type(causal).__name__}: PPO needs a decoder-only LM laid out like Llama "
+            "(model.embed_tokens, model.layers, model.norm, model.rotary_emb, lm_head)"
+        )
+    return DecoderParts(body.embed_tokens, body.layers, body.norm, body.rotary_emb, causal.lm_head, causal.config)
+
+
+@dataclass
+class Attention:
+    """What every decoder layer of one pass needs besides the hidden states: mask and rotary embeddings."""
+
+    mask: object
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_ids: torch.Tensor
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (the same rule ``generate`` uses)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def attention_inputs(parts: DecoderParts, hidden, attention_mask, position_ids, cache=None) -> Attention:
+    """Build the mask before any layer writes this step into ``cache`` (its length sizes the mask)."""
+    from transformers.masking_utils import create_causal_mask
+
+    mask = create_causal_mask(
+        config=parts.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids
+    )
+    return Attention(mask, parts.rotary(hidden, position_ids=position_ids), position_ids)
+
+
+def run_layers(layers, hidden: torch.Tensor, attention: Attention, cache=None) -> torch.Tensor:
+    for layer in layers:
+        hidden = layer(
+            hidden,
+            attention_mask=attention.mask,
+            position_embeddings=attention.position_embeddings,
+            position_ids=attention.position_ids,
+            cache=cache,
+        )
+    return hidden
+
+
+def fp32_linear(hidden: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(hidden)`` in fp32 whatever autocast says: log-probs and values need the precision."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = layer.bias.float() if layer.bias is not None else None
+        return F.linear(hidden.float(), layer.weight.float(), bias)
+
+
+class ValueHead(nn.Module):
+    """A scalar per position read off a final hidden state, initialised to zero (lm-human-preferences)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return fp32_linear(hidden, self.linear).squeeze(-1)
+
+
+# --------------------------------------------------------------------------- the actor-critic
+
+
+@dataclass(frozen=True)
+class PassOutput:
+    logits: torch.Tensor  # (B, R, V) fp32, for the R response positions
+    values: torch.Tensor | None  # (B, R) fp32
+
+
+class ActorCritic(nn.Module):
+    """Policy (the LM), value function and reference; ``forward`` is the training pass.
+
+    Registered submodules: ``lm`` (the causal LM, peft-wrapped in LoRA mode),
+    ``value_head``, and where needed ``value_model`` (separate value layers) and
+    ``reference`` (frozen copies).  Parameter names are therefore stable, and
+    :meth:`trainable_state` is all a checkpoint needs besides the base model.
+    """
+
+    def __init__(self, lm, cfg: PPOConfig, bf16: bool):
+        super().__init__()
+        self.mode, self.bf16 = cfg.mode, bf16
+        parts = decoder_parts(lm)
+        num_layers = len(parts.layers)
+        self.trunk_layers = 0 if cfg.mode == "full" else cfg.freeze_layers
+        if self.trunk_layers >= num_layers:
+            raise RLHFError(f"ppo.freeze_layers ({cfg.freeze_layers}) must be below the model's {num_layers} layers")
+        if cfg.mode == "lora":
+            lm = _with_lora(lm, cfg, range(self.trunk_layers, num_layers))
+            parts = decoder_parts(lm)
+        self.lm = lm.eval()  # no dropout: old and new log-probs must agree before the first step
+        self.parts = parts
+        self._set_trainable()
+        self.value_head = ValueHead(parts.config.hidden_size)
+        self.separate_value = cfg.value_model == "separate"
+        if self.separate_value:
+            self.value_model = self._copy_upper(with_trunk=self.trunk_trainable, with_head=False)
+            self.value_model.requires_grad_(True)
+            if cfg.mode == "lora":  # its own adapters train, its copy of the base weights does not
+                for name, p in self.value_model.named_parameters():
+                    p.requires_grad_("lora_" in name)
+        if cfg.mode == "full":
+            self.reference = self._copy_upper(with_trunk=True, with_head=True).requires_grad_(False)
+        elif cfg.mode == "freeze":
+            self.reference = self._copy_upper(with_trunk=False, with_head=False).requires_grad_(False)
+        if bf16:
+            for p in self.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+
+    # ----------------------------------------------------------------- setup
+
+    @property
+    def trunk_trainable(self) -> bool:
+        return self.mode == "full"
+
+    def _set_trainable(self) -> None:
+        if self.mode == "full":
+            self.lm.requires_grad_(True)
+        elif self.mode == "freeze":
+            self.lm.requires_grad_(False)
+            self.parts.layers[self.trunk_layers :].requires_grad_(True)
+            self.parts.norm.requires_grad_(True)
+        # lora: peft has already frozen everything but the adapters
+
+    def _copy_upper(self, *, with_trunk: bool, with_head: bool) -> nn.ModuleDict:
+        """Copies of the layers above the trunk and the final norm (and embeddings/LM head when asked), in one deepcopy
+        so that tied embeddings stay tied in the copy."""
+        parts, k = self.parts, self.trunk_layers
+        modules = {"layers": nn.ModuleList(parts.layers[k:]), "norm": parts.norm}
+        if with_trunk:
+            modules.update(embed=parts.embed, trunk_layers=nn.ModuleList(parts.layers[:k]))
+        if with_head:
+            modules["lm_head"] = parts.lm_head
+        return copy.deepcopy(nn.ModuleDict(modules))
+
+    def autocast(self):
+        """bf16 autocast when bf16 is on.  Enter it once around a whole rollout so that autocast caches the bf16
+        casts of the trainable weights for all its steps."""
+        device = next(self.parameters()).device
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    # ----------------------------------------------------------------- passes
+
+    def trunk(self, input_ids, attention: Attention, cache=None, embed=None, layers=None) -> torch.Tensor:
+        """Embeddings and the lower layers (the shared frozen trunk unless ``embed``/``layers`` say otherwise)."""
+        hidden = (embed or self.parts.embed)(input_ids)
+        return run_layers(self.parts.layers[: self.trunk_layers] if layers is None else layers, hidden, attention, cache)
+
+    def sample_step(self, input_ids, attention_mask, position_ids, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of sampling with a KV cache: (trunk hidden states of the new positions, next-token logits)."""
+        hidden = self.parts.embed(input_ids)
+        attention = attention_inputs(self.parts, hidden, attention_mask, position_ids, cache)
+        trunk_hidden = run_layers(self.parts.layers[: self.trunk_layers], hidden, attention, cache)
+        hidden = run_layers(self.parts.layers[self.trunk_layers :], trunk_hidden, attention, cache)
+        hidden = self.parts.norm(hidden[:, -1])
+        return trunk_hidden, fp32_linear(hidden, self.parts.lm_head)
+
+    def _attention(self, input_ids, attention_mask) -> Attention:
+        probe = self.parts.embed.weight.new_empty(*input_ids.shape, 1)  # mask creation reads only shape/dtype/device
+        return attention_inputs(self.parts, probe, attention_mask, positions_from_mask(attention_mask))
+
+    def _upper(self, trunk_hidden, attention, layers, norm, n_response: int) -> torch.Tensor:
+        hidden = run_layers(layers, trunk_hidden, attention)
+        return norm(hidden[:, -n_response:])
+
+    def forward(self, input_ids, attention_mask, trunk_hidden, n_response: int) -> PassOutput:
+        """Policy logits and values for the last ``n_response`` positions (the ones that predict the response).
+
+        ``trunk_hidden`` comes from the rollout when the trunk is frozen; a trainable trunk is run here.
+        """
+        with self.autocast():
+            attention = self._attention(input_ids, attention_mask)
+            if trunk_hidden is None:
+                trunk_hidden = self.trunk(input_ids, attention)
+            final = self._upper(trunk_hidden, attention, self.parts.layers[self.trunk_layers :], self.parts.norm, n_response)
+            logits = fp32_linear(final, self.parts.lm_head)
+            if self.separate_value:
+                final = self._value_hidden(input_ids, attention, trunk_hidden, n_response)
+            return PassOutput(logits, self.value_head(final))
+
+    def _value_hidden(self, input_ids, attention, trunk_hidden, n_response: int) -> torch.Tensor:
+        model = self.value_model
+        if self.trunk_trainable:
+            trunk_hidden = self.trunk(input_ids, attention, embed=model.embed, layers=model.trunk_layers)
+        return self._upper(trunk_hidden, attention, model.layers, model.norm, n_response)
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
+        """Logits of the frozen reference (the initial policy) for the response positions."""
+        with self.autocast():
+            attention = self._attention(input_ids, attention_mask)
+            if self.mode == "lora":
+                with self.lm.disable_adapter():
+                    final = self._upper(trunk_hidden, attention, self.parts.layers[self.trunk_layers :], self.parts.norm, n_response)
+                return fp32_linear(final, self.parts.lm_head)
+            ref = self.reference
+            if self.mode == "full":
+                trunk_hidden = self.trunk(input_ids, attention, embed=ref.embed, layers=ref.trunk_layers)
+            final = self._upper(trunk_hidden, attention, ref.layers, ref.norm, n_response)
+            return fp32_linear(final, ref.lm_head if self.mode == "full" else self.parts.lm_head)
+
+    # ----------------------------------------------------------------- state
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor by its stable name: with the base model, all a checkpoint needs."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        expected = {name for name, p in params.items() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+            raise RLHFError(f"trainable weights do not match this model (missing {missing}, unexpected {extra})")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+    def policy_lm(self):
+        """The plain causal LM of the policy: LoRA merged, value head and reference left out."""
+        return self.lm.merge_and_unload() if self.mode == "lora" else self.lm
+
+
+def _with_lora(lm, cfg: PPOConfig, layers: range):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        layers_to_transform=list(layers),
+        layers_pattern="layers",
+        bias="none",
+    )
+    return get_peft_model(lm, config)
+
+
+def resolve_bf16(setting: str, device: torch.device) -> bool:
+    """'auto': bf16 where the hardware is fast at it (CUDA with bf16, or a CPU with AVX-512 BF16 / AMX)."""
+    if setting != "auto":
+        return setting == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from rlhf_core.generation import cpu_supports_bf16
+
+    return cpu_supports_bf16()
+
+
+def build_actor_critic(path, cfg: PPOConfig, device: torch.device, bf16: bool) -> ActorCritic:
+    """Load the policy's starting weights (safetensors, fp32) and wrap them for PPO."""
+    from rlhf_core.base_model import load_causal_lm
+
+    lm = load_causal_lm(path, dtype="float32")
+    return ActorCritic(lm, cfg, bf16).to(device)
+

@@ -1,0 +1,197 @@
+"""The reward model: a language model with a scalar head, read on the text of one conversation.
+
+A reward model is ``AutoModelForSequenceClassification`` with one label: the
+head reads the hidden state of the last non-pad token.  It reads the prompt in
+the chat template, the response, and the stop token only when the policy
+emitted it (:func:`rlhf_core.generation.conversation_text`) - the same text the
+PPO and evaluation stages score.
+
+Two details make that text work:
+
+* The pad token must differ from the stop token.  SmolLM2 pads with its stop
+  token ``<|im_end|>``; the head would then read the token *before* a final
+  ``<|im_end|>`` and could not tell a finished answer from a cut-off one.  The
+  reward tokenizer pads with another special token instead (no new embedding).
+* Sequences are padded on the right and truncated on the left, so positions
+  never depend on the batch and the end of the response - where the score is
+  read - is always kept.
+
+Scores are normalised so that the base model's own completions on the training
+prompts score mean 0 and std 1 (Ziegler et al. 2019, OpenAI lm-human-preferences;
+"N implementation details of RLHF with PPO", Huang et al. 2024); the constants
+live in ``normalization.json`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from rlhf_core.errors import RLHFError
+
+NORMALIZATION_FILE = "normalization.json"
+#: Pad tokens to try, in order, when the tokenizer's own pad token is its stop token.
+PAD_CANDIDATES = ("<|endoftext|>", "<unk>", "<pad>")
+
+
+def reward_tokenizer(path: str | Path, max_length: int):
+    """The base tokenizer set up for scoring: a pad token that is not the stop token, right padding, left truncation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"
+    tokenizer.model_max_length = max_length
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = _distinct_pad_token(tokenizer)
+    return tokenizer
+
+
+def _distinct_pad_token(tokenizer) -> str:
+    vocab = tokenizer.get_vocab()
+    for token in (tokenizer.unk_token, *PAD_CANDIDATES):
+        if token and token in vocab and vocab[token] != tokenizer.eos_token_id:
+            return token
+    raise RLHFError(
+        f"tokenizer of {tokenizer.name_or_path}: no special token other than the stop token to pad with "
+        f"(tried {', '.join(PAD_CANDIDATES)})"
+    )
+
+
+def encode_conversations(
+    tokenizer, prompts: list[str], responses: list[str], finished: list[bool]
+) -> tuple[list[list[int]], int]:
+    """Token ids of each (prompt, response) as the reward model reads them, and how many were truncated.
+
+    Sequences longer than ``tokenizer.model_max_length`` lose their beginning
+    (the start of the prompt), never the end of the response.
+    """
+    from rlhf_core.generation import conversation_text
+
+    if not len(prompts) == len(responses) == len(finished):
+        raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and {len(finished)} finished flags")
+    texts = [conversation_text(tokenizer, p, r, f) for p, r, f in zip(prompts, responses, finished)]
+    ids = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+    limit = tokenizer.model_max_length
+    truncated = sum(len(seq) > limit for seq in ids)
+    return [seq[-limit:] for seq in ids], truncated
+
+
+def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded on the right to the longest sequence."""
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise RLHFError(f"unknown dtype {dtype!r}; expected float32, bfloat16 or float16") from None
+
+
+class RewardModel:
+    """A trained reward model: ``.model`` (sequence classification, one label), ``.tokenizer``, ``.shift``, ``.scale``.
+
+    :meth:`score` returns ``(raw - shift) / scale``; :meth:`raw_scores` the head's output.
+    """
+
+    def __init__(self, model, tokenizer, shift: float = 0.0, scale: float = 1.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.shift = float(shift)
+        self.scale = float(scale)
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str | torch.dtype | None = None) -> "RewardModel":
+        """Load a saved reward model (safetensors only) onto the default device, in eval mode."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from rlhf_core.generation import default_device
+
+        path = Path(path)
+        norm_file = path / NORMALIZATION_FILE
+        if not norm_file.exists():
+            raise RLHFError(f"{path}: not a reward model folder (no {NORMALIZATION_FILE}; run `rlhf train-reward`)")
+        kwargs = {"use_safetensors": True}
+        if dtype is not None:
+            kwargs["dtype"] = _torch_dtype(dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        norm = json.loads(norm_file.read_text())
+        return cls(model.to(default_device()).eval(), tokenizer, norm["shift"], norm["scale"])
+
+    def save(self, path: str | Path) -> None:
+        """Write safetensors weights, tokenizer and normalisation to ``path`` (replaced atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        (tmp / NORMALIZATION_FILE).write_text(json.dumps({"shift": self.shift, "scale": self.scale}, indent=2) + "\n")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+
+    @torch.no_grad()
+    def raw_scores(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        finished: list[bool] | None = None,
+        batch_size: int = 16,
+        desc: str | None = None,
+    ) -> torch.Tensor:
+        """The head's output for each (prompt, response), float32 on the CPU, in input order."""
+        from tqdm.auto import tqdm
+
+        finished = [True] * len(prompts) if finished is None else [bool(f) for f in finished]
+        sequences, _ = encode_conversations(self.tokenizer, prompts, responses, finished)
+        # Batching by length keeps padding - wasted compute - small.
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        scores = torch.zeros(len(sequences), dtype=torch.float32)
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None):
+                rows = order[first : first + batch_size]
+                input_ids, attention_mask = pad_right([sequences[i] for i in rows], self.tokenizer.pad_token_id)
+                logits = self.model(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+                ).logits
+                scores[rows] = logits.squeeze(-1).float().cpu()
+        finally:
+            self.model.train(was_training)
+        return scores
+
+    def score(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        finished: list[bool] | None = None,
+        batch_size: int = 16,
+        desc: str | None = None,
+    ) -> torch.Tensor:
+        """Normalised rewards: the base model's own completions score mean 0, std 1."""
+        return (self.raw_scores(prompts, responses, finished, batch_size, desc) - self.shift) / self.scale
+
+    def fit_normalization(self, raw_scores: torch.Tensor) -> None:
+        """Set shift and scale so that ``raw_scores`` (of the base model's completions) become mean 0, std 1."""
+        if raw_scores.numel() < 2:
+            raise RLHFError(f"normalisation needs at least 2 base-model completions, got {raw_scores.numel()}")
+        std = float(raw_scores.std(unbiased=False))
+        self.shift = float(raw_scores.mean())
+        # A reward model that gives every base completion the same score cannot be rescaled; leave its scale alone.
+        self.scale = std if std > 1e-8 and math.isfinite(std) else 1.0

@@ -1,0 +1,131 @@
+"""Stage ``collect_preferences``: rankings from the configured backend, validated and expanded to pairs.
+
+Backends (``labeling.backend``): ``simulated`` ranks the candidates with the
+simulated annotators, ``human`` reads the labelling app's export bundle at
+``paths.label_export``, ``import`` loads a public preference file from
+``paths.preference_import``.  Writes to ``paths.preferences`` the bundle
+(prompts, completions, rankings), ``pairs.jsonl`` (every ranking's C(K,2)
+comparisons, margin = rank distance; the reward trainer decides whether to use
+it) and ``rejects.jsonl`` (file, line, field and reason of every bad record).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from rlhf_core.agreement import krippendorff_alpha, pairwise_agreement
+from rlhf_core.annotators import simulate_rankings
+from rlhf_core.config import LabelingConfig, Params
+from rlhf_core.errors import DataError
+from rlhf_core.gold import gold_accuracy, gold_score
+from rlhf_core.preferences import (
+    BUNDLE_FILES,
+    PreferenceBundle,
+    bundle_pairs,
+    length_stats,
+    referenced,
+    tie_rate,
+    validate_bundle,
+)
+from rlhf_core.records import write_jsonl, write_rejects
+from rlhf_core.schemas import PreferencePair, utc_now
+from rlhf_core.tracking import stage_run
+
+
+def simulated_bundle(candidates: Path, cfg: LabelingConfig) -> PreferenceBundle:
+    """The validated candidates, ranked by the simulated annotators."""
+    if not (candidates / BUNDLE_FILES["completions"]).exists():
+        raise DataError(f"{candidates}: no candidates (run `rlhf generate-candidates` first)")
+    bundle = validate_bundle(PreferenceBundle.read(candidates), max_text_chars=cfg.max_text_chars, source=str(candidates))
+    bundle.rankings = simulate_rankings(
+        bundle.prompts,
+        bundle.completions,
+        num_annotators=cfg.num_annotators,
+        noise=cfg.noise,
+        bias_scale=cfg.bias_scale,
+        overlap_fraction=cfg.overlap_fraction,
+        annotators_per_overlap=cfg.annotators_per_overlap,
+        seed=cfg.seed,
+        created_at=utc_now(),
+    )
+    return bundle
+
+
+def human_bundle(export: Path, cfg: LabelingConfig) -> PreferenceBundle:
+    if not (export / BUNDLE_FILES["rankings"]).exists():
+        raise DataError(f"{export}: no labelling export there (run `rlhf label export` first)")
+    return validate_bundle(PreferenceBundle.read(export), max_text_chars=cfg.max_text_chars, source=str(export))
+
+
+def imported_bundle(folder: Path, cfg: LabelingConfig) -> PreferenceBundle:
+    from rlhf_core.importers import load_preferences
+
+    source = folder / cfg.import_file if cfg.import_file else folder
+    if not source.exists():
+        raise DataError(f"{source}: no preference file to import (set paths.preference_import / labeling.import_file)")
+    loaded = load_preferences(source, cfg.import_format, cfg.max_text_chars)
+    return validate_bundle(loaded, max_text_chars=cfg.max_text_chars, source=str(source))
+
+
+def load_bundle(params: Params) -> tuple[PreferenceBundle, str]:
+    """The validated bundle of the configured backend and the path it came from."""
+    paths, cfg = params.paths, params.labeling
+    if cfg.backend == "simulated":
+        return simulated_bundle(Path(paths.candidates), cfg), paths.candidates
+    if cfg.backend == "human":
+        return human_bundle(Path(paths.label_export), cfg), paths.label_export
+    return imported_bundle(Path(paths.preference_import), cfg), paths.preference_import
+
+
+def preference_metrics(bundle: PreferenceBundle, pairs: list[PreferencePair], simulated: bool) -> dict:
+    """Counts, rejects by kind, agreement on overlapping prompts, tie rate, lengths, and the gold's view of the labels."""
+    metrics: dict = {
+        "preferences/prompts": len(bundle.prompts),
+        "preferences/completions": len(bundle.completions),
+        "preferences/rankings": len(bundle.rankings),
+        "preferences/pairs": len(pairs),
+        "preferences/annotators": len({r.annotator_id for r in bundle.rankings}),
+        "preferences/rejects": len(bundle.rejects),
+        **{f"preferences/rejects_{kind}": n for kind, n in sorted(Counter(r.kind for r in bundle.rejects).items())},
+        "preferences/tie_rate": tie_rate(bundle.rankings),
+        **{f"preferences/{k}": v for k, v in length_stats(pairs).items()},
+    }
+    report = pairwise_agreement(bundle.rankings)
+    if report.agreement is not None:
+        metrics["preferences/agreement"] = report.agreement
+        metrics["preferences/agreement_comparisons"] = report.comparisons
+        metrics["preferences/krippendorff_alpha"] = krippendorff_alpha(bundle.rankings)
+    if simulated:
+        prompts = {p.id: p.text for p in bundle.prompts}
+        golds = [gold_score(prompts[c.prompt_id], c.text) for c in bundle.completions]
+        metrics["preferences/gold_mean"] = sum(golds) / len(golds)
+        metrics["preferences/gold_accuracy"] = gold_accuracy(pairs)
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
+def write_outputs(out: Path, bundle: PreferenceBundle, pairs: list[PreferencePair]) -> None:
+    bundle.write(out)
+    write_jsonl(out / "pairs.jsonl", pairs)
+    write_rejects(out / "rejects.jsonl", bundle.rejects)
+
+
+def run(params: Params) -> dict:
+    paths, cfg = params.paths, params.labeling
+    out = Path(paths.preferences)
+    inputs = {"simulated": [paths.candidates], "human": [paths.label_export], "import": [paths.preference_import]}
+    with stage_run(
+        "collect_preferences", metrics_dir=paths.metrics, config_sections=[cfg], inputs=inputs[cfg.backend]
+    ) as stage:
+        stage.log_params(cfg.model_dump())
+        bundle, source = load_bundle(params)
+        bundle = referenced(bundle)
+        pairs = bundle_pairs(bundle, margin="rank_distance")
+        write_outputs(out, bundle, pairs)
+        stage.log_artifact(out / "rejects.jsonl")
+        if not pairs:
+            raise DataError(
+                f"{source}: nothing usable: {len(bundle.rankings)} rankings kept, no strict preference among them, "
+                f"{len(bundle.rejects)} records rejected (see {out / 'rejects.jsonl'})"
+            )
+        return stage.finish({"preferences/backend": cfg.backend, **preference_metrics(bundle, pairs, cfg.backend == "simulated")})

@@ -1,0 +1,264 @@
+"""Stage ``evaluate``: is the candidate better than the reference and the champion, and did it game its reward model?
+
+Samples the candidate (``paths.policy``), the reference (``paths.base_model``)
+and the registry's ``champion`` on the first ``evaluate.num_prompts`` held-out
+eval prompts, scores every response with the proxy and (simulated labelling)
+the gold function, and writes:
+
+* ``metrics/evaluate.json`` - win rates with 95% intervals, KL, lengths,
+  diversity, perplexity, the best-of-n frontier, the over-optimisation check
+  and every gate's value, threshold and verdict;
+* ``<paths.evaluation>/`` - ``summary.json`` (read by ``promote``),
+  ``samples.jsonl``, ``plot_data/*.csv`` and, for human evaluation, a blind
+  labelling task in ``human_eval/``;
+* ``<paths.plots>/`` - gold_vs_kl.png, ppo_curves.png, lengths.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from pathlib import Path
+
+from rlhf_core import tracking
+from rlhf_core.config import EvaluateConfig, Params
+from rlhf_core.errors import DataError
+from rlhf_core.evaluation.best_of_n import FrontierPoint, frontier
+from rlhf_core.evaluation.gates import Evidence, Judged, apply_gates, gate_metrics
+from rlhf_core.evaluation.human_eval import blind_task, human_win_rates, write_task
+from rlhf_core.evaluation.metrics import WinRate, perplexity, win_rate
+from rlhf_core.evaluation.overoptimisation import assess, gold_trend, paired_gain, read_ppo_curve
+from rlhf_core.evaluation.plots import PolicyPoint, plot_lengths, plot_ppo_curves, plot_reward_vs_kl, write_plot_data
+from rlhf_core.evaluation.report import Responses, length_ratio, policy_metrics, win_rate_metrics
+from rlhf_core.evaluation.sampling import EvalSamples, PolicySamples, sample_policies
+from rlhf_core.evaluation.scoring import Scorer
+from rlhf_core.evaluation.summary import EvaluationSummary
+from rlhf_core.preferences import PreferenceBundle
+from rlhf_core.records import read_jsonl, write_jsonl
+from rlhf_core.schemas import Prompt
+
+PLOTS = {"reward_vs_kl": "gold_vs_kl.png", "ppo": "ppo_curves.png", "lengths": "lengths.png"}
+
+
+def load_eval_prompts(path: Path, limit: int) -> list[Prompt]:
+    prompts = read_jsonl(path, Prompt)[:limit]
+    if not prompts:
+        raise DataError(f"{path}: no eval prompts (run `rlhf prompts` first)")
+    return prompts
+
+
+def read_stage_metrics(path: Path) -> dict:
+    """Another stage's ``metrics/<stage>.json`` ({} if it has not run)."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def candidate_version(ppo_metrics: dict) -> str | None:
+    """The rlhf-policy version the PPO stage registered, else the ``candidate`` alias, else None."""
+    if ppo_metrics.get("ppo/registered_version") is not None:
+        return str(ppo_metrics["ppo/registered_version"])
+    ref = tracking.model_by_alias(tracking.POLICY_MODEL, "candidate")
+    return ref.version if ref else None
+
+
+def current_champion(candidate: str | None) -> tracking.ModelRef | None:
+    """The champion to beat (None when there is none, or when it is the candidate itself)."""
+    ref = tracking.model_by_alias(tracking.POLICY_MODEL, "champion")
+    return ref if ref is not None and ref.version != candidate else None
+
+
+def _scored(scorer: Scorer, prompts: list[str], sampled: EvalSamples):
+    """Responses of every policy, and the best-of-n pools' proxy (and gold) scores per prompt."""
+    candidate = scorer.responses("candidate", prompts, sampled.candidate.samples)
+    reference = scorer.responses("reference", prompts, sampled.reference.samples)
+    champion = scorer.responses("champion", prompts, sampled.champion.samples) if sampled.champion else None
+    extra = [s for pool in sampled.reference_extra for s in pool]
+    extra_proxy, extra_gold = scorer.proxy(prompts, extra), scorer.gold(prompts, extra)
+    proxy_pools, gold_pools, at = [], [] if extra_gold is not None else None, 0
+    for p, pool in enumerate(sampled.reference_extra):
+        proxy_pools.append([reference.proxy[p], *extra_proxy[at : at + len(pool)]])
+        if gold_pools is not None:
+            gold_pools.append([reference.gold[p], *extra_gold[at : at + len(pool)]])
+        at += len(pool)
+    return candidate, reference, champion, proxy_pools, gold_pools
+
+
+def kl_metrics(name: str, policy: PolicySamples) -> dict[str, float]:
+    """``eval/kl`` (candidate) or ``eval/<policy>/kl``: sequence-level KL to the reference and perplexity under it."""
+    kl = policy.kl
+    key = "eval/kl" if name == "candidate" else f"eval/{name}/kl"
+    tokens = sum(s.num_tokens for s in policy.samples)
+    ppl_key = "eval/perplexity" if name == "candidate" else f"eval/{name}/perplexity"
+    return {
+        key: statistics.fmean(kl),
+        f"{key}_std": statistics.pstdev(kl),
+        ppl_key: perplexity(sum(policy.ref_logprob), tokens),
+    }
+
+
+def frontier_metrics(points: list[FrontierPoint]) -> dict[str, float]:
+    metrics = {}
+    for point in points:
+        metrics[f"eval/best_of_n/{point.n}/kl"] = point.kl
+        metrics[f"eval/best_of_n/{point.n}/proxy"] = point.proxy
+        if point.gold is not None:
+            metrics[f"eval/best_of_n/{point.n}/gold"] = point.gold
+    return metrics
+
+
+def overoptimisation_metrics(candidate: Responses, reference: Responses, ppo_rows: list[dict], tolerance: float):
+    proxy_gain = paired_gain(candidate.proxy, reference.proxy)
+    gold_gain = paired_gain(candidate.gold, reference.gold) if candidate.gold is not None else None
+    trend = gold_trend(ppo_rows)
+    verdict = assess(proxy_gain, gold_gain, trend, tolerance)
+    metrics: dict[str, object] = {
+        "eval/overopt/proxy_gain": proxy_gain.mean,
+        "eval/overopt/proxy_gain_low": proxy_gain.low,
+        "eval/overopt/proxy_gain_high": proxy_gain.high,
+        "eval/overopt/flagged": verdict.flagged,
+    }
+    if gold_gain is not None:
+        metrics.update({"eval/overopt/gold_gain": gold_gain.mean, "eval/overopt/gold_gain_low": gold_gain.low,
+                        "eval/overopt/gold_gain_high": gold_gain.high})
+    if trend is not None:
+        metrics.update({f"eval/overopt/ppo_gold_{k}": getattr(trend, k) for k in ("first", "peak", "last")})
+        metrics.update({"eval/overopt/ppo_gold_peak_update": trend.peak_update, "eval/overopt/ppo_gold_points": trend.points})
+    if verdict.reasons:
+        metrics["eval/overopt/reasons"] = "; ".join(verdict.reasons)
+    return metrics, verdict
+
+
+def judged(candidate: Responses, other: Responses | None, human: dict[str, WinRate]) -> Judged | None:
+    """The win rate a gate uses: gold if known, else returned human labels; never the proxy."""
+    if other is None:
+        return None
+    if candidate.gold is not None and other.gold is not None:
+        return Judged(win_rate(candidate.gold, other.gold), "gold")
+    if other.name in human:
+        return Judged(human[other.name], "human")
+    return Judged(None, "none")
+
+
+def human_evaluation(cfg: EvaluateConfig, params: Params, prompts: list[Prompt], policies: list[Responses], salt: str):
+    """Export the blind task when asked for, and the human win rates from any returned labels."""
+    with_gold = policies[0].gold is not None
+    if cfg.human_eval == "never" or (cfg.human_eval == "auto" and with_gold):
+        return {}, {}
+    task = blind_task(prompts, {r.name: r.texts for r in policies}, salt=salt, seed=cfg.seed)
+    folder = write_task(task, Path(params.paths.evaluation) / "human_eval")
+    rankings = PreferenceBundle.read(params.paths.label_export).rankings
+    rates = human_win_rates(rankings, task.key)
+    metrics: dict[str, object] = {"eval/human/task": str(folder), "eval/human/items": len(prompts)}
+    for opponent, rate in rates.items():
+        metrics.update(rate.as_metrics(f"eval/human_win_rate_vs_{opponent}"))
+    return metrics, rates
+
+
+def lineage(params: Params, version: str | None, train_reward: dict, eval_file: Path) -> dict[str, str]:
+    """Where the candidate came from: what promotion writes onto the registry version."""
+    ref = tracking.model_version(tracking.POLICY_MODEL, version) if version else None
+    return {
+        "candidate_version": version or "",
+        "ppo_run_id": (ref.run_id or "") if ref else "",
+        "reward_model_version": str(train_reward.get("reward/registered_version") or ""),
+        "preference_data_hash": tracking.hash_paths([params.paths.preferences]),
+        "eval_prompts_hash": tracking.hash_paths([eval_file]),
+        "labeling_backend": params.labeling.backend,
+        "git_commit": tracking.git_commit(),
+    }
+
+
+def write_samples(path: Path, prompts: list[Prompt], sampled: EvalSamples, responses: list[Responses]) -> None:
+    rows = []
+    for policy in responses:
+        source = {"candidate": sampled.candidate, "reference": sampled.reference, "champion": sampled.champion}[policy.name]
+        for sample, proxy, gold in zip(source.samples, policy.proxy, policy.gold or [None] * len(policy.proxy)):
+            rows.append({"policy": policy.name, "prompt_id": prompts[sample.prompt_index].id, "text": sample.text,
+                         "num_tokens": sample.num_tokens, "finished": sample.finished, "proxy": proxy, "gold": gold})
+    write_jsonl(path, rows)
+
+
+def _finite(metrics: dict) -> dict:
+    """Drop infinite interval ends (too few prompts): JSON and MLflow cannot hold them."""
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
+
+
+def run(params: Params) -> dict:
+    paths, cfg = params.paths, params.evaluate
+    out, metrics_dir = Path(paths.evaluation), Path(paths.metrics)
+    eval_file = Path(paths.prompts) / "eval.jsonl"
+    inputs = [eval_file, metrics_dir / "ppo.json", metrics_dir / "train_reward.json"]
+    with tracking.stage_run("evaluate", metrics_dir=paths.metrics, config_sections=[cfg, params.gates], inputs=inputs) as stage:
+        stage.log_params({"evaluate": cfg.model_dump(), "gates": params.gates.model_dump()})
+        prompts = load_eval_prompts(eval_file, cfg.num_prompts)
+        texts = [p.text for p in prompts]
+        version = candidate_version(read_stage_metrics(metrics_dir / "ppo.json"))
+        champion_ref = current_champion(version)
+        sampled = sample_policies(texts, Path(paths.policy), Path(paths.base_model), champion_ref and champion_ref.path, cfg)
+
+        scorer = Scorer(paths.reward_model, with_gold=params.labeling.backend == "simulated", batch_size=cfg.batch_size)
+        candidate, reference, champion, proxy_pools, gold_pools = _scored(scorer, texts, sampled)
+        policies = [r for r in (candidate, reference, champion) if r is not None]
+        points = frontier(proxy_pools, gold_pools, cfg.best_of_n)
+        ppo_rows = read_ppo_curve(Path(paths.plots) / "ppo_curve.csv")
+        overopt, verdict = overoptimisation_metrics(candidate, reference, ppo_rows, params.gates.gold_drop_tolerance)
+        salt = hashlib.sha256(f"{version}|{cfg.seed}|{candidate.texts}".encode()).hexdigest()
+        human, human_rates = human_evaluation(cfg, params, prompts, policies, salt)
+        train_reward = read_stage_metrics(metrics_dir / "train_reward.json")
+
+        metrics: dict[str, object] = {
+            "eval/candidate_version": version,
+            "eval/champion_version": champion_ref.version if champion_ref else None,
+            "eval/num_prompts": len(prompts),
+            "eval/tokens_per_second": sampled.tokens / max(sampled.seconds, 1e-9),
+            **kl_metrics("candidate", sampled.candidate),
+            **(kl_metrics("champion", sampled.champion) if sampled.champion else {}),
+            "eval/reference/perplexity": perplexity(sum(sampled.reference.logprob), sum(s.num_tokens for s in sampled.reference.samples)),
+            "eval/length_ratio": length_ratio(candidate, reference),
+        }
+        for policy in policies:
+            metrics.update(policy_metrics(policy, cfg.repetition_ngram))
+        for other in policies[1:]:
+            metrics.update(win_rate_metrics(candidate, other))
+        metrics.update({**frontier_metrics(points), **overopt, **human})
+
+        evidence = Evidence(
+            vs_reference=judged(candidate, reference, human_rates),
+            vs_champion=judged(candidate, champion, human_rates),
+            kl=metrics["eval/kl"],
+            length_ratio=metrics["eval/length_ratio"],
+            distinct_2=metrics["eval/candidate/distinct_2"],
+            repetition_rate=metrics["eval/candidate/repetition_rate"],
+            overoptimisation=verdict,
+            reward_accuracy=train_reward.get("reward/accuracy"),
+        )
+        gates = apply_gates(evidence, params.gates)
+        metrics = _finite({**metrics, **gate_metrics(gates)})
+
+        write_samples(out / "samples.jsonl", prompts, sampled, policies)
+        policy_points = [PolicyPoint(r.name, 0.0 if r.name == "reference" else metrics.get(f"eval/{r.name}/kl", metrics["eval/kl"]),
+                                     statistics.fmean(r.proxy), statistics.fmean(r.gold) if r.gold else None) for r in policies]
+        lengths = {r.name: r.lengths for r in policies}
+        write_plot_data(out / "plot_data", points, policy_points, lengths)
+        plots = Path(paths.plots)
+        plot_reward_vs_kl(points, policy_points, ppo_rows, plots / PLOTS["reward_vs_kl"])
+        plot_ppo_curves(ppo_rows, plots / PLOTS["ppo"])
+        plot_lengths(lengths, cfg.max_new_tokens, plots / PLOTS["lengths"])
+        EvaluationSummary(
+            candidate_version=version,
+            champion_version=champion_ref.version if champion_ref else None,
+            gates=gates,
+            lineage=lineage(params, version, train_reward, eval_file),
+            metrics=metrics,
+            frontier=points,
+        ).write(out)
+        for name in PLOTS.values():
+            stage.log_artifact(plots / name, "plots")
+        stage.log_artifact(out, "evaluation")
+        return stage.finish(metrics)

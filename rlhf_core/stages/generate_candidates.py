@@ -1,0 +1,95 @@
+"""Stage ``generate_candidates``: K completions per training prompt from the current policy.
+
+Writes ``paths.candidates`` as a bundle without rankings (``prompts.jsonl`` and
+``completions.jsonl``); each completion records the policy version and the seed
+that wrote it, how many tokens it has and whether the policy ended it itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from rlhf_core.config import CandidatesConfig, Params
+from rlhf_core.errors import DataError
+from rlhf_core.generation import GenerationStats, Sample, load_policy, sample_completions
+from rlhf_core.preferences import BUNDLE_FILES
+from rlhf_core.records import read_jsonl, write_jsonl
+from rlhf_core.schemas import Completion, Prompt
+from rlhf_core.tracking import resolve_policy, stage_run
+
+
+def completion_id(policy_version: str, seed: int, prompt_id: str, sample_index: int) -> str:
+    """Unique across candidate rounds: the same prompt sampled by another policy or seed gets new ids."""
+    key = f"{policy_version}|{seed}|{prompt_id}|{sample_index}"
+    return "c" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def to_completions(prompts: list[Prompt], samples: list[Sample], policy_version: str, seed: int) -> list[Completion]:
+    return [
+        Completion(
+            id=completion_id(policy_version, seed, prompts[s.prompt_index].id, s.sample_index),
+            prompt_id=prompts[s.prompt_index].id,
+            text=s.text,
+            policy_version=policy_version,
+            seed=seed,
+            num_tokens=s.num_tokens,
+            finished=s.finished,
+        )
+        for s in samples
+    ]
+
+
+def generate(cfg: CandidatesConfig, prompts: list[Prompt], policy: Path, policy_version: str) -> tuple[list[Completion], GenerationStats]:
+    """Sample ``cfg.k`` completions for each prompt with the sampling settings of ``cfg``."""
+    model, tokenizer = load_policy(policy, dtype=cfg.dtype)
+    samples, stats = sample_completions(
+        model,
+        tokenizer,
+        [p.text for p in prompts],
+        num_samples=cfg.k,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        desc="candidates",
+    )
+    return to_completions(prompts, samples, policy_version, cfg.seed), stats
+
+
+def candidate_metrics(completions: list[Completion], prompts: list[Prompt], stats: GenerationStats) -> dict:
+    n = len(completions)
+    return {
+        "candidates/prompts": len(prompts),
+        "candidates/completions": n,
+        "candidates/tokens": stats.tokens,
+        "candidates/seconds": round(stats.seconds, 3),
+        "candidates/tokens_per_second": round(stats.tokens_per_second, 2),
+        "candidates/mean_tokens": sum(c.num_tokens for c in completions) / n,
+        "candidates/finished_rate": sum(bool(c.finished) for c in completions) / n,
+        "candidates/mean_words": sum(len(c.text.split()) for c in completions) / n,
+        "candidates/empty_rate": sum(not c.text.strip() for c in completions) / n,
+    }
+
+
+def run(params: Params) -> dict:
+    paths, cfg = params.paths, params.candidates
+    train_file = Path(paths.prompts) / "train.jsonl"
+    out = Path(paths.candidates)
+    with stage_run(
+        "generate_candidates", metrics_dir=paths.metrics, config_sections=[cfg], inputs=[train_file]
+    ) as stage:
+        if not train_file.exists():
+            raise DataError(f"{train_file}: not found (run `rlhf prompts` first)")
+        prompts = read_jsonl(train_file, Prompt)[: cfg.max_prompts]
+        if not prompts:
+            raise DataError(f"{train_file}: no training prompts")
+        policy, policy_version = resolve_policy(cfg.policy, paths.base_model)
+        stage.log_params({**cfg.model_dump(), "policy_version": policy_version})
+        completions, stats = generate(cfg, prompts, policy, policy_version)
+        shutil.rmtree(out, ignore_errors=True)
+        write_jsonl(out / BUNDLE_FILES["prompts"], prompts)
+        write_jsonl(out / BUNDLE_FILES["completions"], completions)
+        return stage.finish({**candidate_metrics(completions, prompts, stats), "candidates/policy_version": policy_version})

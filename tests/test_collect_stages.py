@@ -1,0 +1,152 @@
+"""generate_candidates and collect_preferences on a tiny project, with each labelling backend."""
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_core.config import load_params
+from rlhf_core.records import read_jsonl
+from rlhf_core.schemas import Completion, PreferencePair, Ranking
+
+from .conftest import TINY_OVERRIDES, deep_update, isolate_env, make_project, rlhf
+from .test_preferences import salted_bundle
+
+pytestmark = pytest.mark.slow
+K = 4
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny project with base model, prompts and candidates, built once for this module."""
+    root = make_project(tmp_path_factory.mktemp("collect") / "project")
+    with pytest.MonkeyPatch.context() as patch:
+        isolate_env(patch, root)
+        patch.chdir(root)
+        from rlhf_core.stages import base_model, generate_candidates, prompts
+
+        params = load_params(root / "params.yaml")
+        base_model.run(params)
+        prompts.run(params)
+        metrics = generate_candidates.run(params)
+        yield root, metrics
+
+
+@pytest.fixture
+def in_project(project, monkeypatch):
+    root, _ = project
+    isolate_env(monkeypatch, root)
+    monkeypatch.chdir(root)
+    return root
+
+
+def params_file(root: Path, name: str, overrides: dict) -> Path:
+    """A params file for one test: the project's params plus ``overrides``, outputs in their own folders."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = deep_update(params, {"paths": {"preferences": f"data/{name}/preferences", "metrics": f"metrics/{name}"}})
+    params = deep_update(params, overrides)
+    path = root / f"params-{name}.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def collect(root: Path, name: str, overrides: dict) -> tuple[dict, Path]:
+    from rlhf_core.stages import collect_preferences
+
+    params = load_params(params_file(root, name, overrides))
+    return collect_preferences.run(params), Path(params.paths.preferences)
+
+
+def rejects_of(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "rejects.jsonl").read_text().splitlines()]
+
+
+def test_generate_candidates_writes_k_completions_per_prompt(project):
+    root, metrics = project
+    folder = root / "data" / "candidates"
+    completions = read_jsonl(folder / "completions.jsonl", Completion)
+    prompts = TINY_OVERRIDES["candidates"]["max_prompts"]
+    assert metrics["candidates/prompts"] == prompts and metrics["candidates/completions"] == prompts * K == len(completions)
+    assert metrics["candidates/tokens_per_second"] > 0 and metrics["candidates/tokens"] > 0
+    assert metrics["candidates/policy_version"].startswith("base:")
+    assert not (folder / "rankings.jsonl").exists()
+    assert len({c.id for c in completions}) == len(completions)
+    max_new = TINY_OVERRIDES["candidates"]["max_new_tokens"]
+    for completion in completions:
+        assert completion.policy_version == metrics["candidates/policy_version"]
+        assert completion.seed == 0 and 0 < completion.num_tokens <= max_new and completion.finished is not None
+    by_prompt = {}
+    for completion in completions:
+        by_prompt[completion.prompt_id] = by_prompt.get(completion.prompt_id, 0) + 1
+    assert set(by_prompt.values()) == {K}
+    saved = json.loads((root / "metrics" / "generate_candidates.json").read_text())
+    assert saved["candidates/completions"] == prompts * K
+
+
+def test_simulated_backend(in_project):
+    metrics, out = collect(in_project, "simulated", {"labeling": {"backend": "simulated", "overlap_fraction": 0.5}})
+    rankings = read_jsonl(out / "rankings.jsonl", Ranking)
+    pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
+    prompts = TINY_OVERRIDES["candidates"]["max_prompts"]
+    assert metrics["preferences/rankings"] == len(rankings) == prompts + prompts // 2
+    strict = sum(a != b for r in rankings for a, b in combinations(r.rank_of().values(), 2))
+    assert metrics["preferences/pairs"] == len(pairs) == strict
+    assert all(r.source == "simulated" and len(r.completion_ids) == K for r in rankings)
+    assert {p.margin for p in pairs} <= {1.0, 2.0, 3.0}
+    assert 0 <= metrics["preferences/agreement"] <= 1 and metrics["preferences/agreement_comparisons"] == prompts // 2 * 6
+    assert "preferences/krippendorff_alpha" in metrics
+    assert 0 <= metrics["preferences/gold_accuracy"] <= 1 and metrics["preferences/rejects"] == 0
+    assert json.loads((in_project / "metrics" / "simulated" / "collect_preferences.json").read_text()) == metrics
+    # Deterministic by seed: a second run ranks the same way.
+    _, again = collect(in_project, "simulated-again", {"labeling": {"backend": "simulated", "overlap_fraction": 0.5}})
+    assert [r.completion_ids for r in read_jsonl(again / "rankings.jsonl", Ranking)] == [r.completion_ids for r in rankings]
+
+
+def test_human_backend_keeps_good_records_and_reports_bad_ones(in_project):
+    salted_bundle(in_project / "data" / "labels-salted")
+    overrides = {"paths": {"label_export": "data/labels-salted"}, "labeling": {"backend": "human", "max_text_chars": 200}}
+    metrics, out = collect(in_project, "human", overrides)
+    assert [r.id for r in read_jsonl(out / "rankings.jsonl", Ranking)] == ["r1", "r2", "r10"]
+    assert metrics["preferences/pairs"] == 9 and metrics["preferences/prompts"] == 2
+    assert metrics["preferences/agreement"] == 1.0  # r1 and r10: two annotators, same order
+    assert "preferences/gold_accuracy" not in metrics
+    rejects = rejects_of(out)
+    assert metrics["preferences/rejects"] == len(rejects) == 14
+    assert metrics["preferences/rejects_duplicate"] == 4 and metrics["preferences/rejects_too_few"] == 1
+    lines = {(Path(r["file"]).name, r["line"]) for r in rejects}
+    assert ("rankings.jsonl", 8) in lines and ("completions.jsonl", 7) in lines
+
+
+def test_import_backend_reads_trl_jsonl(in_project):
+    pytest.importorskip("rlhf_core.importers")
+    folder = in_project / "data" / "imports"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [
+        json.dumps({"prompt": f"Question {i}?", "chosen": f"A clear answer {i}.", "rejected": f"meh {i}"})
+        for i in range(5)
+    ]
+    rows.insert(2, "{broken")
+    rows.append(json.dumps({"prompt": "Empty?", "chosen": "", "rejected": "x"}))
+    (folder / "trl.jsonl").write_text("\n".join(rows) + "\n")
+    metrics, out = collect(in_project, "import", {"labeling": {"backend": "import", "import_file": "trl.jsonl"}})
+    assert metrics["preferences/rankings"] == metrics["preferences/pairs"] == 5
+    pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
+    assert {p.chosen for p in pairs} == {f"A clear answer {i}." for i in range(5)}
+    assert {r["line"] for r in rejects_of(out)} >= {3, 7}
+
+
+def test_nothing_usable_fails_with_one_clear_line(in_project):
+    folder = in_project / "data" / "labels-bad"
+    folder.mkdir(parents=True)
+    (folder / "prompts.jsonl").write_text(json.dumps({"id": "p1", "text": "Hi?"}) + "\n")
+    (folder / "rankings.jsonl").write_text(
+        json.dumps({"id": "r1", "prompt_id": "p1", "completion_ids": ["a", "b"], "annotator_id": "x"}) + "\n{bad\n"
+    )
+    params = params_file(in_project, "bad", {"paths": {"label_export": "data/labels-bad"}, "labeling": {"backend": "human"}})
+    done = rlhf("collect-preferences", "--params", str(params), cwd=in_project, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "nothing usable" in done.stderr
+    rejects = rejects_of(in_project / "data" / "bad" / "preferences")
+    assert {(r["line"], r["kind"]) for r in rejects} == {(1, "unknown_id"), (2, "bad_json")}

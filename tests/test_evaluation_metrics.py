@@ -1,0 +1,173 @@
+"""Evaluation metrics on hand-computed inputs."""
+
+import math
+from itertools import combinations
+
+import pytest
+import torch
+
+from rlhf_core.evaluation.best_of_n import best_of_n_kl, expected_best_of_n, frontier, subset_max_weights
+from rlhf_core.evaluation.human_eval import CANDIDATE, blind_task, human_win_rates, read_key, write_task
+from rlhf_core.evaluation.metrics import (
+    distinct_n,
+    length_stats,
+    mean_interval,
+    perplexity,
+    repetition_rate,
+    wilson_interval,
+    win_rate,
+)
+from rlhf_core.evaluation.overoptimisation import Gain, assess, gold_trend, paired_gain, read_ppo_curve
+from rlhf_core.schemas import Prompt, Ranking
+
+
+def test_wilson_interval_matches_the_closed_form():
+    low, high = wilson_interval(8, 10)
+    # p = 0.8, z = 1.96: centre (0.8 + 0.19208) / 1.38416, half 1.96 / 1.38416 * sqrt(0.016 + 0.009604)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    narrow, wide = wilson_interval(50, 100), wilson_interval(5, 10)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+
+
+def test_win_rate_counts_ties_as_half():
+    rate = win_rate([1, 2, 3, 4], [0, 2, 5, 1])
+    assert (rate.wins, rate.ties, rate.losses) == (2, 1, 1)
+    assert rate.rate == 0.625
+    assert rate.interval == wilson_interval(2.5, 4)
+    even = win_rate([1, 1, 1, 1], [1, 1, 1, 1])
+    assert even.rate == 0.5 and 0.5 - even.interval[0] == pytest.approx(even.interval[1] - 0.5)
+    metrics = rate.as_metrics("eval/x")
+    assert metrics["eval/x"] == 0.625 and metrics["eval/x_n"] == 4 and metrics["eval/x_low"] < 0.625 < metrics["eval/x_high"]
+    with pytest.raises(ValueError):
+        win_rate([1.0], [])
+
+
+def test_distinct_n_over_the_whole_set():
+    sequences = [[1, 2, 3], [1, 2, 4]]
+    assert distinct_n(sequences, 1) == pytest.approx(4 / 6)
+    assert distinct_n(sequences, 2) == pytest.approx(3 / 4)
+    assert distinct_n([[7] * 10], 2) == pytest.approx(1 / 9)
+    assert distinct_n([[1]], 2) == 0.0
+
+
+def test_repetition_rate_is_mean_seq_rep_n():
+    assert repetition_rate([[5, 5, 5, 5]], 2) == pytest.approx(2 / 3)
+    assert repetition_rate([[1, 2, 3]], 2) == 0.0
+    assert repetition_rate([[5, 5, 5, 5], [1, 2, 3], [1]], 2) == pytest.approx((2 / 3) / 3)
+    assert repetition_rate([[1, 2, 1, 2, 1, 2]], 2) == pytest.approx(1 - 2 / 5)
+
+
+def test_length_stats_perplexity_and_mean_interval():
+    stats = length_stats([1, 2, 3, 10])
+    assert stats["mean"] == 4 and stats["median"] == 2.5 and stats["min"] == 1 and stats["max"] == 10
+    assert perplexity(2 * math.log(0.5), 2) == pytest.approx(2.0)
+    mean, low, high = mean_interval([1.0, 3.0])
+    assert mean == 2.0 and high - mean == pytest.approx(1.959963984540054 * math.sqrt(2) / math.sqrt(2))
+    assert mean_interval([1.0])[1] == -math.inf
+
+
+def test_best_of_n_kl_formula():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    kls = [best_of_n_kl(n) for n in (1, 2, 4, 8, 16, 64)]
+    assert kls == sorted(kls)
+
+
+def test_best_of_n_estimator_equals_the_mean_over_all_subsets():
+    proxy, gold = [0.1, 0.9, 0.5, 0.3], [10.0, 20.0, 30.0, 40.0]
+    assert subset_max_weights(4, 2) == pytest.approx([0, 1 / 6, 2 / 6, 3 / 6])
+    assert expected_best_of_n(proxy, gold, 1) == pytest.approx(25.0)
+    assert expected_best_of_n(proxy, gold, 4) == 20.0  # the proxy's favourite (0.9) has gold 20
+    assert expected_best_of_n(proxy, gold, 2) == pytest.approx(160 / 6)
+    for n in (1, 2, 3, 4):
+        subsets = list(combinations(range(4), n))
+        brute = sum(gold[max(s, key=lambda i: proxy[i])] for s in subsets) / len(subsets)
+        assert expected_best_of_n(proxy, gold, n) == pytest.approx(brute)
+    with pytest.raises(ValueError):
+        subset_max_weights(4, 5)
+
+
+def test_frontier_averages_prompts_and_has_the_analytic_kl():
+    points = frontier([[0.0, 1.0], [2.0, 0.0]], [[1.0, 0.0], [0.0, 5.0]], [1, 2])
+    assert [p.n for p in points] == [1, 2] and points[1].kl == pytest.approx(best_of_n_kl(2))
+    assert points[0].proxy == pytest.approx(0.75) and points[1].proxy == pytest.approx(1.5)
+    assert points[1].gold == pytest.approx((0.0 + 0.0) / 2)  # the proxy picks the gold-0 sample in both pools
+    assert frontier([[0.0, 1.0]], None, [2])[0].gold is None
+
+
+def _curve(golds, proxies):
+    return [{"update": float(i), "kl": 0.1 * i, "score": p, "gold": g, "gold_proxy": p} for i, (g, p) in enumerate(zip(golds, proxies))]
+
+
+def test_gold_falling_while_proxy_rises_along_ppo_is_flagged():
+    trend = gold_trend(_curve([0.1, 0.3, 0.2, 0.1], [0.0, 0.5, 1.0, 1.5]))
+    assert (trend.peak, trend.last, trend.peak_update) == (0.3, 0.1, 1)
+    flat = Gain(0.0, -1.0, 1.0)
+    assert assess(flat, None, trend, tolerance=0.05).flagged
+    assert not assess(flat, None, trend, tolerance=0.5).flagged
+    rising = gold_trend(_curve([0.1, 0.2, 0.3, 0.35], [0.0, 0.5, 1.0, 1.5]))
+    assert not assess(flat, None, rising, tolerance=0.0).flagged
+    assert gold_trend(_curve([0.1], [0.0])) is None
+
+
+def test_eval_level_overoptimisation_needs_both_moves_to_be_significant():
+    proxy_up = paired_gain([1.0, 1.2, 0.9, 1.1], [0.0, 0.1, -0.1, 0.0])
+    gold_down = paired_gain([0.1, 0.0, 0.1, 0.0], [0.5, 0.4, 0.6, 0.5])
+    verdict = assess(proxy_up, gold_down, None, tolerance=0.05)
+    assert verdict.flagged and "proxy rose" in verdict.reasons[0]
+    assert not assess(proxy_up, paired_gain([0.5, 0.4], [0.5, 0.4]), None, 0.05).flagged
+
+
+def test_read_ppo_curve_keeps_empty_cells_as_none(tmp_path):
+    path = tmp_path / "ppo_curve.csv"
+    path.write_text("update,kl,score,gold,gold_proxy\n0,0.0,0.1,,\n1,0.5,0.3,0.2,0.4\n")
+    rows = read_ppo_curve(path)
+    assert rows[0]["gold"] is None and rows[1]["gold"] == 0.2
+    assert read_ppo_curve(tmp_path / "missing.csv") == []
+
+
+def test_blind_task_hides_the_policies_and_scores_returned_rankings(tmp_path):
+    prompts = [Prompt(id=f"p{i}", text=f"question {i}") for i in range(6)]
+    responses = {"candidate": [f"cand {i}" for i in range(6)], "reference": [f"ref {i}" for i in range(6)]}
+    task = blind_task(prompts, responses, salt="s3cret", seed=0)
+    folder = write_task(task, tmp_path / "human_eval")
+    assert sorted(p.name for p in folder.iterdir()) == ["completions.jsonl", "prompts.jsonl", "rankings.jsonl"]
+    shown = (folder / "completions.jsonl").read_text()
+    assert "candidate" not in shown and "reference" not in shown
+    assert read_key(tmp_path / "human_eval") == task.key
+    firsts = {task.key[c.id] for c in task.bundle.completions[::2]}
+    assert firsts == {"candidate", "reference"}  # the order within items is shuffled
+    assert all(p.source == "human_eval" for p in task.bundle.prompts)
+
+    by_prompt = {}
+    for c in task.bundle.completions:
+        by_prompt.setdefault(c.prompt_id, {})[task.key[c.id]] = c.id
+    rankings = []
+    for i, (prompt_id, ids) in enumerate(by_prompt.items()):
+        order = [ids[CANDIDATE], ids["reference"]] if i < 3 else [ids["reference"], ids[CANDIDATE]]
+        ranks = [1, 1] if i == 5 else None
+        rankings.append(Ranking(id=f"r{i}", prompt_id=prompt_id, completion_ids=order, ranks=ranks, annotator_id="a"))
+    rankings.append(Ranking(id="other", prompt_id="x", completion_ids=["u", "v"], annotator_id="a"))
+    rates = human_win_rates(rankings, task.key)
+    assert set(rates) == {"reference"}
+    assert (rates["reference"].wins, rates["reference"].ties, rates["reference"].losses) == (3, 1, 2)
+
+
+def test_response_logprobs_match_an_unpadded_forward(tiny_base_model):
+    from rlhf_core.base_model import load_causal_lm, load_tokenizer
+    from rlhf_core.evaluation.likelihood import response_logprobs
+    from rlhf_core.generation import chat_prompt
+
+    model, tokenizer = load_causal_lm(tiny_base_model).eval(), load_tokenizer(tiny_base_model)
+    prompts = ["Hi", "Explain how tides work in two sentences, please."]
+    responses = [[100, 200, 300], [5, 6]]
+    got = response_logprobs(model, tokenizer, prompts, responses, temperature=0.7, batch_size=2)
+    for prompt, response, value in zip(prompts, responses, got):
+        query = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").input_ids[0]
+        ids = torch.cat([query, torch.tensor(response)]).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(query) - 1 : -1]
+        expected = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(response).unsqueeze(-1)).sum()
+        assert value == pytest.approx(float(expected), abs=1e-4)

@@ -1,0 +1,287 @@
+"""The labelling web app: authentication, isolation between annotators, escaping, concurrency and crash safety.
+
+The in-process tests use FastAPI's TestClient; the concurrency and crash tests
+run ``rlhf label serve`` as a real server process on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from rlhf_core.cli import main as rlhf_main
+from rlhf_core.config import load_params
+from rlhf_core.labeling.app import create_app
+from rlhf_core.labeling.store import LabelStore
+from rlhf_core.preferences import PreferenceBundle
+from rlhf_core.schemas import Completion, Prompt
+from tests.conftest import BIN, write_params
+
+XSS = "<script>alert(1)</script>"
+
+
+def write_candidates(folder: Path, prompts: int, k: int = 4, xss: bool = False) -> Path:
+    """A bundle like the one generate_candidates writes: prompts.jsonl and completions.jsonl."""
+    bundle = PreferenceBundle()
+    for p in range(prompts):
+        bundle.prompts.append(Prompt(id=f"p{p}", text=f"Question {p}: how do I write <b>bold</b> in HTML?"))
+        for c in range(k):
+            text = f"{XSS} answer {c}" if xss and c == 0 else f"Answer {c} to question {p}."
+            bundle.completions.append(Completion(id=f"p{p}-c{c}", prompt_id=f"p{p}", text=text, policy_version="v0"))
+    bundle.write(folder)
+    return folder
+
+
+def rlhf_in_process(*args: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert rlhf_main(list(args)) == 0
+    return out.getvalue()
+
+
+def set_up_project(root: Path, *, prompts: int, annotators: list[str], per_item: int = 1, xss: bool = False) -> dict[str, str]:
+    """Load candidates and add annotators through the CLI; returns name -> token (plus an admin)."""
+    write_params(root, {"labeling": {"assignments_per_item": per_item}})
+    rlhf_in_process("label", "load", str(write_candidates(root / "candidates", prompts, xss=xss)))
+    tokens = {name: rlhf_in_process("label", "add-annotator", name).splitlines()[0] for name in annotators}
+    tokens["admin"] = rlhf_in_process("label", "add-annotator", "admin", "--admin").splitlines()[0]
+    return tokens
+
+
+def open_store(root: Path) -> LabelStore:
+    return LabelStore(root / load_params(root / "params.yaml").paths.labels_db)
+
+
+@pytest.fixture
+def app_project(work_env):
+    tokens = set_up_project(work_env, prompts=4, annotators=["ann", "bob"], xss=True)
+    params = load_params(work_env / "params.yaml")
+    client = TestClient(create_app(open_store(work_env), params.labeling), follow_redirects=False)
+    return client, tokens
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def ranking_of(assignment: dict) -> list[list[str]]:
+    return [[c["id"]] for c in assignment["completions"]]
+
+
+def test_without_a_token_the_api_says_401_and_pages_redirect(app_project):
+    client, _ = app_project
+    assert client.get("/api/next").status_code == 401
+    assert client.get("/api/progress", headers=bearer("not-a-token")).status_code == 401
+    assert client.post("/api/assignments/1/label", json={"ranking": [["p0-c0"]]}).status_code == 401
+    assert client.post("/api/assignments/1/skip", json={}).status_code == 401
+    for page in ("/label", "/admin", "/"):
+        response = client.get(page)
+        assert response.status_code == 303 and response.headers["location"] == "/signin"
+    assert client.post("/signin", data={"token": "wrong"}).status_code == 401
+
+
+def test_sign_in_sets_a_strict_http_only_cookie_and_sign_out_ends_it(app_project):
+    client, tokens = app_project
+    response = client.post("/signin", data={"token": tokens["ann"]})
+    assert response.status_code == 303 and response.headers["location"] == "/label"
+    cookie = response.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    page = client.get("/label")
+    assert page.status_code == 200 and "Done 0 of 2" in page.text
+    assert client.get("/api/progress").json() == {"done": 0, "assigned": 2}
+    assert client.get("/admin").status_code == 403
+    client.post("/signout")
+    assert client.get("/api/progress").status_code == 401
+
+
+def test_annotator_cannot_read_or_write_another_annotators_assignment(app_project):
+    client, tokens = app_project
+    bobs = client.get("/api/next", headers=bearer(tokens["bob"])).json()["assignment"]
+    as_ann = bearer(tokens["ann"])
+    assert client.get(f"/api/assignments/{bobs['id']}", headers=as_ann).status_code == 404
+    assert client.post(f"/api/assignments/{bobs['id']}/label", headers=as_ann, json={"ranking": ranking_of(bobs)}).status_code == 404
+    assert client.post(f"/api/assignments/{bobs['id']}/skip", headers=as_ann, json={}).status_code == 404
+    assert client.get(f"/api/assignments/{bobs['id']}", headers=bearer(tokens["bob"])).json()["labelled"] is False
+    assert client.get("/api/admin/stats", headers=as_ann).status_code == 403
+    assert client.get("/api/admin/stats", headers=bearer(tokens["admin"])).json()["labels"] == 0
+
+
+def test_labels_are_validated_and_never_stored_twice(app_project):
+    client, tokens = app_project
+    headers = bearer(tokens["ann"])
+    item = client.get("/api/next", headers=headers).json()["assignment"]
+    url = f"/api/assignments/{item['id']}/label"
+    assert client.post(url, headers=headers, json={"ranking": ranking_of(item)[:2]}).status_code == 422
+    assert client.post(url, headers=headers, json={"ranking": ranking_of(item), "flags": {"x": "unsafe"}}).status_code == 422
+    done = client.post(url, headers=headers, json={"ranking": ranking_of(item)})
+    assert done.status_code == 200 and done.json()["progress"] == {"done": 1, "assigned": 2}
+    assert client.post(url, headers=headers, json={"ranking": ranking_of(item)}).status_code == 409
+    assert client.get("/api/next", headers=headers).json()["assignment"]["id"] != item["id"]
+
+
+def test_model_written_markup_renders_as_text_under_a_strict_csp(app_project):
+    client, tokens = app_project
+    client.post("/signin", data={"token": tokens["ann"]})
+    page = client.get("/label")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; answer 0" in page.text
+    assert XSS not in page.text and "<b>bold</b>" not in page.text
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
+    assert "<script>" not in page.text.replace('<script src="/static/app.js" defer></script>', "")
+    api = client.get("/api/next").json()["assignment"]
+    assert any(c["text"].startswith(XSS) for c in api["completions"])  # JSON keeps the text as it is
+
+
+def test_admin_page_escapes_names_and_shows_agreement(work_env):
+    tokens = set_up_project(work_env, prompts=2, annotators=["<i>eve</i>", "bob"], per_item=2)
+    client = TestClient(create_app(open_store(work_env), load_params("params.yaml").labeling), follow_redirects=False)
+    for name in ("<i>eve</i>", "bob"):
+        while (item := client.get("/api/next", headers=bearer(tokens[name])).json()["assignment"]) is not None:
+            ids = sorted(c["id"] for c in item["completions"])
+            order = [ids[:2], *[[i] for i in ids[2:]]] if name == "bob" else [[i] for i in ids]
+            client.post(f"/api/assignments/{item['id']}/label", headers=bearer(tokens[name]), json={"ranking": order})
+    client.post("/signin", data={"token": tokens["admin"]})
+    page = client.get("/admin")
+    assert page.status_code == 200
+    assert "&lt;i&gt;eve&lt;/i&gt;" in page.text and "<i>eve</i>" not in page.text
+    # 2 prompts x 6 pairs; on each prompt bob ties one pair that eve orders -> (10 + 2 * 0.5) / 12
+    assert '<dd id="agreement">91.7 %</dd>' in page.text
+    assert "12 comparisons" in page.text
+    stats = json.loads(rlhf_in_process("label", "stats", "--json"))
+    assert stats["pairwise_agreement"] == pytest.approx(11 / 12) and stats["labels"] == 4
+
+
+def test_load_keeps_good_items_and_reports_bad_ones(work_env, capsys):
+    folder = write_candidates(work_env / "candidates", prompts=3)
+    with (folder / "completions.jsonl").open("a") as handle:
+        handle.write("{not json\n")
+        handle.write(json.dumps({"id": "p0-c9", "prompt_id": "p0", "text": "", "policy_version": "v0"}) + "\n")
+    out = rlhf_in_process("label", "load", str(folder))
+    assert "3 new items (0 already loaded)" in out and "2 rejects written to" in out
+    rejects = [json.loads(line) for line in (work_env / ".work" / "label_load_rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["field"], r["kind"]) for r in rejects] == [(13, None, "invalid"), (0, "text", "empty")]
+    assert "3 new items" not in rlhf_in_process("label", "load", str(folder))
+    assert rlhf_main(["label", "load", str(work_env / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+# -- a real server process ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(root: Path):
+    """``rlhf label serve`` on a free 127.0.0.1 port; yields its base URL and process."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(BIN / "rlhf"), "label", "serve", "--port", str(port)], cwd=root,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/signin", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not start:\n{process.communicate()[0]}")
+            time.sleep(0.1)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=10)
+        if process.stdout:
+            process.stdout.close()
+
+
+def label_everything(url: str, token: str, record: list[tuple[int, int]]) -> None:
+    """One annotator's session: fetch the next item, rank it, and send every label twice (a double click)."""
+    with httpx.Client(base_url=url, headers=bearer(token), timeout=30) as client:
+        while (item := client.get("/api/next").json()["assignment"]) is not None:
+            for _ in range(2):
+                response = client.post(f"/api/assignments/{item['id']}/label", json={"ranking": ranking_of(item)})
+                record.append((item["id"], response.status_code))
+
+
+@pytest.mark.slow
+def test_eight_annotators_labelling_at_once_lose_and_duplicate_nothing(work_env):
+    names = [f"a{i}" for i in range(8)]
+    tokens = set_up_project(work_env, prompts=24, annotators=names, per_item=2)
+    records: dict[str, list[tuple[int, int]]] = {name: [] for name in names}
+    with live_server(work_env) as (url, _):
+        threads = [threading.Thread(target=label_everything, args=(url, tokens[n], records[n])) for n in names]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in threads)
+        progress = [httpx.get(f"{url}/api/progress", headers=bearer(tokens[n])).json() for n in names]
+    assert [p["assigned"] for p in progress] == [6] * 8 and [p["done"] for p in progress] == [6] * 8
+    statuses = Counter(status for record in records.values() for _, status in record)
+    assert statuses == {200: 48, 409: 48}
+    rows = sqlite3.connect(work_env / ".work" / "labels.sqlite").execute(
+        "SELECT a.item_id, n.name FROM labels l JOIN assignments a ON a.id = l.assignment_id"
+        " JOIN annotators n ON n.id = a.annotator_id"
+    ).fetchall()
+    assert len(rows) == len(set(rows)) == 48
+    assert Counter(item for item, _ in rows) == {item: 2 for item in range(1, 25)}
+
+
+def post_until_killed(url: str, token: str, ids: list[int], accepted: list[int]) -> None:
+    with httpx.Client(base_url=url, headers=bearer(token), timeout=10) as client:
+        for assignment_id in ids:
+            ranking = [[f"p{assignment_id - 1}-c{c}"] for c in range(4)]
+            try:
+                response = client.post(f"/api/assignments/{assignment_id}/label", json={"ranking": ranking})
+            except httpx.TransportError:
+                return
+            if response.status_code == 200:
+                accepted.append(assignment_id)
+
+
+@pytest.mark.slow
+def test_killing_the_server_mid_write_loses_no_acknowledged_label(work_env):
+    tokens = set_up_project(work_env, prompts=400, annotators=["solo"])
+    accepted: list[list[int]] = [[] for _ in range(4)]
+    with live_server(work_env) as (url, process):
+        writers = [
+            threading.Thread(target=post_until_killed, args=(url, tokens["solo"], list(range(w + 1, 401, 4)), accepted[w]))
+            for w in range(4)
+        ]
+        for writer in writers:
+            writer.start()
+        while sum(map(len, accepted)) < 40:
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+        for writer in writers:
+            writer.join(timeout=30)
+    acknowledged = {i for ids in accepted for i in ids}
+    assert 40 <= len(acknowledged) < 400  # killed in the middle of the stream
+    db = sqlite3.connect(work_env / ".work" / "labels.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = {row[0] for row in db.execute("SELECT assignment_id FROM labels")}
+    assert acknowledged <= stored
+    assert len(stored) - len(acknowledged) <= 4  # at most the requests in flight when the server died
