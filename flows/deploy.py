@@ -53,5 +53,6 @@ def main(args: argparse.Namespace) -> int:
                   "overrides": overrides}
     schedule = {"interval": args.interval} if args.interval else {"cron": args.cron or params.orchestration.schedule_cron}
     print(f"serving deployment rlhf-pipeline/{args.name} ({schedule}); Ctrl+C stops")
-    rlhf_pipeline.serve(name=args.name, parameters=parameters, tags=["rlhf"], **schedule)
+    # limit=1: a retraining run never overlaps the previous one (they share the workspace and DVC's lock).
+    rlhf_pipeline.serve(name=args.name, parameters=parameters, tags=["rlhf"], limit=1, **schedule)
     return 0

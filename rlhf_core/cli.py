@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-params":
             print(f"{args.params}: ok")
             return 0
+        from rlhf_core.launch import relaunch_if_distributed
+
+        status = relaunch_if_distributed(args.command, args.params, params.orchestration)
+        if status is not None:
+            return status
         metrics = importlib.import_module(STAGES[args.command][0]).run(params)
         print(f"{args.command}: done ({len(metrics or {})} metrics)")
         return 0

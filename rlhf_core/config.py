@@ -92,7 +92,7 @@ class LabelingConfig(Section):
     import_format: Literal["auto", "trl", "hh", "ratings", "label_studio", "rankings"] = "auto"
     num_annotators: int = Field(8, gt=0, description="Simulated annotators in the pool.")
     noise: float = Field(
-        0.5,
+        0.75,
         ge=0,
         description="Gumbel (Plackett-Luce) noise scale on the standardised gold utilities of simulated annotators; "
         "calibrated for ~73% pairwise agreement (see rlhf_core/annotators.py).",
@@ -100,7 +100,7 @@ class LabelingConfig(Section):
     bias_scale: float = Field(
         0.1, ge=0, description="Std of each simulated annotator's length preference (utility per std of log length)."
     )
-    overlap_fraction: float = Field(0.25, ge=0, le=1, description="Share of prompts ranked by several annotators.")
+    overlap_fraction: float = Field(0.5, ge=0, le=1, description="Share of prompts ranked by several simulated annotators.")
     annotators_per_overlap: int = Field(2, ge=2, description="Simulated annotators per overlapping prompt.")
     assignments_per_item: int = Field(1, gt=0, description="Annotators per item in the labelling app.")
     gold_item_fraction: float = Field(
@@ -124,20 +124,36 @@ class LabelingConfig(Section):
 
 
 class RewardConfig(Section):
-    max_length: int = Field(160, gt=0)
+    """Reward model training (stage train_reward): Bradley-Terry on the ranking pairs, one prompt per batch element."""
+
+    max_length: int = Field(160, gt=0, description="Tokens per conversation; longer ones lose the start of the prompt.")
     learning_rate: float = Field(5e-5, gt=0)
     epochs: float = Field(1.0, gt=0)
-    prompts_per_batch: int = Field(4, gt=0, description="Prompts per step; all pairs of a prompt share a batch.")
-    margin: Literal["none", "rank_distance", "rating_gap"] = "none"
-    center_rewards_coefficient: float | None = 0.01
-    finetune: Literal["full", "freeze", "lora"] = "freeze"
+    prompts_per_batch: int = Field(
+        4, gt=0, description="Prompts per step (per process); all pairs of a prompt share a batch, each completion scored once."
+    )
+    margin: Literal["none", "rank_distance", "rating_gap"] = Field(
+        "none", description="Margin in the loss -log sigmoid(r_c - r_r - margin) (Llama 2): none, rank distance or rating gap."
+    )
+    center_rewards_coefficient: float | None = Field(
+        0.01, ge=0, description="Weight of (r_c + r_r)^2 that keeps rewards centred (Eisenstein et al. 2023); null: off."
+    )
+    finetune: Literal["full", "freeze", "lora"] = Field(
+        "freeze", description="full; freeze (embeddings and the lower freeze_layers layers); lora (adapters + head)."
+    )
     freeze_layers: int = Field(0, ge=0, description="Lower layers kept frozen when finetune='freeze'.")
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
-    validation_fraction: float = Field(0.2, gt=0, lt=1)
-    bf16: bool = False
-    champion_min_accuracy: float = Field(0.6, ge=0, le=1)
-    seed: int = 0
+    validation_fraction: float = Field(0.2, gt=0, lt=1, description="Share of prompts (not pairs) held out.")
+    bf16: bool = Field(False, description="bf16 mixed precision in training (TRL's default is on; off suits most CPUs).")
+    normalization_samples: int = Field(
+        256, ge=2, description="Base-model completions scored to set the reward's zero and unit (mean 0, std 1)."
+    )
+    score_batch_size: int = Field(16, gt=0, description="Sequences per forward pass when scoring after training.")
+    champion_min_accuracy: float = Field(
+        0.6, ge=0, le=1, description="Held-out pairwise accuracy a new version needs to become the registry's champion."
+    )
+    seed: int = Field(0, description="Seeds the head, the train/validation split and the data order.")
 
 
 class KLConfig(Section):
@@ -276,8 +292,10 @@ class OrchestrationConfig(Section):
     retry_delay_seconds: int = Field(10, ge=0)
     gpu_concurrency: int = Field(1, gt=0)
     schedule_cron: str = "0 3 * * 1"
-    launcher: Literal["none", "ddp", "deepspeed"] = "none"
-    num_processes: int = Field(1, gt=0)
+    launcher: Literal["none", "ddp", "deepspeed", "deepspeed3"] = Field(
+        "none", description="Run train_reward and ppo under accelerate: DDP, DeepSpeed ZeRO-2 or ZeRO-3 (accelerate/)."
+    )
+    num_processes: int = Field(1, gt=0, description="Processes (GPUs, or CPU processes for ddp without CUDA).")
 
 
 class Params(Section):

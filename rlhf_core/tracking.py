@@ -85,7 +85,10 @@ def experiment_id(name: str = EXPERIMENT) -> str:
     location = runtime.mlflow_artifact_root() / name
     location.mkdir(parents=True, exist_ok=True)
     try:
-        return client.create_experiment(name, artifact_location=location.as_uri())
+        # The kind tag opens the UI on runs, metrics and models rather than on GenAI traces.
+        return client.create_experiment(
+            name, artifact_location=location.as_uri(), tags={"mlflow.experimentKind": "custom_model_development"}
+        )
     except Exception:  # created concurrently by another process
         return client.get_experiment_by_name(name).experiment_id
 
@@ -264,6 +267,8 @@ def model_version(name: str, version: str) -> ModelRef | None:
 
 #: Registered model name of PPO-trained policies.
 POLICY_MODEL = "rlhf-policy"
+#: Registered model name of trained reward models.
+REWARD_MODEL = "rlhf-reward-model"
 
 
 def resolve_policy(spec: str, base_model: str | Path) -> tuple[Path, str]:

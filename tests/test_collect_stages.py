@@ -96,7 +96,7 @@ def test_simulated_backend(in_project):
     assert all(r.source == "simulated" and len(r.completion_ids) == K for r in rankings)
     assert {p.margin for p in pairs} <= {1.0, 2.0, 3.0}
     assert 0 <= metrics["preferences/agreement"] <= 1 and metrics["preferences/agreement_comparisons"] == prompts // 2 * 6
-    assert "preferences/krippendorff_alpha" in metrics
+    assert "preferences/krippendorff_alpha" in metrics and metrics["preferences/agreement_stderr"] > 0
     assert 0 <= metrics["preferences/gold_accuracy"] <= 1 and metrics["preferences/rejects"] == 0
     assert json.loads((in_project / "metrics" / "simulated" / "collect_preferences.json").read_text()) == metrics
     # Deterministic by seed: a second run ranks the same way.
@@ -150,3 +150,16 @@ def test_nothing_usable_fails_with_one_clear_line(in_project):
     assert len(done.stderr.strip().splitlines()) == 1 and "nothing usable" in done.stderr
     rejects = rejects_of(in_project / "data" / "bad" / "preferences")
     assert {(r["line"], r["kind"]) for r in rejects} == {(1, "unknown_id"), (2, "bad_json")}
+
+
+def test_agreement_standard_error_is_clustered_by_prompt():
+    from rlhf_core.stages.collect_preferences import agreement_standard_error
+
+    def ranking(rid, prompt, who, order):
+        return Ranking(id=rid, prompt_id=prompt, completion_ids=order, annotator_id=who)
+
+    agree = [ranking("a1", "p1", "a", ["x", "y", "z", "w"]), ranking("b1", "p1", "b", ["x", "y", "z", "w"])]
+    disagree = [ranking("a2", "p2", "a", ["x", "y", "z", "w"]), ranking("b2", "p2", "b", ["w", "z", "y", "x"])]
+    # Prompts: agreement 1 and 0 on 6 comparisons each; pooled 0.5; variance 2/1 * (3^2 + 3^2) / 12^2 = 0.25.
+    assert agreement_standard_error(agree + disagree) == pytest.approx(0.5)
+    assert agreement_standard_error(agree) is None

@@ -61,8 +61,9 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) 
     distribution the tokens were actually drawn from; without it the PPO ratio is
     wrong from the first step (N implementation details, #7).
     """
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    # gather - logsumexp avoids materialising the (B, R, V) log-softmax.
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -321,3 +321,33 @@ def build_actor_critic(path, cfg: PPOConfig, device: torch.device, bf16: bool) -
     lm = load_causal_lm(path, dtype="float32")
     return ActorCritic(lm, cfg, bf16).to(device)
 
+
+
+def export_policy(model: ActorCritic, cfg: PPOConfig, start_path, out_dir, tokenizer) -> None:
+    """Save the trained policy as a plain causal LM (safetensors, tokenizer included), replacing ``out_dir`` atomically.
+
+    The frozen weights are taken from ``start_path`` in fp32 (they may be held in
+    bf16 during training); the trained ones are overlaid, LoRA is merged, the
+    value head and the reference are left out.
+    """
+    import shutil
+    from pathlib import Path
+
+    from rlhf_core.base_model import load_causal_lm
+
+    lm = load_causal_lm(start_path, dtype="float32")
+    if cfg.mode == "lora":
+        lm = _with_lora(lm, cfg, range(model.trunk_layers, len(decoder_parts(lm).layers)))
+    trained = {k.removeprefix("lm."): v for k, v in model.trainable_state().items() if k.startswith("lm.")}
+    unexpected = lm.load_state_dict(trained, strict=False).unexpected_keys
+    if unexpected:
+        raise RLHFError(f"trained weights do not fit the starting model: {unexpected[:3]}")
+    if cfg.mode == "lora":
+        lm = lm.merge_and_unload()
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)

@@ -11,6 +11,7 @@ it) and ``rejects.jsonl`` (file, line, field and reason of every bad record).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from rlhf_core.preferences import (
     validate_bundle,
 )
 from rlhf_core.records import write_jsonl, write_rejects
-from rlhf_core.schemas import PreferencePair, utc_now
+from rlhf_core.schemas import PreferencePair, Ranking, utc_now
 from rlhf_core.tracking import stage_run
 
 
@@ -78,6 +79,25 @@ def load_bundle(params: Params) -> tuple[PreferenceBundle, str]:
     return imported_bundle(Path(paths.preference_import), cfg), paths.preference_import
 
 
+def agreement_standard_error(rankings: list[Ranking]) -> float | None:
+    """Standard error of the pooled pairwise agreement, clustered by prompt (a prompt's pairs are not independent).
+
+    The linearised variance of a ratio estimator: agreement = Σ a_p c_p / Σ c_p
+    over prompts p with c_p comparisons, each prompt one cluster.
+    """
+    by_prompt: dict[str, list[Ranking]] = {}
+    for ranking in rankings:
+        by_prompt.setdefault(ranking.prompt_id, []).append(ranking)
+    reports = [r for r in map(pairwise_agreement, by_prompt.values()) if r.comparisons]
+    if len(reports) < 2:
+        return None
+    total = sum(r.comparisons for r in reports)
+    pooled = sum(r.agreement * r.comparisons for r in reports) / total
+    n = len(reports)
+    variance = n / (n - 1) * sum((r.comparisons * (r.agreement - pooled)) ** 2 for r in reports) / total**2
+    return math.sqrt(variance)
+
+
 def preference_metrics(bundle: PreferenceBundle, pairs: list[PreferencePair], simulated: bool) -> dict:
     """Counts, rejects by kind, agreement on overlapping prompts, tie rate, lengths, and the gold's view of the labels."""
     metrics: dict = {
@@ -95,6 +115,7 @@ def preference_metrics(bundle: PreferenceBundle, pairs: list[PreferencePair], si
     if report.agreement is not None:
         metrics["preferences/agreement"] = report.agreement
         metrics["preferences/agreement_comparisons"] = report.comparisons
+        metrics["preferences/agreement_stderr"] = agreement_standard_error(bundle.rankings)
         metrics["preferences/krippendorff_alpha"] = krippendorff_alpha(bundle.rankings)
     if simulated:
         prompts = {p.id: p.text for p in bundle.prompts}

@@ -89,17 +89,31 @@ def _scored(scorer: Scorer, prompts: list[str], sampled: EvalSamples):
     return candidate, reference, champion, proxy_pools, gold_pools
 
 
-def kl_metrics(name: str, policy: PolicySamples) -> dict[str, float]:
-    """``eval/kl`` (candidate) or ``eval/<policy>/kl``: sequence-level KL to the reference and perplexity under it."""
-    kl = policy.kl
-    key = "eval/kl" if name == "candidate" else f"eval/{name}/kl"
+def likelihood_metrics(name: str, policy: PolicySamples) -> dict[str, float]:
+    """Sequence-level KL to the reference (not for the reference itself) and perplexity under the reference.
+
+    The candidate's are the headline ``eval/kl`` and ``eval/perplexity``; the others' are ``eval/<policy>/...``.
+    """
+    prefix = "eval" if name == "candidate" else f"eval/{name}"
     tokens = sum(s.num_tokens for s in policy.samples)
-    ppl_key = "eval/perplexity" if name == "candidate" else f"eval/{name}/perplexity"
-    return {
-        key: statistics.fmean(kl),
-        f"{key}_std": statistics.pstdev(kl),
-        ppl_key: perplexity(sum(policy.ref_logprob), tokens),
-    }
+    metrics = {f"{prefix}/perplexity": perplexity(sum(policy.ref_logprob), tokens)}
+    if name != "reference":
+        metrics[f"{prefix}/kl"] = statistics.fmean(policy.kl)
+        metrics[f"{prefix}/kl_std"] = statistics.pstdev(policy.kl)
+    return metrics
+
+
+def sample_metrics(sampled: EvalSamples, policies: list[Responses], repetition_ngram: int) -> dict[str, float]:
+    """KL, perplexity, length ratio, per-policy description and the candidate's win rates."""
+    candidate, reference = policies[0], policies[1]
+    sources = {"candidate": sampled.candidate, "reference": sampled.reference, "champion": sampled.champion}
+    metrics = {"eval/length_ratio": length_ratio(candidate, reference)}
+    for policy in policies:
+        metrics.update(likelihood_metrics(policy.name, sources[policy.name]))
+        metrics.update(policy_metrics(policy, repetition_ngram))
+    for other in policies[1:]:
+        metrics.update(win_rate_metrics(candidate, other))
+    return metrics
 
 
 def frontier_metrics(points: list[FrontierPoint]) -> dict[str, float]:
@@ -174,14 +188,31 @@ def lineage(params: Params, version: str | None, train_reward: dict, eval_file: 
     }
 
 
-def write_samples(path: Path, prompts: list[Prompt], sampled: EvalSamples, responses: list[Responses]) -> None:
+def write_samples(path: Path, prompts: list[Prompt], sampled: EvalSamples, policies: list[Responses]) -> None:
+    """Every policy's eval responses with their scores, one JSON line each."""
     rows = []
-    for policy in responses:
+    for policy in policies:
         source = {"candidate": sampled.candidate, "reference": sampled.reference, "champion": sampled.champion}[policy.name]
         for sample, proxy, gold in zip(source.samples, policy.proxy, policy.gold or [None] * len(policy.proxy)):
             rows.append({"policy": policy.name, "prompt_id": prompts[sample.prompt_index].id, "text": sample.text,
                          "num_tokens": sample.num_tokens, "finished": sample.finished, "proxy": proxy, "gold": gold})
     write_jsonl(path, rows)
+
+
+def draw(plots: Path, out: Path, points: list[FrontierPoint], policies: list[Responses], metrics: dict, ppo_rows, max_new_tokens: int):
+    """The PNG figures in ``plots`` and the numbers behind them in ``out/plot_data``; returns the figures."""
+    kl = {"candidate": metrics["eval/kl"], "reference": 0.0, "champion": metrics.get("eval/champion/kl")}
+    policy_points = [
+        PolicyPoint(r.name, kl[r.name], statistics.fmean(r.proxy), statistics.fmean(r.gold) if r.gold else None)
+        for r in policies
+    ]
+    lengths = {r.name: r.lengths for r in policies}
+    write_plot_data(out / "plot_data", points, policy_points, lengths)
+    return [
+        plot_reward_vs_kl(points, policy_points, ppo_rows, plots / PLOTS["reward_vs_kl"]),
+        plot_ppo_curves(ppo_rows, plots / PLOTS["ppo"]),
+        plot_lengths(lengths, max_new_tokens, plots / PLOTS["lengths"]),
+    ]
 
 
 def _finite(metrics: dict) -> dict:
@@ -202,7 +233,8 @@ def run(params: Params) -> dict:
         champion_ref = current_champion(version)
         sampled = sample_policies(texts, Path(paths.policy), Path(paths.base_model), champion_ref and champion_ref.path, cfg)
 
-        scorer = Scorer(paths.reward_model, with_gold=params.labeling.backend == "simulated", batch_size=cfg.batch_size)
+        with_gold = params.labeling.backend == "simulated"
+        scorer = Scorer(paths.reward_model, dtype=cfg.dtype, with_gold=with_gold, batch_size=cfg.batch_size)
         candidate, reference, champion, proxy_pools, gold_pools = _scored(scorer, texts, sampled)
         policies = [r for r in (candidate, reference, champion) if r is not None]
         points = frontier(proxy_pools, gold_pools, cfg.best_of_n)
@@ -217,17 +249,11 @@ def run(params: Params) -> dict:
             "eval/champion_version": champion_ref.version if champion_ref else None,
             "eval/num_prompts": len(prompts),
             "eval/tokens_per_second": sampled.tokens / max(sampled.seconds, 1e-9),
-            **kl_metrics("candidate", sampled.candidate),
-            **(kl_metrics("champion", sampled.champion) if sampled.champion else {}),
-            "eval/reference/perplexity": perplexity(sum(sampled.reference.logprob), sum(s.num_tokens for s in sampled.reference.samples)),
-            "eval/length_ratio": length_ratio(candidate, reference),
+            **sample_metrics(sampled, policies, cfg.repetition_ngram),
+            **frontier_metrics(points),
+            **overopt,
+            **human,
         }
-        for policy in policies:
-            metrics.update(policy_metrics(policy, cfg.repetition_ngram))
-        for other in policies[1:]:
-            metrics.update(win_rate_metrics(candidate, other))
-        metrics.update({**frontier_metrics(points), **overopt, **human})
-
         evidence = Evidence(
             vs_reference=judged(candidate, reference, human_rates),
             vs_champion=judged(candidate, champion, human_rates),
@@ -242,14 +268,7 @@ def run(params: Params) -> dict:
         metrics = _finite({**metrics, **gate_metrics(gates)})
 
         write_samples(out / "samples.jsonl", prompts, sampled, policies)
-        policy_points = [PolicyPoint(r.name, 0.0 if r.name == "reference" else metrics.get(f"eval/{r.name}/kl", metrics["eval/kl"]),
-                                     statistics.fmean(r.proxy), statistics.fmean(r.gold) if r.gold else None) for r in policies]
-        lengths = {r.name: r.lengths for r in policies}
-        write_plot_data(out / "plot_data", points, policy_points, lengths)
-        plots = Path(paths.plots)
-        plot_reward_vs_kl(points, policy_points, ppo_rows, plots / PLOTS["reward_vs_kl"])
-        plot_ppo_curves(ppo_rows, plots / PLOTS["ppo"])
-        plot_lengths(lengths, cfg.max_new_tokens, plots / PLOTS["lengths"])
+        figures = draw(Path(paths.plots), out, points, policies, metrics, ppo_rows, cfg.max_new_tokens)
         EvaluationSummary(
             candidate_version=version,
             champion_version=champion_ref.version if champion_ref else None,
@@ -258,7 +277,7 @@ def run(params: Params) -> dict:
             metrics=metrics,
             frontier=points,
         ).write(out)
-        for name in PLOTS.values():
-            stage.log_artifact(plots / name, "plots")
+        for figure in figures:
+            stage.log_artifact(figure, "plots")
         stage.log_artifact(out, "evaluation")
         return stage.finish(metrics)

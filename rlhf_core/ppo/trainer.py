@@ -1,0 +1,329 @@
+"""The PPO loop: one :meth:`PPOTrainer.step` is one update, read top to bottom.
+
+1. rollout   - sample responses to the next prompts (KV cache, temperature);
+2. score     - the reward function on the decoded text, then the EOS trick;
+3. evaluate  - old-policy log-probs and values, reference log-probs (no grad);
+4. advantage - reward = score - beta*KL per token, optional whitening, GAE;
+5. optimise  - epochs x minibatches of the clipped losses, gradient
+               accumulation and clipping;
+6. control   - the KL controller sees this update's KL.
+
+It runs the same in one process or under ``accelerate launch``: each process
+samples and scores its share of the batch, gradients are averaged by DDP, and
+metrics are averaged over processes before anyone reads them.
+
+Metrics of an update (all under ``ppo/``): ``kl`` (nats per response, with the
+configured estimator), ``beta`` (used in this update), ``score`` (mean
+reward-model score, before the EOS trick), ``rlhf_reward`` (mean total reward
+PPO maximised: score after the EOS trick minus beta*KL), ``finished_fraction``,
+``entropy`` (per token), ``approx_kl`` (k3 of old vs new policy), ``clipfrac``,
+``value_clipfrac``, ``policy_loss``, ``value_loss``, ``response_length``
+(tokens), ``tokens_per_second`` (response tokens of all processes per second of
+the update), ``seconds_per_update`` and its parts ``seconds_rollout``,
+``seconds_score``, ``seconds_optimise``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhf_core.config import PPOConfig
+from rlhf_core.errors import RLHFError
+from rlhf_core.ppo import core
+from rlhf_core.ppo.kl import make_kl_controller
+from rlhf_core.ppo.policy import ActorCritic, build_actor_critic, resolve_bf16
+from rlhf_core.ppo.rollout import Rollout, sample_rollout
+
+#: score_fn(prompts, responses, finished) -> scores (B,): any reward, a reward model or a hand-made rule.
+ScoreFn = Callable[[list[str], list[str], list[bool]], torch.Tensor]
+
+
+class NonFiniteError(RLHFError):
+    """A loss, KL or score became NaN or infinite."""
+
+
+class PromptCycle:
+    """The training prompts in a new seeded order on every pass; ``cursor`` (prompts taken so far) is its state."""
+
+    def __init__(self, count: int, seed: int):
+        if count == 0:
+            raise RLHFError("no training prompts")
+        self.count, self.seed, self.cursor = count, seed, 0
+        self._orders: dict[int, list[int]] = {}
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._orders = {epoch: torch.randperm(self.count, generator=generator).tolist()}
+        return self._orders[epoch]
+
+    def take(self, n: int) -> list[int]:
+        """The next ``n`` prompt indices (wrapping into a freshly shuffled pass when one ends)."""
+        out = [self.order(i // self.count)[i % self.count] for i in range(self.cursor, self.cursor + n)]
+        self.cursor += n
+        return out
+
+
+@dataclass
+class Experience:
+    """A rollout with everything the optimisation needs, all (B, R) but ``scores`` (B,)."""
+
+    rollout: Rollout
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class PPOTrainer:
+    """Owns the model, optimiser, KL controller, prompt cursor and sampling generator of one PPO run."""
+
+    def __init__(self, cfg: PPOConfig, model, optimizer, tokenizer, score_fn: ScoreFn, prompts: Sequence[str], accelerator):
+        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.tokenizer, self.score_fn, self.prompts = tokenizer, score_fn, list(prompts)
+        self.accelerator = accelerator
+        self.kl_ctl = make_kl_controller(cfg.kl)
+        self.data = PromptCycle(len(self.prompts), cfg.seed)
+        self.update = 0
+        self.generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
+        world = accelerator.num_processes
+        if cfg.batch_size % (world * cfg.minibatches * cfg.gradient_accumulation):
+            raise RLHFError(
+                f"ppo.batch_size ({cfg.batch_size}) must be divisible by processes x minibatches x gradient_accumulation "
+                f"({world} x {cfg.minibatches} x {cfg.gradient_accumulation})"
+            )
+        self.local_batch = cfg.batch_size // world
+
+    @property
+    def policy(self) -> ActorCritic:
+        """The model without its DDP wrapper (for passes that need no gradient sync)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    # ----------------------------------------------------------------- one update
+
+    def step(self) -> dict[str, float]:
+        """Run one PPO update and return its metrics (averaged over processes)."""
+        cfg, times = self.cfg, {}
+        start = time.perf_counter()
+
+        # 1. Rollout: this process's share of the next prompts.
+        prompts = self._next_prompts()
+        rollout = self.sample(prompts, self.generator)
+        times["rollout"] = time.perf_counter() - start
+
+        # 2. Score the decoded responses; the EOS trick replaces the score of responses that never ended.
+        tick = time.perf_counter()
+        responses = self.decode(rollout)
+        scores = self._score(prompts, responses, rollout.finished)
+        shaped_scores = core.apply_missing_eos_penalty(scores, rollout.finished, cfg.missing_eos_penalty)
+        times["score"] = time.perf_counter() - tick
+
+        # 3-4. Old policy, values, reference; rewards with the KL penalty; advantages.
+        tick = time.perf_counter()
+        beta = self.kl_ctl.value
+        experience, kl, entropy = self._experience(rollout, shaped_scores, beta)
+
+        # 5. Optimise the clipped objectives.
+        losses = self._optimise(experience)
+        times["optimise"] = time.perf_counter() - tick
+
+        # 6. Metrics (averaged over processes), then let the controller see this update's KL.
+        mask = experience.mask.float()
+        kl_per_response = kl.sum(1)
+        local = {
+            "kl": kl_per_response.mean(),
+            "score": scores.mean(),
+            "rlhf_reward": (shaped_scores - beta * kl_per_response).mean(),
+            "finished_fraction": rollout.finished.float().mean(),
+            "entropy": core.masked_mean(entropy, mask),
+            "response_length": mask.sum(1).mean(),
+            **losses,
+        }
+        metrics = self._mean_over_processes(local)
+        self._check_finite(metrics["kl"], "KL")
+        self.kl_ctl.update(metrics["kl"], cfg.batch_size)
+        self.update += 1
+        seconds = time.perf_counter() - start
+        tokens = metrics["response_length"] * cfg.batch_size
+        metrics.update(
+            beta=beta,
+            tokens_per_second=tokens / seconds,
+            seconds_per_update=seconds,
+            **{f"seconds_{name}": value for name, value in times.items()},
+        )
+        return {f"ppo/{name}": float(value) for name, value in metrics.items()}
+
+    # ----------------------------------------------------------------- 1-2. rollout and score
+
+    def _next_prompts(self) -> list[str]:
+        indices = self.data.take(self.cfg.batch_size)
+        first = self.accelerator.process_index * self.local_batch
+        return [self.prompts[i] for i in indices[first : first + self.local_batch]]
+
+    def sample(self, prompts: list[str], generator: torch.Generator) -> Rollout:
+        """Responses of the current policy to ``prompts`` (chat-formatted), as token tensors."""
+        from rlhf_core.generation import encode_queries
+
+        query_ids, query_mask = encode_queries(self.tokenizer, prompts, self.accelerator.device)
+        return sample_rollout(
+            self.policy,
+            query_ids,
+            query_mask,
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            generator=generator,
+        )
+
+    def decode(self, rollout: Rollout) -> list[str]:
+        """Response texts without the stop token and padding."""
+        lengths = rollout.response_mask.sum(1).tolist()
+        rows = [ids[: n - 1 if done else n] for ids, n, done in zip(rollout.response_ids.tolist(), lengths, rollout.finished.tolist())]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def _score(self, prompts: list[str], responses: list[str], finished: torch.Tensor) -> torch.Tensor:
+        scores = torch.as_tensor(self.score_fn(prompts, responses, finished.tolist()), dtype=torch.float32)
+        scores = scores.reshape(-1).to(self.accelerator.device)
+        if scores.numel() != len(prompts):
+            raise RLHFError(f"the reward function returned {scores.numel()} scores for {len(prompts)} responses")
+        self._check_finite(float(scores.sum()), "score")
+        return scores
+
+    # ----------------------------------------------------------------- 3-4. experience
+
+    @torch.no_grad()
+    def _experience(self, rollout: Rollout, scores: torch.Tensor, beta: float):
+        """Old log-probs and values, the KL to the reference, shaped rewards and GAE advantages."""
+        cfg, policy, n = self.cfg, self.policy, rollout.n_response
+        mask = rollout.response_mask
+        old_logprobs, old_values, ref_logprobs, entropy = [], [], [], []
+        for rows in torch.arange(len(scores), device=mask.device).split(self.local_batch // cfg.minibatches):
+            part = rollout.rows(rows)
+            out = policy(part.input_ids, part.attention_mask, part.trunk_hidden, n)
+            old_logprobs.append(core.logprobs_of(out.logits, part.response_ids, cfg.temperature))
+            entropy.append(core.entropy_of(out.logits, cfg.temperature))
+            old_values.append(out.values)
+            ref_logits = policy.reference_logits(part.input_ids, part.attention_mask, part.trunk_hidden, n)
+            ref_logprobs.append(core.logprobs_of(ref_logits, part.response_ids, cfg.temperature))
+        old_logprobs, old_values = torch.cat(old_logprobs), torch.cat(old_values) * mask
+        kl = core.KL_ESTIMATORS[cfg.kl.estimator](old_logprobs, torch.cat(ref_logprobs)) * mask
+        rewards = core.shape_rewards(scores, kl, mask, beta)
+        if cfg.whiten_rewards:
+            rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        experience = Experience(rollout, mask, old_logprobs, old_values, advantages, returns)
+        return experience, kl, torch.cat(entropy)
+
+    # ----------------------------------------------------------------- 5. optimise
+
+    def _optimise(self, exp: Experience) -> dict[str, torch.Tensor]:
+        """``ppo_epochs`` passes over the batch in shuffled minibatches; returns the mean loss statistics."""
+        cfg = self.cfg
+        minibatch = self.local_batch // cfg.minibatches
+        stats: dict[str, list[torch.Tensor]] = {}
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(self.local_batch, generator=self.generator, device=self.generator.device)
+            for rows in order.to(exp.mask.device).split(minibatch):
+                for name, value in self._minibatch_step(exp, rows).items():
+                    stats.setdefault(name, []).append(value)
+        return {name: torch.stack(values).mean() for name, values in stats.items()}
+
+    def _minibatch_step(self, exp: Experience, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimiser step on one minibatch, accumulated over micro-batches, with advantages whitened here."""
+        cfg = self.cfg
+        advantages = core.masked_whiten(exp.advantages[rows], exp.mask[rows])
+        micro_rows = rows.split(len(rows) // cfg.gradient_accumulation)
+        micro_advantages = advantages.split(len(rows) // cfg.gradient_accumulation)
+        stats: dict[str, list[torch.Tensor]] = {}
+        for i, (micro, adv) in enumerate(zip(micro_rows, micro_advantages)):
+            last = i == len(micro_rows) - 1
+            # Gradients are averaged across processes only on the last micro-batch of a step.
+            with nullcontext() if last else self.accelerator.no_sync(self.model):
+                part = exp.rollout.rows(micro)
+                mask = exp.mask[micro]
+                out = self.model(part.input_ids, part.attention_mask, part.trunk_hidden, part.n_response)
+                logprobs = core.logprobs_of(out.logits, part.response_ids, cfg.temperature)
+                pg = core.clipped_policy_loss(logprobs, exp.old_logprobs[micro], adv, mask, cfg.cliprange)
+                vf = core.clipped_value_loss(out.values, exp.old_values[micro], exp.returns[micro], mask, cfg.cliprange_value)
+                loss = pg.loss + cfg.vf_coef * vf.loss
+                self._check_finite(self._max_over_processes(loss.detach()), "loss")
+                self.accelerator.backward(loss / cfg.gradient_accumulation)
+            for name, value in (
+                ("policy_loss", pg.loss),
+                ("value_loss", vf.loss),
+                ("approx_kl", pg.approx_kl),
+                ("clipfrac", pg.clipfrac),
+                ("value_clipfrac", vf.clipfrac),
+            ):
+                stats.setdefault(name, []).append(value.detach())
+        self.accelerator.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {name: torch.stack(values).mean() for name, values in stats.items()}
+
+    # ----------------------------------------------------------------- across processes
+
+    def _mean_over_processes(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = list(values)
+        stacked = torch.stack([torch.as_tensor(values[n], dtype=torch.float32, device=self.accelerator.device) for n in names])
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.reduce(stacked, reduction="mean")
+        return dict(zip(names, stacked.tolist()))
+
+    def _max_over_processes(self, value: torch.Tensor) -> float:
+        """Every process must see the same verdict on a non-finite loss, or the others would wait forever."""
+        value = value.float().abs().reshape(1)
+        if self.accelerator.num_processes > 1:
+            value = self.accelerator.reduce(torch.nan_to_num(value, nan=float("inf")), reduction="sum")
+        return float(value)
+
+    def _check_finite(self, value: float, what: str) -> None:
+        if not np.isfinite(value):
+            raise NonFiniteError(f"PPO update {self.update + 1}: non-finite {what} ({value}); training stopped")
+
+    # ----------------------------------------------------------------- state for checkpoints
+
+    def state(self) -> dict:
+        """Everything but tensors that a resumed run needs (tensors: see rlhf_core.ppo.checkpoint)."""
+        return {"update": self.update, "cursor": self.data.cursor, "kl_controller": self.kl_ctl.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.update, self.data.cursor = int(state["update"]), int(state["cursor"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+
+
+def build_trainer(
+    cfg: PPOConfig, policy_path: str | Path, score_fn: ScoreFn, prompts: Sequence[str], accelerator=None
+) -> PPOTrainer:
+    """A ready PPO trainer: policy (and value, reference) from ``policy_path``, optimiser, accelerate wrapping.
+
+    ``prompts`` are raw prompt texts (the chat template is applied when sampling);
+    ``score_fn(prompts, responses, finished)`` returns one score per response.
+    """
+    from accelerate import Accelerator
+
+    from rlhf_core.base_model import load_tokenizer
+
+    accelerator = accelerator or Accelerator()
+    seed_everything(cfg.seed)
+    model = build_actor_critic(policy_path, cfg, accelerator.device, resolve_bf16(cfg.bf16, accelerator.device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return PPOTrainer(cfg, model, optimizer, load_tokenizer(policy_path), score_fn, prompts, accelerator)

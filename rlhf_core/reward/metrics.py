@@ -1,0 +1,84 @@
+"""How good a reward model is on held-out comparisons.
+
+All measures take ``diff = r(chosen) - r(rejected)`` per pair, on *raw* rewards:
+the Bradley-Terry model the head was trained under says that
+``sigmoid(diff)`` is the probability that the chosen side wins.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from rlhf_core.reward.data import PromptComparisons
+
+#: (prompt id, completion id) -> raw reward
+Scores = dict[tuple[str, str], float]
+
+
+def pairwise_accuracy(diff: torch.Tensor) -> float:
+    """Share of pairs the model orders as labelled; a tie counts half, as a coin flip would."""
+    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+def expected_calibration_error(diff: torch.Tensor, bins: int = 10) -> float:
+    """ECE of the predicted win probability ``sigmoid(diff)`` (Guo et al. 2017).
+
+    Each pair is predicted with confidence ``max(p, 1 - p)`` in [0.5, 1] and is
+    right when ``diff > 0``; confidences fall into ``bins`` equal-width bins and
+    ECE = sum over bins of (share of pairs) * |accuracy - mean confidence|.
+    """
+    p = torch.sigmoid(diff.double())
+    confidence = torch.maximum(p, 1 - p)
+    correct = ((diff > 0).double() + 0.5 * (diff == 0).double())
+    index = ((confidence - 0.5) * 2 * bins).long().clamp(max=bins - 1)
+    error = 0.0
+    for b in range(bins):
+        in_bin = index == b
+        if in_bin.any():
+            error += float(in_bin.double().mean() * (correct[in_bin].mean() - confidence[in_bin].mean()).abs())
+    return error
+
+
+def group_by(diff: torch.Tensor, keys: list) -> dict:
+    """Pairwise accuracy per key (keys that are None are left out)."""
+    rows = defaultdict(list)
+    for value, key in zip(diff.tolist(), keys):
+        if key is not None:
+            rows[key].append(value)
+    return {key: pairwise_accuracy(torch.tensor(values)) for key, values in sorted(rows.items())}
+
+
+def comparison_diffs(groups: list[PromptComparisons], scores: Scores) -> tuple[torch.Tensor, list[int | None]]:
+    """r(chosen) - r(rejected) for every comparison of ``groups``, and each pair's rank distance."""
+    diffs, distances = [], []
+    for group in groups:
+        for c in group.comparisons:
+            chosen = scores[(group.prompt_id, group.completion_ids[c.chosen])]
+            rejected = scores[(group.prompt_id, group.completion_ids[c.rejected])]
+            diffs.append(chosen - rejected)
+            distances.append(c.rank_distance)
+    return torch.tensor(diffs, dtype=torch.float64), distances
+
+
+def score_groups(reward_model, groups: list[PromptComparisons], batch_size: int, desc: str | None = None) -> Scores:
+    """Raw reward of every distinct completion of ``groups``, each scored once."""
+    keys, prompts, responses, finished = [], [], [], []
+    for group in groups:
+        for completion_id, response, done in zip(group.completion_ids, group.responses, group.finished):
+            keys.append((group.prompt_id, completion_id))
+            prompts.append(group.prompt)
+            responses.append(response)
+            finished.append(done)
+    raw = reward_model.raw_scores(prompts, responses, finished, batch_size=batch_size, desc=desc)
+    return dict(zip(keys, raw.tolist()))
+
+
+def heldout_metrics(groups: list[PromptComparisons], scores: Scores) -> dict[str, float]:
+    """``accuracy``, ``accuracy_rank_distance_<d>`` and ``calibration_ece`` over the comparisons of ``groups``."""
+    diff, distances = comparison_diffs(groups, scores)
+    metrics = {"accuracy": pairwise_accuracy(diff), "calibration_ece": expected_calibration_error(diff)}
+    for distance, accuracy in group_by(diff, distances).items():
+        metrics[f"accuracy_rank_distance_{distance}"] = accuracy
+    return metrics

@@ -1,0 +1,168 @@
+"""Stage ``train_reward``: train, normalise, evaluate and register the reward model.
+
+1. Group the preference pairs by prompt and hold out whole prompts.
+2. Train with TRL's ``RewardTrainer``, all pairs of a prompt in one batch element
+   (K forward passes for C(K,2) pairs; :mod:`rlhf_core.reward.trainer`).
+3. Normalise: the base model's own completions on the training prompts score
+   mean 0, std 1.
+4. Measure held-out pairwise accuracy next to its ceiling (annotator agreement;
+   for simulated labels, the gold score's own accuracy on the same noisy pairs),
+   accuracy by rank distance and calibration.
+5. Save ``paths.reward_model``, log it to MLflow, register a version of
+   ``rlhf-reward-model`` as ``candidate``; it becomes ``champion`` only when its
+   held-out accuracy reaches ``reward.champion_min_accuracy``.
+
+Runs unchanged under ``accelerate launch`` with several processes: every process
+trains; only the main one writes files, MLflow runs and registry entries.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_core import tracking
+from rlhf_core.config import Params
+from rlhf_core.errors import RLHFError
+from rlhf_core.records import read_jsonl
+from rlhf_core.reward import RewardModel
+from rlhf_core.reward.data import PromptComparisons, load_prompt_comparisons, num_pairs, split_by_prompt
+from rlhf_core.reward.metrics import heldout_metrics, score_groups
+from rlhf_core.reward.normalization import BaseCompletions, candidate_base_completions, sample_base_completions
+from rlhf_core.reward.trainer import fit_reward_model, is_main_process
+from rlhf_core.schemas import Prompt
+
+ARTIFACT_PATH = "reward_model"
+CHAMPION, CANDIDATE, PREVIOUS = "champion", "candidate", "previous"
+
+
+def normalization_completions(params: Params, train: list[PromptComparisons]) -> BaseCompletions:
+    """The base model's completions on the training prompts: the candidates when the base wrote them, else fresh samples."""
+    paths, cfg = params.paths, params.reward
+    found = candidate_base_completions(paths.candidates)
+    if found is None:
+        prompts = training_prompts(params, train)
+        found = sample_base_completions(paths.base_model, prompts, cfg.normalization_samples, params.candidates, cfg.seed)
+    return found.subsample(cfg.normalization_samples, cfg.seed)
+
+
+def training_prompts(params: Params, train: list[PromptComparisons]) -> list[str]:
+    """The prompts PPO trains on (the prompts stage's train split), else those of the preference data."""
+    for path in (Path(params.paths.candidates) / "prompts.jsonl", Path(params.paths.prompts) / "train.jsonl"):
+        if path.exists():
+            prompts = [p.text for p in read_jsonl(path, Prompt)]
+            if prompts:
+                return prompts
+    return [group.prompt for group in train]
+
+
+def noise_ceiling(metrics_dir: str | Path, validation: list[PromptComparisons]) -> dict[str, float]:
+    """What held-out accuracy should be read against, from the collect_preferences stage's metrics.
+
+    ``agreement``: how often two annotators order a pair alike.  ``gold_accuracy``
+    (simulated labels only): how often the gold score that generated the labels
+    agrees with them on the same held-out pairs - the best any model can do there.
+    """
+    path = Path(metrics_dir) / "collect_preferences.json"
+    collected = json.loads(path.read_text()) if path.exists() else {}
+    ceiling = {}
+    if collected.get("preferences/agreement") is not None:
+        ceiling["agreement"] = float(collected["preferences/agreement"])
+    if collected.get("preferences/gold_accuracy") is not None:
+        from rlhf_core.gold import gold_accuracy
+
+        ceiling["gold_accuracy"] = gold_accuracy([c.pair for group in validation for c in group.comparisons])
+    return ceiling
+
+
+def write_loss_curve(path: str | Path, losses: list[tuple[int, float]]) -> None:
+    """``plots/reward_loss.csv`` with columns step, loss (the DVC plot of this stage)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "loss"])
+        writer.writerows(losses)
+
+
+def register(stage: tracking.StageRun, folder: str | Path, accuracy: float, min_accuracy: float) -> tuple[str, bool]:
+    """Log the model folder, register it as ``candidate``; move ``champion`` to it only if accurate enough."""
+    stage.log_artifact(folder, ARTIFACT_PATH)
+    model = tracking.REWARD_MODEL
+    version = tracking.register_version(
+        model, stage, ARTIFACT_PATH, aliases=[CANDIDATE], tags={"heldout_accuracy": f"{accuracy:.4f}"}
+    )
+    if accuracy < min_accuracy:
+        reason = f"held-out accuracy {accuracy:.3f} < reward.champion_min_accuracy {min_accuracy}"
+        tracking.tag_version(model, version, {"status": "not_champion", "not_champion_reason": reason})
+        return version, False
+    old = tracking.model_by_alias(model, CHAMPION)
+    if old is not None:
+        tracking.set_alias(model, PREVIOUS, old.version)
+    tracking.set_alias(model, CHAMPION, version)
+    tracking.tag_version(model, version, {"status": "champion"})
+    return version, True
+
+
+def run(params: Params) -> dict:
+    paths, cfg = params.paths, params.reward
+    if not (Path(paths.base_model) / "config.json").exists():
+        raise RLHFError(f"{paths.base_model}: no base model there (run `rlhf base-model` first)")
+    groups = load_prompt_comparisons(paths.preferences, cfg.margin)
+    train, validation = split_by_prompt(groups, cfg.validation_fraction, cfg.seed)
+    output_dir = Path(paths.checkpoints) / "reward"
+    if not is_main_process():
+        # A secondary process of a distributed launch only takes its share of the training.
+        fit_reward_model(paths.base_model, cfg, train, output_dir)
+        return {}
+
+    with tracking.stage_run(
+        "train_reward", metrics_dir=paths.metrics, config_sections=[cfg], inputs=[paths.preferences, paths.candidates]
+    ) as stage:
+        start = time.perf_counter()
+        stage.log_params(cfg.model_dump())
+        fit = fit_reward_model(paths.base_model, cfg, train, output_dir)
+        reward_model = RewardModel(fit.model, fit.tokenizer)
+
+        base = normalization_completions(params, train)
+        reward_model.fit_normalization(
+            reward_model.raw_scores(base.prompts, base.responses, base.finished, cfg.score_batch_size, desc="normalise")
+        )
+        scores = score_groups(reward_model, validation, cfg.score_batch_size, desc="held-out")
+        normalised = (torch.tensor(list(scores.values())) - reward_model.shift) / reward_model.scale
+        metrics = {**heldout_metrics(validation, scores), **noise_ceiling(paths.metrics, validation)}
+        reward_model.save(paths.reward_model)
+        write_loss_curve(Path(paths.plots) / "reward_loss.csv", fit.losses)
+        stage.log_curve("reward/train_loss", [loss for _, loss in fit.losses], start=1)
+        version, champion = register(stage, paths.reward_model, metrics["accuracy"], cfg.champion_min_accuracy)
+        metrics.update(
+            {
+                "gap_to_gold": metrics["gold_accuracy"] - metrics["accuracy"] if "gold_accuracy" in metrics else None,
+                "heldout_reward_mean": float(normalised.mean()),
+                "heldout_reward_std": float(normalised.std(unbiased=False)),
+                "shift": reward_model.shift,
+                "scale": reward_model.scale,
+                "normalization_samples": len(base),
+                "normalization_source": base.source,
+                "train_prompts": len(train),
+                "train_pairs": fit.pairs,
+                "heldout_prompts": len(validation),
+                "heldout_pairs": num_pairs(validation),
+                "truncated_completions": fit.truncated,
+                "trainable_parameters": fit.trainable_parameters,
+                "train_steps": fit.steps,
+                "train_loss_first": fit.losses[0][1] if fit.losses else None,
+                "train_loss_last": fit.losses[-1][1] if fit.losses else None,
+                "train_seconds": fit.seconds,
+                "pairs_per_second": fit.pairs * cfg.epochs / fit.seconds if fit.seconds > 0 else None,
+                "stage_seconds": time.perf_counter() - start,
+                "registered_version": int(version),
+                "champion": champion,
+            }
+        )
+        return stage.finish({f"reward/{k}": v for k, v in metrics.items() if v is not None})
+

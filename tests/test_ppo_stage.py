@@ -1,0 +1,92 @@
+"""Stage ``ppo`` through the real CLI on a tiny project, in an isolated MLflow store."""
+
+import csv
+import json
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from rlhf_core import tracking
+from rlhf_core.config import load_params
+from rlhf_core.records import write_jsonl
+from rlhf_core.schemas import Prompt
+
+from .conftest import rlhf
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def project(work_env, tiny_base_model):
+    """Tiny base model, train/eval prompts and an (untrained, normalised) tiny reward model; champion not yet named."""
+    from rlhf_core.reward import RewardModel
+    from rlhf_core.reward.build import load_sequence_classifier
+    from rlhf_core.reward.model import reward_tokenizer
+
+    params = yaml.safe_load((work_env / "params.yaml").read_text())
+    params["paths"]["base_model"] = str(tiny_base_model)
+    (work_env / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    prompts = work_env / "data" / "prompts"
+    write_jsonl(prompts / "train.jsonl", [Prompt(id=f"t{i}", text=f"Tell me something about number {i}.") for i in range(6)])
+    write_jsonl(prompts / "eval.jsonl", [Prompt(id=f"e{i}", text=f"What is {i} plus {i}?") for i in range(5)])
+    tokenizer = reward_tokenizer(tiny_base_model, 64)
+    RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer).save(work_env / "models/reward")
+    return work_env
+
+
+def _name_reward_champion(root) -> str:
+    with tracking.stage_run("train_reward", metrics_dir=root / "scratch") as run:
+        run.log_artifact(root / "models/reward", "reward_model")
+        return tracking.register_version(tracking.REWARD_MODEL, run, "reward_model", aliases=["champion"])
+
+
+def test_without_a_champion_reward_model_the_stage_says_so_in_one_line(project):
+    from rlhf_core.errors import RLHFError
+    from rlhf_core.stages import ppo
+
+    with pytest.raises(RLHFError, match="rlhf-reward-model@champion") as failure:
+        ppo.run(load_params(project / "params.yaml"))
+    assert "\n" not in str(failure.value)
+
+
+def test_ppo_stage_trains_logs_every_update_saves_registers_and_resumes(project):
+    reward_version = _name_reward_champion(project)
+    rlhf("ppo", cwd=project)  # tiny overrides: 3 updates, checkpoint every update, gold every 2
+
+    metrics = json.loads((project / "metrics/ppo.json").read_text())
+    assert metrics["ppo/updates"] == 3 and metrics["ppo/resumed_from_update"] == 0
+    for key in ("final_kl", "final_score", "gold_start", "gold_end", "seconds_per_update_median"):
+        assert isinstance(metrics[f"ppo/{key}"], float)
+    assert metrics["ppo/reward_model_version"] == reward_version
+
+    with (project / "plots/ppo_curve.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["update", "kl", "beta", "score", "rlhf_reward", "entropy", "approx_kl", "clipfrac",
+                             "response_length", "tokens_per_second", "gold", "gold_proxy"]  # fmt: skip
+    assert [r["update"] for r in rows] == ["0", "1", "2", "3"]
+    assert [bool(r["gold"]) for r in rows] == [True, False, True, True]  # before training, every 2 updates, at the end
+    assert rows[0]["kl"] == "0" and rows[0]["score"] == "" and rows[3]["score"] != ""
+
+    policy = project / "models/policy"
+    assert (policy / "model.safetensors").exists() and (policy / "tokenizer.json").exists()
+    assert not list(policy.glob("*.bin"))
+    version = MlflowClient().get_model_version_by_alias(tracking.POLICY_MODEL, "candidate")
+    assert metrics["ppo/registered_version"] == int(version.version)
+    assert version.tags["reward_model_version"] == reward_version and version.tags["init_policy"].startswith("base:")
+    client = MlflowClient()
+    run = client.get_run(version.run_id)
+    assert run.data.tags["stage"] == "ppo" and run.info.status == "FINISHED"
+    for name in ("ppo/kl", "ppo/beta", "ppo/score", "ppo/rlhf_reward", "ppo/entropy", "ppo/approx_kl", "ppo/clipfrac",
+                 "ppo/value_clipfrac", "ppo/policy_loss", "ppo/value_loss", "ppo/response_length",
+                 "ppo/tokens_per_second", "ppo/seconds_per_update"):  # fmt: skip
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, name))
+        assert steps[-3:] == [1, 2, 3], name
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "ppo/gold")) == [0, 2, 3]
+    assert [p.name for p in (project / ".work/checkpoints/ppo").iterdir()] == ["update-000003"]
+
+    # the same run again resumes from its last checkpoint: nothing left to train, the curve is kept whole
+    rlhf("ppo", cwd=project)
+    again = json.loads((project / "metrics/ppo.json").read_text())
+    assert again["ppo/resumed_from_update"] == 3 and again["ppo/final_kl"] == metrics["ppo/final_kl"]
+    assert (project / "plots/ppo_curve.csv").read_text().count("\n") == 5

@@ -1,0 +1,275 @@
+"""Reward model pieces on small tensors, hand-made groups and the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_core.config import RewardConfig
+from rlhf_core.errors import DataError, RLHFError
+from rlhf_core.preferences import PreferenceBundle, bundle_pairs
+from rlhf_core.records import write_jsonl
+from rlhf_core.reward import RewardModel
+from rlhf_core.reward.build import build_reward_model, freeze_lower_layers, init_reward_head, load_sequence_classifier
+from rlhf_core.reward.data import encode_group, load_prompt_comparisons, split_by_prompt
+from rlhf_core.reward.metrics import comparison_diffs, expected_calibration_error, group_by, pairwise_accuracy
+from rlhf_core.reward.model import encode_conversations, pad_right, reward_tokenizer
+from rlhf_core.reward.trainer import RankingCollator, RankingRewardTrainer, ranking_loss, trainer_args
+from rlhf_core.schemas import Completion, Prompt, Ranking
+
+from .test_train_reward_stage import marker_bundle
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared, busy machine it makes them many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- loss and metrics
+
+
+def test_ranking_loss_matches_hand_computed_bradley_terry():
+    rewards = torch.tensor([2.0, 0.5, -1.0])
+    chosen, rejected = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+    weight = torch.full((3,), 1 / 3)
+    loss, diff = ranking_loss(rewards, chosen, rejected, torch.zeros(3), weight)
+    expected = -(math.log(1 / (1 + math.exp(-1.5))) + math.log(1 / (1 + math.exp(-3.0))) + math.log(1 / (1 + math.exp(-1.5)))) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert diff.tolist() == [1.5, 3.0, 1.5]
+
+    margin_loss, _ = ranking_loss(rewards, chosen, rejected, torch.tensor([1.0, 2.0, 1.0]), weight)
+    assert margin_loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))) * 2 / 3 - math.log(1 / (1 + math.exp(-1.0))) / 3, rel=1e-6)
+
+    centred, _ = ranking_loss(rewards, chosen, rejected, torch.zeros(3), weight, center_coefficient=0.1)
+    assert centred.item() == pytest.approx(expected + 0.1 * ((2.5**2 + 1.0**2 + 0.5**2) / 3), rel=1e-6)
+
+
+def test_ranking_loss_weights_make_each_ranking_count_once():
+    """Two rankings, one with 3 pairs (weight 1/3) and one with 1 pair (weight 1): the loss is the mean of their means."""
+    rewards = torch.tensor([1.0, 0.0, -1.0, 0.0, 3.0])
+    chosen, rejected = torch.tensor([0, 0, 1, 3]), torch.tensor([1, 2, 2, 4])
+    weight = torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0])
+    loss, _ = ranking_loss(rewards, chosen, rejected, torch.zeros(4), weight)
+    per_pair = -torch.nn.functional.logsigmoid(torch.tensor([1.0, 2.0, 1.0, -3.0]))
+    assert loss.item() == pytest.approx(((per_pair[:3].mean() + per_pair[3]) / 2).item(), rel=1e-6)
+
+
+def test_pairwise_accuracy_counts_ties_half_and_groups_by_rank_distance():
+    diff = torch.tensor([1.0, -2.0, 0.0, 3.0])
+    assert pairwise_accuracy(diff) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert group_by(diff, [1, 1, 2, None]) == {1: 0.5, 2: 0.5}
+
+
+def test_expected_calibration_error_by_hand():
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    diff = torch.tensor([logit(0.9), logit(0.9), -logit(0.9), logit(0.9)])  # confidence 0.9 each; 3 right, 1 wrong
+    assert expected_calibration_error(diff) == pytest.approx(abs(0.75 - 0.9), abs=1e-6)
+    perfect = torch.tensor([logit(0.7)] * 7 + [-logit(0.7)] * 3)  # 70% confident, 70% right
+    assert expected_calibration_error(perfect) == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def write_bundle(folder, bundle: PreferenceBundle) -> None:
+    bundle.write(folder)
+    write_jsonl(folder / "pairs.jsonl", bundle_pairs(bundle, margin="rank_distance"))
+
+
+def full_ranking_bundle() -> PreferenceBundle:
+    """One prompt, K = 3, a full ranking with ratings, ranked by two annotators; one cut-off completion."""
+    prompt = Prompt(id="p1", text="Say hi.")
+    completions = [
+        Completion(id=f"c{i}", prompt_id="p1", text=text, policy_version="base:x", finished=i != 2)
+        for i, text in enumerate(["Hello there!", "Hi.", "hey hey hey"])
+    ]
+    rankings = [
+        Ranking(id="r1", prompt_id="p1", completion_ids=["c0", "c1", "c2"], ratings=[9.0, 6.5, 1.0], annotator_id="a"),
+        Ranking(id="r2", prompt_id="p1", completion_ids=["c1", "c0", "c2"], annotator_id="b"),
+    ]
+    return PreferenceBundle(prompts=[prompt], completions=completions, rankings=rankings)
+
+
+def test_pairs_are_grouped_by_prompt_with_margins(tmp_path):
+    write_bundle(tmp_path, full_ranking_bundle())
+    (group,) = load_prompt_comparisons(tmp_path, "rank_distance")
+    assert group.completion_ids == ["c0", "c1", "c2"] and group.finished == [True, True, False]
+    assert len(group.comparisons) == 6  # both annotators' C(3,2) pairs share the 3 completions
+    by_pair = {(group.completion_ids[c.chosen], group.completion_ids[c.rejected], c.pair.ranking_id): c for c in group.comparisons}
+    assert by_pair[("c0", "c2", "r1")].margin == 2.0 and by_pair[("c0", "c2", "r1")].rank_distance == 2
+    assert by_pair[("c1", "c0", "r2")].margin == 1.0 and by_pair[("c1", "c0", "r2")].weight == pytest.approx(1 / 3)
+
+    (gaps,) = load_prompt_comparisons(tmp_path, "rating_gap")
+    by_pair = {(gaps.completion_ids[c.chosen], gaps.completion_ids[c.rejected], c.pair.ranking_id): c.margin for c in gaps.comparisons}
+    assert by_pair[("c0", "c1", "r1")] == 2.5 and by_pair[("c0", "c2", "r1")] == 8.0
+    assert by_pair[("c1", "c0", "r2")] == 0.0  # r2 has no ratings
+
+    (plain,) = load_prompt_comparisons(tmp_path, "none")
+    assert {c.margin for c in plain.comparisons} == {0.0}
+
+
+def test_rating_gap_without_any_ratings_is_a_clear_error(tmp_path):
+    write_bundle(tmp_path, marker_bundle(3))
+    with pytest.raises(DataError, match="rating_gap, but no ranking"):
+        load_prompt_comparisons(tmp_path, "rating_gap")
+    with pytest.raises(DataError, match="not found \\(run `rlhf collect-preferences` first\\)"):
+        load_prompt_comparisons(tmp_path / "missing", "none")
+
+
+def test_pairs_of_one_prompt_never_straddle_the_split(tmp_path):
+    bundle = marker_bundle(40)
+    # A second annotator ranks every prompt again: more pairs per prompt that must stay together.
+    bundle.rankings += [r.model_copy(update={"id": r.id + "b", "annotator_id": "a2"}) for r in bundle.rankings]
+    write_bundle(tmp_path, bundle)
+    groups = load_prompt_comparisons(tmp_path, "none")
+    train, validation = split_by_prompt(groups, 0.25, seed=3)
+
+    train_prompts = {c.pair.prompt_id for g in train for c in g.comparisons}
+    held_out = {c.pair.prompt_id for g in validation for c in g.comparisons}
+    assert not train_prompts & held_out and len(held_out) == 10 and len(train_prompts) == 30
+    assert all(len(g.comparisons) == 8 for g in validation)
+    again, _ = split_by_prompt(list(reversed(groups)), 0.25, seed=3)
+    assert {g.prompt_id for g in again} == {g.prompt_id for g in train}
+    other, _ = split_by_prompt(groups, 0.25, seed=4)
+    assert {g.prompt_id for g in other} != {g.prompt_id for g in train}
+
+
+def test_split_needs_two_prompts_and_always_holds_one_out(tmp_path):
+    write_bundle(tmp_path, marker_bundle(2))
+    train, validation = split_by_prompt(load_prompt_comparisons(tmp_path, "none"), 0.01, seed=0)
+    assert len(train) == len(validation) == 1
+    with pytest.raises(DataError, match="at least 2"):
+        split_by_prompt(load_prompt_comparisons(tmp_path, "none")[:1], 0.2, seed=0)
+
+
+# ----------------------------------------------------------------------------- tokenisation and model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base_model):
+    return reward_tokenizer(tiny_base_model, max_length=48)
+
+
+def test_reward_tokenizer_pads_with_a_token_other_than_the_stop_token(tokenizer):
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.padding_side == "right" and tokenizer.truncation_side == "left"
+
+
+def test_conversations_keep_their_end_and_the_stop_token_only_when_finished(tokenizer):
+    long_prompt = "word " * 200
+    (done, cut), truncated = encode_conversations(tokenizer, [long_prompt, "Hi?"], ["Fine thanks.", "Fine thanks"], [True, False])
+    assert truncated == 1 and len(done) == 48
+    assert done[-1] == tokenizer.eos_token_id and tokenizer.decode(done).endswith("Fine thanks.<|im_end|>")
+    assert cut[-1] != tokenizer.eos_token_id and tokenizer.decode(cut).endswith("<|im_start|>assistant\nFine thanks")
+    ids, mask = pad_right([[5, 6, 7], [8]], pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_head_reads_the_stop_token(tiny_base_model, tokenizer):
+    """A finished and a cut-off answer with the same text score differently: the head sees the stop token."""
+    model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer)
+    init_reward_head(model.model, seed=0)
+    done, cut = model.raw_scores(["Hi?", "Hi?"], ["Hello.", "Hello."], [True, False]).tolist()
+    assert done != cut
+    # Scores do not depend on what else is in the batch (right padding, no position shift).
+    alone = model.raw_scores(["Hi?"], ["Hello."], [True]).item()
+    mixed = model.raw_scores(["Hi?", "A much longer question about many things?"], ["Hello.", "A long answer " * 5], batch_size=2)
+    assert mixed[0].item() == pytest.approx(alone, abs=1e-5)
+
+
+def test_head_init_and_freezing(tiny_base_model, tokenizer):
+    model = load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    init_reward_head(model, seed=0)
+    d = model.config.hidden_size
+    assert float(model.score.weight.std()) == pytest.approx(1 / math.sqrt(d + 1), rel=0.3)
+    assert freeze_lower_layers(model, 5) == 2  # the tiny model has 2 layers
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"model.norm.weight", "score.weight"}
+
+    model, _ = build_reward_model(tiny_base_model, tokenizer, RewardConfig(finetune="freeze", freeze_layers=1))
+    trainable = {n.split(".")[2] if n.startswith("model.layers") else n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.embed_tokens.weight" not in trainable and "0" not in trainable and "1" in trainable
+    _, peft_config = build_reward_model(tiny_base_model, tokenizer, RewardConfig(finetune="lora", lora_r=4))
+    assert peft_config.r == 4 and peft_config.task_type == "SEQ_CLS"
+
+
+def test_save_load_round_trip_and_normalisation(tiny_base_model, tokenizer, tmp_path):
+    model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer)
+    init_reward_head(model.model, seed=1)
+    prompts, responses = ["Hi?"] * 5 + ["Why?"] * 3, ["a", "b c", "d e f.", "no", "yes", "because.", "so", "hm"]
+    raw = model.raw_scores(prompts, responses)
+    model.fit_normalization(raw)
+    normalised = model.score(prompts, responses)
+    assert abs(float(normalised.mean())) < 1e-5 and float(normalised.std(unbiased=False)) == pytest.approx(1.0, abs=1e-5)
+    assert model.shift == pytest.approx(float(raw.mean())) and normalised.dtype == torch.float32
+
+    model.save(tmp_path / "rm")
+    assert sorted(p.name for p in (tmp_path / "rm").iterdir() if p.suffix in (".safetensors", ".json")) == [
+        "config.json", "model.safetensors", "normalization.json", "tokenizer.json", "tokenizer_config.json"
+    ]
+    loaded = RewardModel.load(tmp_path / "rm")
+    assert (loaded.shift, loaded.scale) == (model.shift, model.scale)
+    assert torch.allclose(loaded.score(prompts, responses), normalised, atol=1e-5)
+    assert loaded.tokenizer.pad_token_id == tokenizer.pad_token_id and loaded.tokenizer.model_max_length == 48
+    assert RewardModel.load(tmp_path / "rm", dtype="bfloat16").model.dtype == torch.bfloat16
+    with pytest.raises(RLHFError, match="not a reward model folder"):
+        RewardModel.load(tiny_base_model)
+
+
+# ----------------------------------------------------------------------------- K-wise batching
+
+
+def test_collator_stacks_completions_and_shifts_pair_indexes():
+    examples = [
+        {"input_ids": [[1, 2], [3], [4, 5, 6]], "chosen": [0, 0, 1], "rejected": [1, 2, 2], "margin": [0, 0, 0], "weight": [1 / 3] * 3},
+        {"input_ids": [[7], [8, 9]], "chosen": [1], "rejected": [0], "margin": [1.0], "weight": [1.0]},
+    ]
+    batch = RankingCollator(pad_token_id=0)(examples)
+    assert batch["input_ids"].shape == (5, 3)
+    assert batch["chosen"].tolist() == [0, 0, 1, 4] and batch["rejected"].tolist() == [1, 2, 2, 3]
+    assert batch["margin"].tolist() == [0, 0, 0, 1.0]
+
+
+def test_each_distinct_completion_is_scored_once_per_step(tiny_base_model, tokenizer, tmp_path):
+    """K = 4 completions and C(4,2) = 6 pairs per prompt: the model sees 4 sequences per prompt, not 12."""
+    bundle = marker_bundle(4)
+    bundle.rankings = [r.model_copy(update={"ranks": None}) for r in bundle.rankings]  # full rankings: 6 pairs each
+    write_bundle(tmp_path / "prefs", bundle)
+    groups = load_prompt_comparisons(tmp_path / "prefs", "none")
+    assert all(len(g.comparisons) == 6 and len(g.completion_ids) == 4 for g in groups)
+
+    from datasets import Dataset
+
+    cfg = RewardConfig(prompts_per_batch=2, epochs=1, finetune="full")
+    model, _ = build_reward_model(tiny_base_model, tokenizer, cfg)
+    rows_seen = []
+    model.register_forward_hook(lambda module, args, kwargs, out: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    trainer = RankingRewardTrainer(
+        model=model,
+        args=trainer_args(cfg, tmp_path / "out"),
+        train_dataset=Dataset.from_list([encode_group(tokenizer, g)[0] for g in groups]),
+        processing_class=tokenizer,
+        data_collator=RankingCollator(tokenizer.pad_token_id),
+    )
+    trainer.train()
+    assert rows_seen == [8, 8]  # 2 steps of 2 prompts x 4 completions
+    assert not any((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_comparison_diffs_read_one_score_per_completion():
+    bundle = full_ranking_bundle()
+    from rlhf_core.reward.data import Comparison, PromptComparisons
+
+    pairs = bundle_pairs(bundle)
+    group = PromptComparisons("p1", "Say hi.", ["c0", "c1", "c2"], ["", "", ""], [True] * 3)
+    group.comparisons = [Comparison(0, 2, 0.0, 1.0, 2, pairs[0])]
+    diff, distances = comparison_diffs([group], {("p1", "c0"): 1.5, ("p1", "c1"): 0.0, ("p1", "c2"): -0.5})
+    assert diff.tolist() == [2.0] and distances == [2]
