@@ -145,8 +145,8 @@ def run(params: Params) -> dict:
         write_outputs(out, bundle, pairs)
         stage.log_artifact(out / "rejects.jsonl")
         if not pairs:
+            kept = f"{len(bundle.rankings)} rankings kept, all ties" if bundle.rankings else "no ranking kept"
             raise DataError(
-                f"{source}: nothing usable: {len(bundle.rankings)} rankings kept, no strict preference among them, "
-                f"{len(bundle.rejects)} records rejected (see {out / 'rejects.jsonl'})"
+                f"{source}: nothing usable: {kept}, {len(bundle.rejects)} records rejected (see {out / 'rejects.jsonl'})"
             )
         return stage.finish({"preferences/backend": cfg.backend, **preference_metrics(bundle, pairs, cfg.backend == "simulated")})

@@ -1,0 +1,87 @@
+"""Our side: ``rlhf_core.ppo`` driven update by update, with the benchmark's reward model as its score function."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from ppo_bench.flops import DecoderShape, PassSizes, ppo_training_flops
+from ppo_bench.workload import Workload, limit_threads, peak_rss_bytes
+
+
+def reward_score_fn(reward_model_path: str, bf16: bool, batch_size: int):
+    """``score_fn(prompts, responses, finished)`` over the benchmark's reward model, read on
+    ``rlhf_core.generation.conversation_text`` (through ``RewardModel.score``), in bf16 when the policy
+    is - as the ``ppo`` stage loads its reward model."""
+    from rlhf_core.reward.model import RewardModel
+
+    reward = RewardModel.load(reward_model_path, dtype="bfloat16" if bf16 else None)
+
+    def score_fn(prompts: list[str], responses: list[str], finished: list[bool]):
+        return reward.score(prompts, responses, finished, batch_size=batch_size)
+
+    return score_fn
+
+
+def record_rollout_sizes(trainer) -> list[PassSizes]:
+    """Wrap ``trainer.sample`` so that each update's batch shape is kept (the FLOP count needs it)."""
+    sizes: list[PassSizes] = []
+    sample = trainer.sample
+
+    def recording_sample(prompts, generator):
+        rollout = sample(prompts, generator)
+        sizes.append(PassSizes(rollout.input_ids.shape[0], rollout.input_ids.shape[1], rollout.n_response))
+        return rollout
+
+    trainer.sample = recording_sample
+    return sizes
+
+
+def run(workload: Workload) -> dict:
+    """``workload.updates`` updates of our PPO; per update its wall time, the trainer's metrics and training FLOPs."""
+    limit_threads(workload.threads)
+    import torch
+    from tqdm.auto import tqdm
+
+    from rlhf_core.config import PPOConfig
+    from rlhf_core.ppo.policy import resolve_bf16
+    from rlhf_core.ppo.trainer import build_trainer
+
+    cfg = PPOConfig.model_validate(workload.ppo)
+    bf16 = resolve_bf16(cfg.bf16, torch.device("cpu"))
+    score_fn = reward_score_fn(workload.reward_model, bf16, cfg.batch_size)
+    trainer = build_trainer(cfg, workload.model, score_fn, workload.prompts)
+    policy = trainer.policy
+    shape = DecoderShape.of_actor_critic(policy)
+    sizes = record_rollout_sizes(trainer)
+
+    updates = []
+    for _ in tqdm(range(workload.updates), desc=workload.side, unit="update"):
+        start = time.perf_counter()
+        metrics = trainer.step()
+        seconds = time.perf_counter() - start
+        flops = ppo_training_flops(
+            shape, sizes[-1], mode=policy.mode, trunk_layers=policy.trunk_layers,
+            separate_value=policy.separate_value, ppo_epochs=cfg.ppo_epochs,
+        )  # fmt: skip
+        tokens = metrics["ppo/response_length"] * cfg.batch_size
+        updates.append({
+            "seconds": seconds,
+            "generation_seconds": metrics["ppo/seconds_rollout"],
+            "generated_tokens": tokens,
+            "training_seconds": metrics["ppo/seconds_optimise"],
+            "training_flops": flops,
+            "sizes": asdict(sizes[-1]),
+            "metrics": metrics,
+        })  # fmt: skip
+    return {
+        "side": workload.side,
+        "updates": updates,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "bf16": policy.bf16,
+        "mode": policy.mode,
+        "trunk_layers": policy.trunk_layers,
+        "value_model": "separate" if policy.separate_value else "head",
+        "trainable_parameters": sum(t.numel() for t in policy.trainable_state().values()),
+        "decoder_shape": asdict(shape),
+    }

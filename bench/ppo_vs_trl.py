@@ -1,0 +1,293 @@
+"""Benchmark: our PPO engine (rlhf_core.ppo) against trl 1.12.0's PPOTrainer, side by side on this machine.
+
+Both sides run the same workload - the base model (SmolLM2-135M-Instruct) as
+policy, the same prompts, the PPO settings of params.yaml's ``ppo:`` section
+(batch 8, 32 new tokens, 2 PPO epochs, one minibatch, temperature 1.0), the same
+reward model, the same thread count - each in its own subprocess so that peak
+RSS is per side, alternating: ours (default mode), TRL, ours (full fine-tuning),
+and again for every round.  The first update of every run is warm-up and left
+out of the medians.
+
+    .venv/bin/python bench/ppo_vs_trl.py                     # 5 updates x 3 sides x 2 rounds, ~10+ minutes
+    .venv/bin/python bench/ppo_vs_trl.py --updates 3 --rounds 1 --model /tmp/tiny
+
+Writes bench/results/ppo_vs_trl_<date>.json (machine, versions, config, every
+raw timing, summary, ratios) and prints a markdown table.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+from ppo_bench import summary  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
+from ppo_bench.baseline import TRL_VERSION  # noqa: E402
+from ppo_bench.workload import Workload, first_prompts  # noqa: E402
+from rlhf_core.errors import RLHFError  # noqa: E402
+
+#: The sides, in the order they alternate, with their changes to params.yaml's ``ppo:`` section.  Full fine-tuning
+#: gets a value model of its own and no bf16, like TRL's fp32 policy + separate value model.
+SIDES = {
+    "ours-default": ("ours", {}),
+    "trl": ("trl", {}),
+    "ours-full": ("ours", {"mode": "full", "bf16": "off", "value_model": "separate"}),
+}
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="policy's starting weights (default: params.yaml paths.base_model)")
+    parser.add_argument("--params", default=str(REPO / "params.yaml"), help="params file whose ppo: section both sides run")
+    parser.add_argument("--updates", type=int, default=5, help="PPO updates per run (the first is warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="times the sequence of sides is repeated")
+    parser.add_argument("--prompts", type=int, default=64, help="first N prompts (by id) of paths.prompt_source")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on every side")
+    parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES), help="sides to run, in order")
+    parser.add_argument("--trl-dir", default=str(REPO / ".work" / "bench" / f"trl-{TRL_VERSION}"), help="where trl 1.12.0 lives")
+    parser.add_argument("--out", help="result JSON (default: bench/results/ppo_vs_trl_<date>.json)")
+    parser.add_argument("--max-load", type=float, default=3.0, help="wait while the 1-minute load average is above this")
+    parser.add_argument("--max-wait", type=float, default=600, help="longest wait for the load to drop, in seconds")
+    parser.add_argument("--child", choices=["reward-model", "matmul", "ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.updates < 2:
+        parser.error("--updates must be at least 2 (the first update of each run is warm-up)")
+    return args
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def child_main(kind: str, job: dict) -> dict:
+    """What a subprocess does: build the reward model, measure matmul peaks, or run one side."""
+    if kind == "reward-model":
+        from ppo_bench.workload import build_reward_model
+
+        return build_reward_model(job["model"], Path(job["out"]), job["max_length"])
+    if kind == "matmul":
+        import torch
+
+        from ppo_bench.flops import matmul_peak_flops
+
+        torch.set_num_threads(job["threads"])
+        return {dtype: matmul_peak_flops(dtype) for dtype in MATMUL_DTYPES}
+    if kind == "ours":
+        from ppo_bench import ours
+
+        return ours.run(Workload(**job))
+    from ppo_bench import baseline
+
+    return baseline.run(Workload(**job))
+
+
+def run_child(kind: str, job: dict, log: Path, threads: int) -> dict:
+    """Run ``kind`` in a fresh interpreter; its last stdout line is its JSON result, its stderr goes to ``log``."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=log.parent, delete=False) as handle:
+        json.dump(job, handle)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--job", handle.name]
+    try:
+        with log.open("w") as err:
+            done = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    finally:
+        Path(handle.name).unlink()
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = log.read_text().strip().splitlines()[-5:]
+        return {"error": f"exit status {done.returncode}", "stderr_tail": tail, "log": str(log)}
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------- setting up
+
+
+def ensure_trl(trl_dir: Path) -> None:
+    """Install trl 1.12.0 into ``trl_dir`` (no dependencies: it reuses the project's) unless it is there."""
+    if (trl_dir / "trl" / "__init__.py").exists():
+        return
+    print(f"installing trl {TRL_VERSION} into {trl_dir} ...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(trl_dir), f"trl=={TRL_VERSION}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RLHFError(f"pip install trl=={TRL_VERSION} failed: {tail[0]}")
+
+
+def base_model_path(model: str | None, params) -> Path:
+    path = Path(model) if model else REPO / params.paths.base_model
+    if not (path / "config.json").exists():
+        raise RLHFError(
+            f"{path}: no base model there; run `rlhf base-model` (or `dvc repro base_model`) first, or pass --model PATH"
+        )
+    return path.resolve()
+
+
+def wait_for_quiet(max_load: float, max_wait: float, poll: float = 30.0) -> float:
+    """Wait (at most ``max_wait`` s) for the 1-minute load average to fall to ``max_load``; return the seconds waited."""
+    start = time.monotonic()
+    while os.getloadavg()[0] > max_load and (left := max_wait - (time.monotonic() - start)) > 0:
+        print(f"load average {os.getloadavg()[0]:.1f} > {max_load}: waiting ({left:.0f} s left)", file=sys.stderr)
+        time.sleep(min(poll, left))
+    return time.monotonic() - start
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    meminfo = Path("/proc/meminfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    mem_kib = next(int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal"))
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 1024**2, 1),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "python": sys.version.split()[0],
+    }
+
+
+def versions() -> dict:
+    names = ("torch", "transformers", "accelerate", "peft", "datasets", "trl")
+    return {name: metadata.version(name) for name in names} | {"trl_baseline": TRL_VERSION}
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_in_rlhf_core": git("status", "--porcelain", "--", "rlhf_core").splitlines()}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def drive(args: argparse.Namespace) -> int:
+    from rlhf_core import runtime
+    from rlhf_core.config import PPOConfig, load_params
+
+    work = runtime.configure(REPO) / "bench"
+    params = load_params(args.params)
+    model = base_model_path(args.model, params)
+    trl_dir = Path(args.trl_dir).resolve()
+    ensure_trl(trl_dir)
+    prompts = first_prompts(REPO / params.paths.prompt_source, params.prompts.text_field, args.prompts)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    logs = work / "logs" / stamp
+    logs.mkdir(parents=True, exist_ok=True)
+
+    load = {"at_start": os.getloadavg()}
+    load["waited_seconds"] = wait_for_quiet(args.max_load, args.max_wait)
+    load["after_wait"] = os.getloadavg()
+
+    def must(kind: str, job: dict, name: str) -> dict:
+        result = run_child(kind, job, logs / f"{name}.log", args.threads)
+        if "error" in result:
+            raise RLHFError(f"{name} failed ({result['error']}): {' | '.join(result['stderr_tail'])}")
+        return result
+
+    reward = must("reward-model", {"model": str(model), "out": str(work / "reward-model"), "max_length": params.reward.max_length}, "reward-model")
+    peaks_before = must("matmul", {"threads": args.threads}, "matmul-before")
+
+    runs = []
+    for round_index in range(1, args.rounds + 1):
+        for name in args.sides:
+            kind, overrides = SIDES[name]
+            ppo = PPOConfig.model_validate({**params.ppo.model_dump(), **overrides}).model_dump()
+            workload = Workload(name, str(model), reward["path"], prompts, ppo, args.updates, args.threads, str(trl_dir))
+            load_before = os.getloadavg()
+            result = run_child(kind, asdict(workload), logs / f"{name}-round{round_index}.log", args.threads)
+            result.update(side=name, round=round_index, load_before=load_before)
+            runs.append(result)
+            print(progress_line(result), file=sys.stderr)
+
+    peaks_after = must("matmul", {"threads": args.threads}, "matmul-after")
+    load["at_end"] = os.getloadavg()
+    peaks = {dtype: max(peaks_before[dtype], peaks_after[dtype]) for dtype in MATMUL_DTYPES}
+
+    report = summarise(runs, args.sides, peaks)
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"ppo_vs_trl_{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "ppo_vs_trl",
+        "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "machine": machine(),
+        "versions": versions(),
+        "git": git_state(),
+        "config": {
+            "model": str(model),
+            "reward_model": reward,
+            "prompt_source": params.paths.prompt_source,
+            "prompts": len(prompts),
+            "updates_per_run": args.updates,
+            "warmup_updates_per_run": 1,
+            "rounds": args.rounds,
+            "threads": args.threads,
+            "ppo": params.ppo.model_dump(),
+            "sides": {name: dict(SIDES[name][1]) for name in args.sides},
+        },
+        "load_average": load,
+        "matmul_peak_flops": {"before": peaks_before, "after": peaks_after, "best": peaks},
+        **report,
+        "runs": runs,
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(report["markdown"])
+    print(json.dumps(report["checks"]))
+    print(f"results: {out}  (logs: {logs})", file=sys.stderr)
+    return 0
+
+
+def progress_line(result: dict) -> str:
+    name = f"round {result['round']} {result['side']}"
+    if "error" in result:
+        return f"{name}: FAILED ({result['error']}; see {result['log']})"
+    seconds = ", ".join(f"{u['seconds']:.1f}" for u in result["updates"])
+    return f"{name}: s/update {seconds}; peak RSS {result['peak_rss_bytes'] / summary.GIB:.2f} GiB"
+
+
+def summarise(runs: list[dict], sides: list[str], peaks: dict[str, float]) -> dict:
+    """Per-side figures, ratios against TRL, issue 5's checks and the markdown table."""
+    per_side = {name: summary.side_summary([r for r in runs if r["side"] == name and "error" not in r], peaks) for name in sides}
+    trl = per_side.get("trl", {})
+    ratios = {
+        name: summary.ratios(side, trl)
+        for name, side in per_side.items()
+        if name != "trl" and side.get("steady_updates") and trl.get("steady_updates")
+    }
+    return {
+        "summary": per_side,
+        "ratios": ratios,
+        "checks": summary.checks(ratios.get("ours-default"), ratios.get("ours-full")),
+        "failures": [{k: r[k] for k in ("side", "round", "error", "stderr_tail")} for r in runs if "error" in r],
+        "markdown": summary.markdown_table(per_side, ratios),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child_main(args.child, json.loads(Path(args.job).read_text()))))
+        return 0
+    try:
+        return drive(args)
+    except RLHFError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
