@@ -21,11 +21,12 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES), help="sides to run, in order")
     parser.add_argument("--trl-dir", default=str(REPO / ".work" / "bench" / f"trl-{TRL_VERSION}"), help="where trl 1.12.0 lives")
     parser.add_argument("--out", help="result JSON (default: bench/results/ppo_vs_trl_<date>.json)")
+    parser.add_argument("--work-dir", default=str(REPO / ".work" / "bench"), help="where each run keeps its logs and reward model")
     parser.add_argument("--max-load", type=float, default=3.0, help="wait while the 1-minute load average is above this")
     parser.add_argument("--max-wait", type=float, default=600, help="longest wait for the load to drop, in seconds")
     parser.add_argument("--child", choices=["reward-model", "matmul", "ours", "trl"], help=argparse.SUPPRESS)
@@ -143,6 +145,15 @@ def wait_for_quiet(max_load: float, max_wait: float, poll: float = 30.0) -> floa
     return time.monotonic() - start
 
 
+def cpu_pressure() -> dict | None:
+    """Linux PSI: the share of time some runnable task waited for a CPU (10 s, 60 s, 300 s averages, in %)."""
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    return {key: float(value) for key, value in (item.split("=") for item in some) if key.startswith("avg")}
+
+
 def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     meminfo = Path("/proc/meminfo").read_text()
@@ -176,19 +187,27 @@ def git_state() -> dict:
 
 def drive(args: argparse.Namespace) -> int:
     from rlhf_core import runtime
-    from rlhf_core.config import PPOConfig, load_params
+    from rlhf_core.config import load_params
 
-    work = runtime.configure(REPO) / "bench"
+    runtime.configure(REPO)
     params = load_params(args.params)
     model = base_model_path(args.model, params)
     trl_dir = Path(args.trl_dir).resolve()
-    ensure_trl(trl_dir)
+    if "trl" in args.sides:
+        ensure_trl(trl_dir)
     prompts = first_prompts(REPO / params.paths.prompt_source, params.prompts.text_field, args.prompts)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    logs = work / "logs" / stamp
-    logs.mkdir(parents=True, exist_ok=True)
+    # A folder of its own per invocation: logs are kept, the reward model (rebuilt each time) is removed at the end.
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix=datetime.datetime.now().strftime("%Y%m%d-%H%M%S-"), dir=args.work_dir))
+    try:
+        return measure(args, params, model, trl_dir, prompts, run_dir)
+    finally:
+        shutil.rmtree(run_dir / "reward-model", ignore_errors=True)
 
-    load = {"at_start": os.getloadavg()}
+
+def measure(args: argparse.Namespace, params, model: Path, trl_dir: Path, prompts: list[str], logs: Path) -> int:
+    """Reward model, matmul peaks, the alternating sides, matmul peaks again; write the JSON, print the table."""
+    load = {"at_start": os.getloadavg(), "cpu_pressure_at_start": cpu_pressure()}
     load["waited_seconds"] = wait_for_quiet(args.max_load, args.max_wait)
     load["after_wait"] = os.getloadavg()
 
@@ -198,23 +217,14 @@ def drive(args: argparse.Namespace) -> int:
             raise RLHFError(f"{name} failed ({result['error']}): {' | '.join(result['stderr_tail'])}")
         return result
 
-    reward = must("reward-model", {"model": str(model), "out": str(work / "reward-model"), "max_length": params.reward.max_length}, "reward-model")
+    reward_job = {"model": str(model), "out": str(logs / "reward-model"), "max_length": params.reward.max_length}
+    reward = must("reward-model", reward_job, "reward-model")
     peaks_before = must("matmul", {"threads": args.threads}, "matmul-before")
 
-    runs = []
-    for round_index in range(1, args.rounds + 1):
-        for name in args.sides:
-            kind, overrides = SIDES[name]
-            ppo = PPOConfig.model_validate({**params.ppo.model_dump(), **overrides}).model_dump()
-            workload = Workload(name, str(model), reward["path"], prompts, ppo, args.updates, args.threads, str(trl_dir))
-            load_before = os.getloadavg()
-            result = run_child(kind, asdict(workload), logs / f"{name}-round{round_index}.log", args.threads)
-            result.update(side=name, round=round_index, load_before=load_before)
-            runs.append(result)
-            print(progress_line(result), file=sys.stderr)
+    runs = run_sides(args, params, Workload("", str(model), reward["path"], prompts, {}, args.updates, args.threads, str(trl_dir)), logs)
 
     peaks_after = must("matmul", {"threads": args.threads}, "matmul-after")
-    load["at_end"] = os.getloadavg()
+    load.update(at_end=os.getloadavg(), cpu_pressure_at_end=cpu_pressure())
     peaks = {dtype: max(peaks_before[dtype], peaks_after[dtype]) for dtype in MATMUL_DTYPES}
 
     report = summarise(runs, args.sides, peaks)
@@ -249,6 +259,24 @@ def drive(args: argparse.Namespace) -> int:
     print(json.dumps(report["checks"]))
     print(f"results: {out}  (logs: {logs})", file=sys.stderr)
     return 0
+
+
+def run_sides(args: argparse.Namespace, params, template: Workload, logs: Path) -> list[dict]:
+    """Every side in turn, ``args.rounds`` times, each in its own subprocess; one result per run."""
+    from rlhf_core.config import PPOConfig
+
+    runs = []
+    for round_index in range(1, args.rounds + 1):
+        for name in args.sides:
+            kind, overrides = SIDES[name]
+            ppo = PPOConfig.model_validate({**params.ppo.model_dump(), **overrides}).model_dump()
+            workload = replace(template, side=name, ppo=ppo)
+            before = {"load_before": os.getloadavg(), "cpu_pressure_before": cpu_pressure()}
+            result = run_child(kind, asdict(workload), logs / f"{name}-round{round_index}.log", args.threads)
+            result.update(side=name, round=round_index, **before)
+            runs.append(result)
+            print(progress_line(result), file=sys.stderr)
+    return runs
 
 
 def progress_line(result: dict) -> str:

@@ -127,7 +127,7 @@ class RewardConfig(Section):
     """Reward model training (stage train_reward): Bradley-Terry on the ranking pairs, one prompt per batch element."""
 
     max_length: int = Field(160, gt=0, description="Tokens per conversation; longer ones lose the start of the prompt.")
-    learning_rate: float = Field(5e-5, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
     prompts_per_batch: int = Field(
         4, gt=0, description="Prompts per step (per process); all pairs of a prompt share a batch, each completion scored once."
@@ -145,7 +145,11 @@ class RewardConfig(Section):
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
     validation_fraction: float = Field(0.2, gt=0, lt=1, description="Share of prompts (not pairs) held out.")
-    bf16: bool = Field(False, description="bf16 mixed precision in training (TRL's default is on; off suits most CPUs).")
+    bf16: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="bf16 mixed precision in training: 'auto' where it is fast (CUDA with bf16, a CPU with AVX-512 BF16 "
+        "or AMX); without those a CPU runs bf16 slower than fp32.",
+    )
     normalization_samples: int = Field(
         256, ge=2, description="Base-model completions scored to set the reward's zero and unit (mean 0, std 1)."
     )
@@ -191,7 +195,7 @@ class PPOConfig(Section):
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     whiten_rewards: bool = Field(False, description="Scale per-token rewards to unit variance (mean kept).")
     missing_eos_penalty: float | None = Field(
-        -1.0, description="Score that replaces the reward model's for a response that never emits the stop token "
+        None, description="Score that replaces the reward model's for a response that never emits the stop token "
         "(the EOS trick); null turns it off."
     )
     kl: KLConfig = KLConfig()
@@ -237,8 +241,10 @@ class EvaluateConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Sampling dtype; 'auto' is bf16 where the hardware is fast at it."
     )
-    best_of_n: list[int] = Field([1, 2, 4, 8, 16], description="n of the best-of-n frontier from the reference.")
-    best_of_n_prompts: int = Field(16, gt=0, description="First N eval prompts that get a pool of max(best_of_n) samples.")
+    best_of_n: list[int] = Field([1, 2, 4, 8], description="n of the best-of-n frontier from the reference.")
+    best_of_n_prompts: int = Field(
+        4, gt=0, description="First N eval prompts that get a pool of max(best_of_n) samples (the pool dominates the cost)."
+    )
     batch_size: int = Field(32, gt=0, description="Sequences per sampling or scoring batch.")
     repetition_ngram: int = Field(4, gt=0, description="n of the repetition rate seq-rep-n (Welleck et al. 2020).")
     human_eval: Literal["auto", "always", "never"] = Field(

@@ -80,9 +80,18 @@ def load_policy(path: str | Path, dtype: str = "auto"):
     return model.to(default_device()).eval(), load_tokenizer(path)
 
 
+#: A short system turn.  Without one, SmolLM2's chat template inserts a 31-token default system prompt that
+#: every query, rollout and reward-model pass would carry (more than half of a typical query).
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
 def chat_prompt(tokenizer, text: str) -> str:
     """The prompt as the model sees it: chat template with the assistant turn opened."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # some templates (e.g. Gemma's) refuse a system role
+        return tokenizer.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True)
 
 
 def conversation_text(tokenizer, prompt: str, response: str, finished: bool = True) -> str:
@@ -97,16 +106,26 @@ def encode_queries(tokenizer, prompts: list[str], device: torch.device | None = 
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    logits = logits.float() / temperature
+def sample_next_token(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator, top_p: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from softmax(logits / temperature) (optionally nucleus-truncated); return it with
+    its log-prob under the untruncated tempered distribution.
+
+    Inverse-CDF sampling: one uniform number per row against the cumulative
+    probabilities (in float64, so that rounding never skips a token).  On a CPU
+    it is about 15x faster than ``torch.multinomial`` over a 49k vocabulary.
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    probs = logp.exp()
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu() if generator.device.type == "cpu" else probs, 1, generator=generator).to(logits.device)
+        sorted_probs, order = torch.sort(probs, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    cdf = probs.double().cumsum(-1)
+    uniform = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, uniform, right=True).clamp(max=cdf.shape[-1] - 1)
+    return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
 
 
 @torch.no_grad()
@@ -121,23 +140,33 @@ def sample_tokens(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator,
+    num_samples: int = 1,
 ) -> Rollout:
-    """Sample up to ``max_new_tokens`` per row with a KV cache; stop early when every row has ended."""
-    batch = query_ids.shape[0]
-    mask = query_mask.clone()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    """Sample up to ``max_new_tokens`` per row with a KV cache; stop early when every row has ended.
+
+    With ``num_samples > 1`` each query is processed once and its cache repeated,
+    so the K samples of a prompt share one prompt pass; output rows are
+    query-major (query 0's samples first).
+    """
+    out = model(input_ids=query_ids, attention_mask=query_mask, position_ids=(query_mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True)
     cache, logits = out.past_key_values, out.logits[:, -1]
-    next_position = positions[:, -1:] + 1
-    done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
+    if num_samples > 1:
+        cache.batch_repeat_interleave(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        query_ids = query_ids.repeat_interleave(num_samples, dim=0)
+        query_mask = query_mask.repeat_interleave(num_samples, dim=0)
+    mask = query_mask.clone()
+    next_position = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:] + 1
+    done = torch.zeros(query_ids.shape[0], dtype=torch.bool, device=query_ids.device)
     tokens, live = [], []
-    for _ in range(max_new_tokens):
-        token = _next_token(logits, temperature, top_p, generator).squeeze(-1)
+    for step in range(max_new_tokens):
+        token, _ = sample_next_token(logits, temperature, generator, top_p)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         live.append(~done)
         tokens.append(token)
         done = done | (token == eos_token_id)
-        if bool(done.all()):
+        if bool(done.all()) or step == max_new_tokens - 1:
             break
         # Rows that have ended keep decoding pad tokens; their outputs are masked out of the response.
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
@@ -169,15 +198,15 @@ def sample_completions(
 
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    jobs = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
     # Sorting by prompt length keeps padding (wasted compute) small within each batch.
-    jobs.sort(key=lambda job: len(prompts[job[0]]))
+    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
+    prompts_per_batch = max(1, batch_size // num_samples)
     samples: list[Sample] = []
     tokens, start = 0, time.perf_counter()
-    with tqdm(total=len(jobs), desc=desc, unit="sample", disable=desc is None) as bar:
-        for first in range(0, len(jobs), batch_size):
-            chunk = jobs[first : first + batch_size]
-            query_ids, query_mask = encode_queries(tokenizer, [prompts[p] for p, _ in chunk], device)
+    with tqdm(total=len(prompts) * num_samples, desc=desc, unit="sample", disable=desc is None) as bar:
+        for first in range(0, len(order), prompts_per_batch):
+            chunk = order[first : first + prompts_per_batch]
+            query_ids, query_mask = encode_queries(tokenizer, [prompts[p] for p in chunk], device)
             rollout = sample_tokens(
                 model,
                 query_ids,
@@ -188,8 +217,10 @@ def sample_completions(
                 temperature=temperature,
                 top_p=top_p,
                 generator=generator,
+                num_samples=num_samples,
             )
-            for row, (prompt_index, sample_index) in enumerate(chunk):
+            for row in range(rollout.response_ids.shape[0]):
+                prompt_index, sample_index = chunk[row // num_samples], row % num_samples
                 length = int(rollout.response_mask[row].sum())
                 ids = rollout.response_ids[row, :length].tolist()
                 finished = bool(rollout.finished[row])
@@ -198,7 +229,7 @@ def sample_completions(
                     Sample(prompt_index, sample_index, tokenizer.decode(text_ids, skip_special_tokens=True), ids, length, finished)
                 )
                 tokens += length
-            bar.update(len(chunk))
+            bar.update(rollout.response_ids.shape[0])
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
     samples.sort(key=lambda s: (s.prompt_index, s.sample_index))
     return samples, GenerationStats(tokens, time.perf_counter() - start)

@@ -85,7 +85,10 @@ def test_evaluate_measures_gates_plots_and_promote_acts_on_it(work_env, models):
     assert 0 <= low <= rate <= high <= 1 and saved["eval/gold_win_rate_vs_reference_n"] == len(PROMPTS)
     assert "eval/gold_win_rate_vs_champion" in saved and "eval/proxy_win_rate_vs_champion" in saved
     # k1 estimates from a few samples can be negative; exactly 0 only for a policy identical to the reference
-    assert saved["eval/kl"] != 0.0 and saved["eval/champion/kl"] == 0.0  # the champion here is the reference itself
+    assert saved["eval/kl"] != 0.0
+    # the champion here has the reference's weights: same seed, same responses, same win rates
+    assert saved["eval/gold_win_rate_vs_champion"] == saved["eval/gold_win_rate_vs_reference"]
+    assert saved["eval/champion/length_mean"] == saved["eval/reference/length_mean"]
     assert saved["eval/perplexity"] > 1 and saved["eval/length_ratio"] > 0
     for n in (1, 2, 4):
         assert f"eval/best_of_n/{n}/gold" in saved

@@ -44,3 +44,12 @@ def test_sample_completions_is_deterministic_per_seed(tiny_base_model):
     assert [s.token_ids for s in first] != [s.token_ids for s in other]
     assert [(s.prompt_index, s.sample_index) for s in first] == [(p, k) for p in range(3) for k in range(2)]
     assert stats.tokens == sum(s.num_tokens for s in first) and stats.tokens_per_second > 0
+
+
+def test_samples_of_one_prompt_share_its_pass_and_match_greedy(tiny_base_model):
+    model, tokenizer = load_causal_lm(tiny_base_model).eval(), load_tokenizer(tiny_base_model)
+    ids, mask, greedy = _greedy_reference(model, tokenizer, 5)
+    rollout = sample_tokens(model, ids, mask, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id, max_new_tokens=5,
+                            temperature=1e-4, generator=torch.Generator().manual_seed(0), num_samples=3)
+    assert torch.equal(rollout.response_ids, greedy.repeat_interleave(3, dim=0))
+    assert torch.equal(rollout.query_ids, ids.repeat_interleave(3, dim=0))

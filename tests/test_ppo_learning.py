@@ -80,3 +80,16 @@ def test_ppo_raises_the_reward_with_an_adaptive_beta(favourite_token_model):
     betas = [m["ppo/beta"] for m in history]
     # KL stayed below target, so the controller eased the penalty at every update
     assert all(b2 < b1 for b1, b2 in zip(betas, betas[1:]))
+
+
+def test_minibatches_and_gradient_accumulation_take_several_steps_per_epoch(favourite_token_model):
+    from rlhf_core.ppo.trainer import build_trainer
+
+    cfg = PPOConfig(batch_size=8, max_new_tokens=4, freeze_layers=1, minibatches=2, gradient_accumulation=2, ppo_epochs=2,
+                    missing_eos_penalty=None, bf16="off")  # fmt: skip
+    trainer = build_trainer(cfg, favourite_token_model, favourite_share, ["a", "b", "c", "d", "e", "f", "g", "h"])
+    before = {k: v.clone() for k, v in trainer.policy.trainable_state().items()}
+    metrics = trainer.step()
+    assert all(v == v for v in metrics.values())  # no NaN
+    assert trainer.optimizer.state_dict()["state"][0]["step"].item() == 4  # 2 epochs x 2 minibatches
+    assert any(not torch.equal(before[k], v) for k, v in trainer.policy.trainable_state().items())

@@ -264,12 +264,23 @@ def test_each_distinct_completion_is_scored_once_per_step(tiny_base_model, token
     assert not any((tmp_path / "out").glob("checkpoint-*"))
 
 
-def test_comparison_diffs_read_one_score_per_completion():
-    bundle = full_ranking_bundle()
+def test_held_out_pairs_are_read_from_one_score_per_completion():
     from rlhf_core.reward.data import Comparison, PromptComparisons
+    from rlhf_core.reward.metrics import conversations, score_conversations
 
-    pairs = bundle_pairs(bundle)
-    group = PromptComparisons("p1", "Say hi.", ["c0", "c1", "c2"], ["", "", ""], [True] * 3)
-    group.comparisons = [Comparison(0, 2, 0.0, 1.0, 2, pairs[0])]
-    diff, distances = comparison_diffs([group], {("p1", "c0"): 1.5, ("p1", "c1"): 0.0, ("p1", "c2"): -0.5})
-    assert diff.tolist() == [2.0] and distances == [2]
+    pairs = bundle_pairs(full_ranking_bundle())
+    group = PromptComparisons("p1", "Say hi.", ["c0", "c1", "c2"], ["a", "b", "c"], [True, True, False])
+    group.comparisons = [Comparison(0, 2, 0.0, 1.0, 2, pairs[0]), Comparison(1, 2, 0.0, 1.0, 1, pairs[1])]
+
+    class Counting:
+        seen: list = []
+
+        def raw_scores(self, prompts, responses, finished, batch_size, desc=None):
+            self.seen += responses
+            return torch.tensor([{"a": 1.5, "b": 0.0, "c": -0.5}[r] for r in responses])
+
+    scorer = Counting()
+    scores = score_conversations(scorer, conversations([group]) + conversations([group]), batch_size=4)
+    assert sorted(scorer.seen) == ["a", "b", "c"]
+    diff, distances = comparison_diffs([group], scores)
+    assert diff.tolist() == [2.0, 0.5] and distances == [2, 1]

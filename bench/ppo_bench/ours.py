@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from ppo_bench.flops import DecoderShape, PassSizes, ppo_training_flops
 from ppo_bench.workload import Workload, limit_threads, peak_rss_bytes
@@ -37,6 +39,16 @@ def record_rollout_sizes(trainer) -> list[PassSizes]:
     return sizes
 
 
+def engine_source_sha256() -> str:
+    """Hash of the engine's source as this run imported it (the engine may change between runs of one invocation)."""
+    from rlhf_core.ppo import trainer
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(trainer.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def run(workload: Workload) -> dict:
     """``workload.updates`` updates of our PPO; per update its wall time, the trainer's metrics and training FLOPs."""
     limit_threads(workload.threads)
@@ -47,6 +59,7 @@ def run(workload: Workload) -> dict:
     from rlhf_core.ppo.policy import resolve_bf16
     from rlhf_core.ppo.trainer import build_trainer
 
+    source = engine_source_sha256()
     cfg = PPOConfig.model_validate(workload.ppo)
     bf16 = resolve_bf16(cfg.bf16, torch.device("cpu"))
     score_fn = reward_score_fn(workload.reward_model, bf16, cfg.batch_size)
@@ -84,4 +97,5 @@ def run(workload: Workload) -> dict:
         "value_model": "separate" if policy.separate_value else "head",
         "trainable_parameters": sum(t.numel() for t in policy.trainable_state().values()),
         "decoder_shape": asdict(shape),
+        "engine_source_sha256": source,
     }

@@ -53,10 +53,13 @@ def expected_best_of_n(selector: Sequence[float], values: Sequence[float], n: in
 
 @dataclass(frozen=True)
 class FrontierPoint:
+    """Expected proxy (and gold) reward of best-of-n at its KL, averaged over ``prompts`` prompts."""
+
     n: int
     kl: float
     proxy: float
     gold: float | None
+    prompts: int
 
 
 def frontier(
@@ -71,5 +74,5 @@ def frontier(
         gold = None
         if gold_pools is not None:
             gold = sum(expected_best_of_n(p, g, n) for p, g in zip(proxy_pools, gold_pools)) / len(proxy_pools)
-        points.append(FrontierPoint(n, best_of_n_kl(n), proxy, gold))
+        points.append(FrontierPoint(n, best_of_n_kl(n), proxy, gold, len(proxy_pools)))
     return points

@@ -75,6 +75,8 @@ def render_model_card(
         "",
         "### Best-of-n frontier from the reference",
         "",
+        f"Expected rewards of keeping the proxy's favourite of n reference samples, over {summary.frontier[0].prompts} prompts.",
+        "",
         "| n | KL [nats] | proxy | gold |",
         "|---|---|---|---|",
         *[f"| {p.n} | {p.kl:.3f} | {p.proxy:.3f} | {_fmt(p.gold)} |" for p in summary.frontier],

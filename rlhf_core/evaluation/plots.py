@@ -52,7 +52,7 @@ def plot_reward_vs_kl(
     for ax, kind in zip(axes[0], kinds):
         xs = [p.kl**0.5 for p in frontier]
         ys = [getattr(p, kind) for p in frontier]
-        ax.plot(xs, ys, "o-", color="tab:green", label="best-of-n (reference)")
+        ax.plot(xs, ys, "o-", color="tab:green", label=f"best-of-n from the reference ({frontier[0].prompts} prompts)")
         for point, x, y in zip(frontier, xs, ys):
             ax.annotate(f"n={point.n}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
         column = "gold" if kind == "gold" else "score"
@@ -60,7 +60,7 @@ def plot_reward_vs_kl(
         if trajectory:
             ax.plot([max(k, 0.0) ** 0.5 for k, _ in trajectory], [v for _, v in trajectory], ".-", color="tab:orange",
                     alpha=0.6, label="PPO run (per update)" if kind == "proxy" else "PPO run (gold slice)")
-        for point in points:
+        for point in reversed(points):  # the candidate (first) is drawn last, on top
             value = getattr(point, kind)
             if point.kl is not None and value is not None:
                 ax.plot([max(point.kl, 0.0) ** 0.5], [value], "*", markersize=14, color=COLOURS.get(point.name, "black"),
@@ -121,7 +121,7 @@ def write_plot_data(
     import csv
 
     tables = {
-        "best_of_n.csv": [{"n": p.n, "kl": p.kl, "proxy": p.proxy, "gold": p.gold} for p in frontier],
+        "best_of_n.csv": [{"n": p.n, "kl": p.kl, "proxy": p.proxy, "gold": p.gold, "prompts": p.prompts} for p in frontier],
         "policies.csv": [{"policy": p.name, "kl": p.kl, "proxy": p.proxy, "gold": p.gold} for p in points],
         "lengths.csv": [{"policy": name, "tokens": n} for name, values in lengths.items() for n in values],
     }

@@ -29,27 +29,20 @@ class Sampled:
 
 
 @dataclass(frozen=True)
-class PolicySamples:
-    """One response per prompt with its log-prob under the policy itself and under the reference."""
-
-    samples: list[Sample]
-    logprob: list[float]
-    ref_logprob: list[float]
+class EvalSamples:
+    candidate: list[Sample]  # one per prompt
+    candidate_logprob: list[float]  # of each candidate response under the candidate
+    candidate_ref_logprob: list[float]  # ... and under the reference
+    reference: list[Sample]  # one per prompt
+    reference_extra: list[list[Sample]]  # pool_size - 1 more for each best-of-n prompt
+    champion: list[Sample] | None
+    tokens: int
+    seconds: float
 
     @property
     def kl(self) -> list[float]:
-        """Per-prompt estimate of KL(policy || reference): log p(y) - log p_ref(y) with y drawn from the policy."""
-        return [own - ref for own, ref in zip(self.logprob, self.ref_logprob)]
-
-
-@dataclass(frozen=True)
-class EvalSamples:
-    candidate: PolicySamples
-    reference: PolicySamples  # its log-probs under itself and the reference are the same
-    reference_extra: list[list[Sample]]  # pool_size - 1 more for each best-of-n prompt
-    champion: PolicySamples | None
-    tokens: int
-    seconds: float
+        """Per-prompt estimate of KL(candidate || reference): log p(y) - log p_ref(y), y drawn from the candidate."""
+        return [own - ref for own, ref in zip(self.candidate_logprob, self.candidate_ref_logprob)]
 
 
 def _sample(model, tokenizer, prompts: list[str], num_samples: int, cfg: EvaluateConfig, seed: int, desc: str) -> Sampled:
@@ -73,15 +66,15 @@ def _logprobs(model, tokenizer, prompts: list[str], samples: list[Sample], cfg: 
     )
 
 
-def _policy(path: Path, prompts: list[str], cfg: EvaluateConfig, name: str) -> tuple[Sampled, list[float], int]:
-    """A policy's responses, their log-probs under it, and its vocabulary size."""
+def _candidate(path: Path, prompts: list[str], cfg: EvaluateConfig) -> tuple[Sampled, list[float], int]:
+    """The candidate's responses, their log-probs under it, and its vocabulary size."""
     model, tokenizer = load_policy(path, cfg.dtype)
-    sampled = _sample(model, tokenizer, prompts, 1, cfg, cfg.seed, name)
+    sampled = _sample(model, tokenizer, prompts, 1, cfg, cfg.seed, "candidate")
     return sampled, _logprobs(model, tokenizer, prompts, sampled.samples, cfg), len(tokenizer)
 
 
-def _reference(path: Path, prompts: list[str], others: list[list[Sample]], cfg: EvaluateConfig, vocab: int):
-    """The reference's responses, its best-of-n pool, and log-probs under it of its own and the ``others``' responses."""
+def _reference(path: Path, prompts: list[str], candidate: list[Sample], cfg: EvaluateConfig, vocab: int):
+    """The reference's responses, its best-of-n pool, and the candidate's responses' log-probs under it."""
     model, tokenizer = load_policy(path, cfg.dtype)
     if len(tokenizer) != vocab:
         raise RLHFError(f"{path}: its tokenizer ({len(tokenizer)} tokens) differs from the candidate's ({vocab})")
@@ -90,8 +83,13 @@ def _reference(path: Path, prompts: list[str], others: list[list[Sample]], cfg: 
     if cfg.pool_size > 1:
         pool_prompts = prompts[: cfg.best_of_n_prompts]
         extra = _sample(model, tokenizer, pool_prompts, cfg.pool_size - 1, cfg, cfg.seed + 1, "best-of-n pool")
-    own_logprob = _logprobs(model, tokenizer, prompts, own.samples, cfg)
-    return own, extra, own_logprob, [_logprobs(model, tokenizer, prompts, samples, cfg) for samples in others]
+    return own, extra, _logprobs(model, tokenizer, prompts, candidate, cfg)
+
+
+def _champion(path: Path, prompts: list[str], cfg: EvaluateConfig) -> Sampled:
+    """The champion's responses (only compared with the candidate's: its own KL is not measured)."""
+    model, tokenizer = load_policy(path, cfg.dtype)
+    return _sample(model, tokenizer, prompts, 1, cfg, cfg.seed, "champion")
 
 
 def sample_policies(
@@ -101,27 +99,23 @@ def sample_policies(
     for name, path in (("candidate policy", candidate_path), ("reference model", reference_path), ("champion", champion_path)):
         if path is not None and not (Path(path) / "config.json").exists():
             raise RLHFError(f"{path}: no {name} there")
-    candidate, candidate_logprob, vocab = _policy(Path(candidate_path), prompts, cfg, "candidate")
+    candidate, candidate_logprob, vocab = _candidate(Path(candidate_path), prompts, cfg)
     gc.collect()
-    policies = [(candidate, candidate_logprob)]
-    if champion_path is not None:
-        champion, champion_logprob, _ = _policy(Path(champion_path), prompts, cfg, "champion")
-        policies.append((champion, champion_logprob))
-        gc.collect()
-    reference, extra, reference_logprob, under_ref = _reference(
-        Path(reference_path), prompts, [sampled.samples for sampled, _ in policies], cfg, vocab
-    )
+    reference, extra, candidate_ref_logprob = _reference(Path(reference_path), prompts, candidate.samples, cfg, vocab)
     gc.collect()
-    scored = [PolicySamples(sampled.samples, own, ref) for (sampled, own), ref in zip(policies, under_ref)]
+    champion = _champion(Path(champion_path), prompts, cfg) if champion_path is not None else None
+    gc.collect()
     pools: list[list[Sample]] = [[] for _ in range(min(cfg.best_of_n_prompts, len(prompts)))]
     for sample in extra.samples:
         pools[sample.prompt_index].append(sample)
-    parts = [sampled for sampled, _ in policies] + [reference, extra]
+    parts = [candidate, reference, extra] + ([champion] if champion else [])
     return EvalSamples(
-        candidate=scored[0],
-        reference=PolicySamples(reference.samples, reference_logprob, reference_logprob),
+        candidate=candidate.samples,
+        candidate_logprob=candidate_logprob,
+        candidate_ref_logprob=candidate_ref_logprob,
+        reference=reference.samples,
         reference_extra=pools,
-        champion=scored[1] if len(scored) > 1 else None,
+        champion=champion.samples if champion else None,
         tokens=sum(p.tokens for p in parts),
         seconds=sum(p.seconds for p in parts),
     )

@@ -21,9 +21,12 @@ The value function is a scalar head on the policy's last hidden state
 (``value_model: head``, one forward for both) or a model of its own
 (``separate``: a trainable copy of the layers above the trunk with a head).
 
-With bf16 on, frozen weights are stored in bf16 and every pass runs under
-autocast; trainable weights keep fp32 master copies.  Log-probs and values are
-always computed in fp32 from the final hidden states.
+With bf16 on, weights stay fp32 and the passes over whole sequences (prefill,
+reference, old policy, training) run under bf16 autocast.  On a CPU the
+one-token decode steps stay fp32: at a few rows per matmul bf16 is no faster
+there (measured on an AMX Xeon), and autocast would re-cast every frozen weight
+at every step.  Log-probs and values are always computed in fp32 from the final
+hidden states.
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ class ValueHead(nn.Module):
 @dataclass(frozen=True)
 class PassOutput:
     logits: torch.Tensor  # (B, R, V) fp32, for the R response positions
-    values: torch.Tensor | None  # (B, R) fp32
+    values: torch.Tensor  # (B, R) fp32
 
 
 class ActorCritic(nn.Module):
@@ -170,10 +173,6 @@ class ActorCritic(nn.Module):
             self.reference = self._copy_upper(with_trunk=True, with_head=True).requires_grad_(False)
         elif cfg.mode == "freeze":
             self.reference = self._copy_upper(with_trunk=False, with_head=False).requires_grad_(False)
-        if bf16:
-            for p in self.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(torch.bfloat16)
 
     # ----------------------------------------------------------------- setup
 
@@ -201,27 +200,29 @@ class ActorCritic(nn.Module):
             modules["lm_head"] = parts.lm_head
         return copy.deepcopy(nn.ModuleDict(modules))
 
-    def autocast(self):
-        """bf16 autocast when bf16 is on.  Enter it once around a whole rollout so that autocast caches the bf16
-        casts of the trainable weights for all its steps."""
+    def autocast(self, tokens_per_row: int = 2):
+        """bf16 autocast when bf16 is on, except for one-token decode steps on a CPU (see the module's docstring)."""
         device = next(self.parameters()).device
-        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        if not self.bf16 or (tokens_per_row == 1 and device.type == "cpu"):
+            return nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
 
     # ----------------------------------------------------------------- passes
 
-    def trunk(self, input_ids, attention: Attention, cache=None, embed=None, layers=None) -> torch.Tensor:
-        """Embeddings and the lower layers (the shared frozen trunk unless ``embed``/``layers`` say otherwise)."""
+    def trunk(self, input_ids, attention: Attention, embed=None, layers=None) -> torch.Tensor:
+        """Embeddings and the lower layers (the policy's unless ``embed``/``layers`` name a copy's)."""
         hidden = (embed or self.parts.embed)(input_ids)
-        return run_layers(self.parts.layers[: self.trunk_layers] if layers is None else layers, hidden, attention, cache)
+        return run_layers(self.parts.layers[: self.trunk_layers] if layers is None else layers, hidden, attention)
 
     def sample_step(self, input_ids, attention_mask, position_ids, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of sampling with a KV cache: (trunk hidden states of the new positions, next-token logits)."""
-        hidden = self.parts.embed(input_ids)
-        attention = attention_inputs(self.parts, hidden, attention_mask, position_ids, cache)
-        trunk_hidden = run_layers(self.parts.layers[: self.trunk_layers], hidden, attention, cache)
-        hidden = run_layers(self.parts.layers[self.trunk_layers :], trunk_hidden, attention, cache)
-        hidden = self.parts.norm(hidden[:, -1])
-        return trunk_hidden, fp32_linear(hidden, self.parts.lm_head)
+        with self.autocast(tokens_per_row=input_ids.shape[1]):
+            hidden = self.parts.embed(input_ids)
+            attention = attention_inputs(self.parts, hidden, attention_mask, position_ids, cache)
+            trunk_hidden = run_layers(self.parts.layers[: self.trunk_layers], hidden, attention, cache)
+            hidden = run_layers(self.parts.layers[self.trunk_layers :], trunk_hidden, attention, cache)
+            hidden = self.parts.norm(hidden[:, -1])
+            return trunk_hidden, fp32_linear(hidden, self.parts.lm_head)
 
     def _attention(self, input_ids, attention_mask) -> Attention:
         probe = self.parts.embed.weight.new_empty(*input_ids.shape, 1)  # mask creation reads only shape/dtype/device
@@ -283,10 +284,6 @@ class ActorCritic(nn.Module):
             for name, tensor in state.items():
                 params[name].copy_(tensor)
 
-    def policy_lm(self):
-        """The plain causal LM of the policy: LoRA merged, value head and reference left out."""
-        return self.lm.merge_and_unload() if self.mode == "lora" else self.lm
-
 
 def _with_lora(lm, cfg: PPOConfig, layers: range):
     from peft import LoraConfig, get_peft_model
@@ -326,9 +323,8 @@ def build_actor_critic(path, cfg: PPOConfig, device: torch.device, bf16: bool) -
 def export_policy(model: ActorCritic, cfg: PPOConfig, start_path, out_dir, tokenizer) -> None:
     """Save the trained policy as a plain causal LM (safetensors, tokenizer included), replacing ``out_dir`` atomically.
 
-    The frozen weights are taken from ``start_path`` in fp32 (they may be held in
-    bf16 during training); the trained ones are overlaid, LoRA is merged, the
-    value head and the reference are left out.
+    The frozen weights are taken from ``start_path``; the trained ones are
+    overlaid, LoRA is merged, the value head and the reference are left out.
     """
     import shutil
     from pathlib import Path

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from rlhf_core.generation import sample_next_token
 from rlhf_core.ppo.policy import ActorCritic, positions_from_mask
 
 
@@ -48,20 +49,6 @@ class Rollout:
         return Rollout(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index]) for f in fields(self)})
 
 
-def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row from softmax(logits / temperature); return it with its log-prob.
-
-    Inverse-CDF sampling: one uniform number per row against the cumulative
-    probabilities (in float64, so that rounding never skips a token).  On a CPU
-    it is about 15x faster than ``torch.multinomial`` over a 49k vocabulary.
-    """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    cdf = logp.exp().double().cumsum(-1)
-    uniform = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
-    token = torch.searchsorted(cdf, uniform, right=True).clamp(max=cdf.shape[-1] - 1)
-    return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
-
-
 @torch.no_grad()
 def sample_rollout(
     policy: ActorCritic,
@@ -88,21 +75,20 @@ def sample_rollout(
     step_ids, trunk_chunks = query_ids, []
     done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
     tokens, logprobs, live = [], [], []
-    with policy.autocast():
-        for step in range(max_new_tokens):
-            trunk_hidden, logits = policy.sample_step(step_ids, mask, positions, cache)
-            trunk_chunks.append(trunk_hidden)
-            token, logprob = _sample(logits, temperature, generator)
-            token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            live.append(~done)
-            tokens.append(token)
-            logprobs.append(logprob)
-            done = done | (token == eos_token_id)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            step_ids = token.unsqueeze(-1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-            positions = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        trunk_hidden, logits = policy.sample_step(step_ids, mask, positions, cache)
+        trunk_chunks.append(trunk_hidden)
+        token, logprob = sample_next_token(logits, temperature, generator)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        live.append(~done)
+        tokens.append(token)
+        logprobs.append(logprob)
+        done = done | (token == eos_token_id)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        step_ids = token.unsqueeze(-1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        positions = positions[:, -1:] + 1
     response_mask = torch.stack(live, dim=1).long()
     return Rollout(
         query_ids=query_ids,

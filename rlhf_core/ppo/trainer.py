@@ -20,7 +20,7 @@ PPO maximised: score after the EOS trick minus beta*KL), ``finished_fraction``,
 ``value_clipfrac``, ``policy_loss``, ``value_loss``, ``response_length``
 (tokens), ``tokens_per_second`` (response tokens of all processes per second of
 the update), ``seconds_per_update`` and its parts ``seconds_rollout``,
-``seconds_score``, ``seconds_optimise``.
+``seconds_score`` and ``seconds_optimise`` (steps 3-5).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from rlhf_core.config import PPOConfig
 from rlhf_core.errors import RLHFError
 from rlhf_core.ppo import core
 from rlhf_core.ppo.kl import make_kl_controller
-from rlhf_core.ppo.policy import ActorCritic, build_actor_critic, resolve_bf16
+from rlhf_core.ppo.policy import ActorCritic, PassOutput, build_actor_critic, resolve_bf16
 from rlhf_core.ppo.rollout import Rollout, sample_rollout
 
 #: score_fn(prompts, responses, finished) -> scores (B,): any reward, a reward model or a hand-made rule.
@@ -74,7 +74,7 @@ class PromptCycle:
 
 @dataclass
 class Experience:
-    """A rollout with everything the optimisation needs, all (B, R) but ``scores`` (B,)."""
+    """A rollout with everything the optimisation needs, all (B, R)."""
 
     rollout: Rollout
     mask: torch.Tensor
@@ -82,6 +82,12 @@ class Experience:
     old_values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    first_pass: PassOutput | None = None  # the old-policy pass, with gradients, when it doubles as the first step's
+
+    def take_first_pass(self) -> PassOutput | None:
+        """The first training step's forward pass if it was already run (once)."""
+        out, self.first_pass = self.first_pass, None
+        return out
 
 
 def seed_everything(seed: int) -> None:
@@ -207,40 +213,49 @@ class PPOTrainer:
 
     # ----------------------------------------------------------------- 3-4. experience
 
-    @torch.no_grad()
+    @property
+    def reuses_first_pass(self) -> bool:
+        """With the batch taken whole (one minibatch, no accumulation), the first training pass runs on the weights
+        that sampled the rollout: it *is* the old-policy pass, so it runs once, with gradients, and serves both."""
+        return self.cfg.minibatches * self.cfg.gradient_accumulation == 1
+
     def _experience(self, rollout: Rollout, scores: torch.Tensor, beta: float):
         """Old log-probs and values, the KL to the reference, shaped rewards and GAE advantages."""
-        cfg, policy, n = self.cfg, self.policy, rollout.n_response
-        mask = rollout.response_mask
+        cfg, n, mask = self.cfg, rollout.n_response, rollout.response_mask
+        parts = [rollout.rows(rows) for rows in torch.arange(len(scores)).split(self.local_batch // cfg.minibatches)]
+        first_pass = None
+        if self.reuses_first_pass:
+            first_pass = self.model(rollout.input_ids, rollout.attention_mask, rollout.trunk_hidden, n)
         old_logprobs, old_values, ref_logprobs, entropy = [], [], [], []
-        for rows in torch.arange(len(scores), device=mask.device).split(self.local_batch // cfg.minibatches):
-            part = rollout.rows(rows)
-            out = policy(part.input_ids, part.attention_mask, part.trunk_hidden, n)
-            old_logprobs.append(core.logprobs_of(out.logits, part.response_ids, cfg.temperature))
-            entropy.append(core.entropy_of(out.logits, cfg.temperature))
-            old_values.append(out.values)
-            ref_logits = policy.reference_logits(part.input_ids, part.attention_mask, part.trunk_hidden, n)
-            ref_logprobs.append(core.logprobs_of(ref_logits, part.response_ids, cfg.temperature))
-        old_logprobs, old_values = torch.cat(old_logprobs), torch.cat(old_values) * mask
-        kl = core.KL_ESTIMATORS[cfg.kl.estimator](old_logprobs, torch.cat(ref_logprobs)) * mask
-        rewards = core.shape_rewards(scores, kl, mask, beta)
-        if cfg.whiten_rewards:
-            rewards = core.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        experience = Experience(rollout, mask, old_logprobs, old_values, advantages, returns)
+        with torch.no_grad():
+            for part in parts:
+                old = first_pass or self.policy(part.input_ids, part.attention_mask, part.trunk_hidden, n)
+                old_logprobs.append(core.logprobs_of(old.logits.detach(), part.response_ids, cfg.temperature))
+                entropy.append(core.entropy_of(old.logits.detach(), cfg.temperature))
+                old_values.append(old.values.detach())
+                ref_logits = self.policy.reference_logits(part.input_ids, part.attention_mask, part.trunk_hidden, n)
+                ref_logprobs.append(core.logprobs_of(ref_logits, part.response_ids, cfg.temperature))
+            old_logprobs, old_values = torch.cat(old_logprobs), torch.cat(old_values) * mask
+            kl = core.KL_ESTIMATORS[cfg.kl.estimator](old_logprobs, torch.cat(ref_logprobs)) * mask
+            rewards = core.shape_rewards(scores, kl, mask, beta)
+            if cfg.whiten_rewards:
+                rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        experience = Experience(rollout, mask, old_logprobs, old_values, advantages, returns, first_pass)
         return experience, kl, torch.cat(entropy)
 
     # ----------------------------------------------------------------- 5. optimise
 
     def _optimise(self, exp: Experience) -> dict[str, torch.Tensor]:
-        """``ppo_epochs`` passes over the batch in shuffled minibatches; returns the mean loss statistics."""
+        """``ppo_epochs`` passes over the batch in minibatches (shuffled when there are several); mean loss statistics."""
         cfg = self.cfg
-        minibatch = self.local_batch // cfg.minibatches
         stats: dict[str, list[torch.Tensor]] = {}
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(self.local_batch, generator=self.generator, device=self.generator.device)
-            for rows in order.to(exp.mask.device).split(minibatch):
-                for name, value in self._minibatch_step(exp, rows).items():
+            order = torch.arange(self.local_batch)
+            if not self.reuses_first_pass:
+                order = torch.randperm(self.local_batch, generator=self.generator, device=self.generator.device).cpu()
+            for rows in order.split(self.local_batch // cfg.minibatches):
+                for name, value in self._minibatch_step(exp, rows.to(exp.mask.device)).items():
                     stats.setdefault(name, []).append(value)
         return {name: torch.stack(values).mean() for name, values in stats.items()}
 
@@ -257,7 +272,7 @@ class PPOTrainer:
             with nullcontext() if last else self.accelerator.no_sync(self.model):
                 part = exp.rollout.rows(micro)
                 mask = exp.mask[micro]
-                out = self.model(part.input_ids, part.attention_mask, part.trunk_hidden, part.n_response)
+                out = exp.take_first_pass() or self.model(part.input_ids, part.attention_mask, part.trunk_hidden, part.n_response)
                 logprobs = core.logprobs_of(out.logits, part.response_ids, cfg.temperature)
                 pg = core.clipped_policy_loss(logprobs, exp.old_logprobs[micro], adv, mask, cfg.cliprange)
                 vf = core.clipped_value_loss(out.values, exp.old_values[micro], exp.returns[micro], mask, cfg.cliprange_value)

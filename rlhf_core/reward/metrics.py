@@ -13,8 +13,10 @@ import torch
 
 from rlhf_core.reward.data import PromptComparisons
 
-#: (prompt id, completion id) -> raw reward
-Scores = dict[tuple[str, str], float]
+#: (prompt, response, finished): what the reward model reads
+Conversation = tuple[str, str, bool]
+#: raw reward of each conversation
+Scores = dict[Conversation, float]
 
 
 def pairwise_accuracy(diff: torch.Tensor) -> float:
@@ -50,29 +52,31 @@ def group_by(diff: torch.Tensor, keys: list) -> dict:
     return {key: pairwise_accuracy(torch.tensor(values)) for key, values in sorted(rows.items())}
 
 
+def conversations(groups: list[PromptComparisons]) -> list[Conversation]:
+    """Every distinct completion of ``groups`` as the reward model reads it."""
+    return [(g.prompt, response, done) for g in groups for response, done in zip(g.responses, g.finished)]
+
+
+def score_conversations(reward_model, items: list[Conversation], batch_size: int, desc: str | None = None) -> Scores:
+    """Raw reward of each distinct conversation in ``items``, each scored once."""
+    unique = list(dict.fromkeys(items))
+    if not unique:
+        return {}
+    prompts, responses, finished = (list(column) for column in zip(*unique))
+    raw = reward_model.raw_scores(prompts, responses, finished, batch_size=batch_size, desc=desc)
+    return dict(zip(unique, raw.tolist()))
+
+
 def comparison_diffs(groups: list[PromptComparisons], scores: Scores) -> tuple[torch.Tensor, list[int | None]]:
     """r(chosen) - r(rejected) for every comparison of ``groups``, and each pair's rank distance."""
     diffs, distances = [], []
-    for group in groups:
-        for c in group.comparisons:
-            chosen = scores[(group.prompt_id, group.completion_ids[c.chosen])]
-            rejected = scores[(group.prompt_id, group.completion_ids[c.rejected])]
+    for g in groups:
+        for c in g.comparisons:
+            chosen = scores[(g.prompt, g.responses[c.chosen], g.finished[c.chosen])]
+            rejected = scores[(g.prompt, g.responses[c.rejected], g.finished[c.rejected])]
             diffs.append(chosen - rejected)
             distances.append(c.rank_distance)
     return torch.tensor(diffs, dtype=torch.float64), distances
-
-
-def score_groups(reward_model, groups: list[PromptComparisons], batch_size: int, desc: str | None = None) -> Scores:
-    """Raw reward of every distinct completion of ``groups``, each scored once."""
-    keys, prompts, responses, finished = [], [], [], []
-    for group in groups:
-        for completion_id, response, done in zip(group.completion_ids, group.responses, group.finished):
-            keys.append((group.prompt_id, completion_id))
-            prompts.append(group.prompt)
-            responses.append(response)
-            finished.append(done)
-    raw = reward_model.raw_scores(prompts, responses, finished, batch_size=batch_size, desc=desc)
-    return dict(zip(keys, raw.tolist()))
 
 
 def heldout_metrics(groups: list[PromptComparisons], scores: Scores) -> dict[str, float]:

@@ -31,6 +31,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def use_bf16(setting: str) -> bool:
+    """``reward.bf16``: 'auto' means bf16 where the hardware is fast at it (see rlhf_core.generation.resolve_dtype)."""
+    from rlhf_core.generation import resolve_dtype
+
+    if setting == "auto":
+        return resolve_dtype("auto") == torch.bfloat16
+    return setting == "on"
+
+
 def ranking_loss(
     rewards: torch.Tensor,
     chosen: torch.Tensor,
@@ -113,8 +122,9 @@ def trainer_args(cfg: RewardConfig, output_dir: Path) -> TRLRewardConfig:
     """TRL settings from ``params.yaml``'s ``reward`` section.
 
     TRL turns bf16 and gradient (activation) checkpointing on by default: bf16
-    comes from our params instead, and checkpointing stays off - it would spend
-    a second forward pass to save memory that a reward model this size does not need.
+    comes from our params instead (a CPU without bf16 instructions runs it
+    slower than fp32), and checkpointing stays off - it would spend a second
+    forward pass to save memory that a reward model this size does not need.
     Nothing is saved by the trainer: the stage saves the final model itself.
     """
     return TRLRewardConfig(
@@ -123,7 +133,7 @@ def trainer_args(cfg: RewardConfig, output_dir: Path) -> TRLRewardConfig:
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
         center_rewards_coefficient=cfg.center_rewards_coefficient,
-        bf16=cfg.bf16,
+        bf16=use_bf16(cfg.bf16),
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=False,  # TRL's gradient_checkpointing=True, under its new name
         max_length=None,  # sequences are truncated (from the left) when tokenised

@@ -32,7 +32,7 @@ from rlhf_core.evaluation.metrics import WinRate, perplexity, win_rate
 from rlhf_core.evaluation.overoptimisation import assess, gold_trend, paired_gain, read_ppo_curve
 from rlhf_core.evaluation.plots import PolicyPoint, plot_lengths, plot_ppo_curves, plot_reward_vs_kl, write_plot_data
 from rlhf_core.evaluation.report import Responses, length_ratio, policy_metrics, win_rate_metrics
-from rlhf_core.evaluation.sampling import EvalSamples, PolicySamples, sample_policies
+from rlhf_core.evaluation.sampling import EvalSamples, sample_policies
 from rlhf_core.evaluation.scoring import Scorer
 from rlhf_core.evaluation.summary import EvaluationSummary
 from rlhf_core.preferences import PreferenceBundle
@@ -43,6 +43,7 @@ PLOTS = {"reward_vs_kl": "gold_vs_kl.png", "ppo": "ppo_curves.png", "lengths": "
 
 
 def load_eval_prompts(path: Path, limit: int) -> list[Prompt]:
+    """The first ``limit`` held-out prompts (the split is fixed by the prompts stage's seed)."""
     prompts = read_jsonl(path, Prompt)[:limit]
     if not prompts:
         raise DataError(f"{path}: no eval prompts (run `rlhf prompts` first)")
@@ -73,43 +74,42 @@ def current_champion(candidate: str | None) -> tracking.ModelRef | None:
     return ref if ref is not None and ref.version != candidate else None
 
 
+def _pools(first: list[float], extra: list[float], sampled: EvalSamples) -> list[list[float]]:
+    """Per best-of-n prompt: the score of the reference's eval response, then those of its extra samples."""
+    pools, at = [], 0
+    for p, pool in enumerate(sampled.reference_extra):
+        pools.append([first[p], *extra[at : at + len(pool)]])
+        at += len(pool)
+    return pools
+
+
 def _scored(scorer: Scorer, prompts: list[str], sampled: EvalSamples):
     """Responses of every policy, and the best-of-n pools' proxy (and gold) scores per prompt."""
-    candidate = scorer.responses("candidate", prompts, sampled.candidate.samples)
-    reference = scorer.responses("reference", prompts, sampled.reference.samples)
-    champion = scorer.responses("champion", prompts, sampled.champion.samples) if sampled.champion else None
+    candidate = scorer.responses("candidate", prompts, sampled.candidate)
+    reference = scorer.responses("reference", prompts, sampled.reference)
+    champion = scorer.responses("champion", prompts, sampled.champion) if sampled.champion else None
     extra = [s for pool in sampled.reference_extra for s in pool]
-    extra_proxy, extra_gold = scorer.proxy(prompts, extra), scorer.gold(prompts, extra)
-    proxy_pools, gold_pools, at = [], [] if extra_gold is not None else None, 0
-    for p, pool in enumerate(sampled.reference_extra):
-        proxy_pools.append([reference.proxy[p], *extra_proxy[at : at + len(pool)]])
-        if gold_pools is not None:
-            gold_pools.append([reference.gold[p], *extra_gold[at : at + len(pool)]])
-        at += len(pool)
+    proxy_pools = _pools(reference.proxy, scorer.proxy(prompts, extra), sampled)
+    extra_gold = scorer.gold(prompts, extra)
+    gold_pools = _pools(reference.gold, extra_gold, sampled) if extra_gold is not None else None
     return candidate, reference, champion, proxy_pools, gold_pools
 
 
-def likelihood_metrics(name: str, policy: PolicySamples) -> dict[str, float]:
-    """Sequence-level KL to the reference (not for the reference itself) and perplexity under the reference.
-
-    The candidate's are the headline ``eval/kl`` and ``eval/perplexity``; the others' are ``eval/<policy>/...``.
-    """
-    prefix = "eval" if name == "candidate" else f"eval/{name}"
-    tokens = sum(s.num_tokens for s in policy.samples)
-    metrics = {f"{prefix}/perplexity": perplexity(sum(policy.ref_logprob), tokens)}
-    if name != "reference":
-        metrics[f"{prefix}/kl"] = statistics.fmean(policy.kl)
-        metrics[f"{prefix}/kl_std"] = statistics.pstdev(policy.kl)
-    return metrics
+def likelihood_metrics(sampled: EvalSamples) -> dict[str, float]:
+    """Sequence-level KL(candidate || reference) and the perplexity of the candidate's responses under the reference."""
+    tokens = sum(s.num_tokens for s in sampled.candidate)
+    return {
+        "eval/kl": statistics.fmean(sampled.kl),
+        "eval/kl_std": statistics.pstdev(sampled.kl),
+        "eval/perplexity": perplexity(sum(sampled.candidate_ref_logprob), tokens),
+    }
 
 
 def sample_metrics(sampled: EvalSamples, policies: list[Responses], repetition_ngram: int) -> dict[str, float]:
     """KL, perplexity, length ratio, per-policy description and the candidate's win rates."""
     candidate, reference = policies[0], policies[1]
-    sources = {"candidate": sampled.candidate, "reference": sampled.reference, "champion": sampled.champion}
-    metrics = {"eval/length_ratio": length_ratio(candidate, reference)}
+    metrics = {**likelihood_metrics(sampled), "eval/length_ratio": length_ratio(candidate, reference)}
     for policy in policies:
-        metrics.update(likelihood_metrics(policy.name, sources[policy.name]))
         metrics.update(policy_metrics(policy, repetition_ngram))
     for other in policies[1:]:
         metrics.update(win_rate_metrics(candidate, other))
@@ -117,6 +117,7 @@ def sample_metrics(sampled: EvalSamples, policies: list[Responses], repetition_n
 
 
 def frontier_metrics(points: list[FrontierPoint]) -> dict[str, float]:
+    """``eval/best_of_n/<n>/{kl,proxy,gold}``."""
     metrics = {}
     for point in points:
         metrics[f"eval/best_of_n/{point.n}/kl"] = point.kl
@@ -127,6 +128,7 @@ def frontier_metrics(points: list[FrontierPoint]) -> dict[str, float]:
 
 
 def overoptimisation_metrics(candidate: Responses, reference: Responses, ppo_rows: list[dict], tolerance: float):
+    """``eval/overopt/...``: proxy gain next to gold gain, the PPO run's gold trend, and the verdict."""
     proxy_gain = paired_gain(candidate.proxy, reference.proxy)
     gold_gain = paired_gain(candidate.gold, reference.gold) if candidate.gold is not None else None
     trend = gold_trend(ppo_rows)
@@ -193,7 +195,7 @@ def write_samples(path: Path, prompts: list[Prompt], sampled: EvalSamples, polic
     rows = []
     for policy in policies:
         source = {"candidate": sampled.candidate, "reference": sampled.reference, "champion": sampled.champion}[policy.name]
-        for sample, proxy, gold in zip(source.samples, policy.proxy, policy.gold or [None] * len(policy.proxy)):
+        for sample, proxy, gold in zip(source, policy.proxy, policy.gold or [None] * len(policy.proxy)):
             rows.append({"policy": policy.name, "prompt_id": prompts[sample.prompt_index].id, "text": sample.text,
                          "num_tokens": sample.num_tokens, "finished": sample.finished, "proxy": proxy, "gold": gold})
     write_jsonl(path, rows)
@@ -201,7 +203,7 @@ def write_samples(path: Path, prompts: list[Prompt], sampled: EvalSamples, polic
 
 def draw(plots: Path, out: Path, points: list[FrontierPoint], policies: list[Responses], metrics: dict, ppo_rows, max_new_tokens: int):
     """The PNG figures in ``plots`` and the numbers behind them in ``out/plot_data``; returns the figures."""
-    kl = {"candidate": metrics["eval/kl"], "reference": 0.0, "champion": metrics.get("eval/champion/kl")}
+    kl = {"candidate": metrics["eval/kl"], "reference": 0.0, "champion": None}  # the champion's KL is not measured
     policy_points = [
         PolicyPoint(r.name, kl[r.name], statistics.fmean(r.proxy), statistics.fmean(r.gold) if r.gold else None)
         for r in policies

@@ -31,7 +31,7 @@ from rlhf_core.errors import RLHFError
 from rlhf_core.records import read_jsonl
 from rlhf_core.reward import RewardModel
 from rlhf_core.reward.data import PromptComparisons, load_prompt_comparisons, num_pairs, split_by_prompt
-from rlhf_core.reward.metrics import heldout_metrics, score_groups
+from rlhf_core.reward.metrics import conversations, heldout_metrics, score_conversations
 from rlhf_core.reward.normalization import BaseCompletions, candidate_base_completions, sample_base_completions
 from rlhf_core.reward.trainer import fit_reward_model, is_main_process
 from rlhf_core.schemas import Prompt
@@ -128,12 +128,13 @@ def run(params: Params) -> dict:
         fit = fit_reward_model(paths.base_model, cfg, train, output_dir)
         reward_model = RewardModel(fit.model, fit.tokenizer)
 
+        # One pass scores both the normalisation set and the held-out completions (in round 1 they overlap).
         base = normalization_completions(params, train)
-        reward_model.fit_normalization(
-            reward_model.raw_scores(base.prompts, base.responses, base.finished, cfg.score_batch_size, desc="normalise")
-        )
-        scores = score_groups(reward_model, validation, cfg.score_batch_size, desc="held-out")
-        normalised = (torch.tensor(list(scores.values())) - reward_model.shift) / reward_model.scale
+        base_items = list(zip(base.prompts, base.responses, base.finished))
+        heldout_items = conversations(validation)
+        scores = score_conversations(reward_model, base_items + heldout_items, cfg.score_batch_size, desc="scoring")
+        reward_model.fit_normalization(torch.tensor([scores[item] for item in base_items]))
+        normalised = (torch.tensor([scores[item] for item in heldout_items]) - reward_model.shift) / reward_model.scale
         metrics = {**heldout_metrics(validation, scores), **noise_ceiling(paths.metrics, validation)}
         reward_model.save(paths.reward_model)
         write_loss_curve(Path(paths.plots) / "reward_loss.csv", fit.losses)
