@@ -144,6 +144,12 @@ class RewardConfig(Section):
     freeze_layers: int = Field(0, ge=0, description="Lower layers kept frozen when finetune='freeze'.")
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
+    head_init: Literal["random", "probe"] = Field(
+        "probe",
+        description="random: N(0, 1/sqrt(d+1)) (lm-human-preferences); probe: fit the head on the frozen features "
+        "first (LP-FT), which generalises far better from a few hundred pairs.",
+    )
+    probe_l2: float = Field(0.1, gt=0, description="L2 penalty of the probe fit, on standardised features.")
     validation_fraction: float = Field(0.2, gt=0, lt=1, description="Share of prompts (not pairs) held out.")
     bf16: Literal["auto", "on", "off"] = Field(
         "auto",

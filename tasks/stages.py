@@ -47,14 +47,25 @@ def _flow_env() -> dict[str, str]:
     return env
 
 
-def repro(stage: str, root: Path, *, force: bool = False) -> dict:
+def _run_streaming(cmd: list[str], root: Path) -> tuple[int, str]:
+    """Run ``cmd`` with its output shown live (progress bars included) and kept for the error message."""
+    process = subprocess.Popen(cmd, cwd=root, env=_flow_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    kept = bytearray()
+    for chunk in iter(lambda: process.stdout.read1(4096), b""):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        kept += chunk
+        del kept[: max(0, len(kept) - 20_000)]
+    return process.wait(), kept.decode("utf-8", errors="replace").replace("\r", "\n")
+
+
+def repro(stage: str, root: Path) -> dict:
     """Run ``dvc repro <stage>`` in ``root`` and return that stage's metrics."""
     runtime.configure(root)
-    cmd = [sys.executable, "-m", "dvc", "repro", stage] + (["--force", "--single-item"] if force else [])
-    done = subprocess.run(cmd, cwd=root, env=_flow_env(), capture_output=True, text=True)
-    output = (done.stdout + done.stderr).strip()
-    if done.returncode != 0:
-        raise StageFailed(stage, done.returncode, "\n".join(output.splitlines()[-_TAIL_LINES:]))
+    cmd = [sys.executable, "-m", "dvc", "repro", stage]
+    returncode, output = _run_streaming(cmd, root)
+    if returncode != 0:
+        raise StageFailed(stage, returncode, "\n".join(output.strip().splitlines()[-_TAIL_LINES:]))
     metrics_file = root / load_params(root / "params.yaml").paths.metrics / f"{stage}.json"
     return json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
 

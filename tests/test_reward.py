@@ -13,10 +13,17 @@ from rlhf_core.preferences import PreferenceBundle, bundle_pairs
 from rlhf_core.records import write_jsonl
 from rlhf_core.reward import RewardModel
 from rlhf_core.reward.build import build_reward_model, freeze_lower_layers, init_reward_head, load_sequence_classifier
-from rlhf_core.reward.data import encode_group, load_prompt_comparisons, split_by_prompt
+from rlhf_core.reward.data import encode_groups, load_prompt_comparisons, split_by_prompt
 from rlhf_core.reward.metrics import comparison_diffs, expected_calibration_error, group_by, pairwise_accuracy
 from rlhf_core.reward.model import encode_conversations, pad_right, reward_tokenizer
-from rlhf_core.reward.trainer import RankingCollator, RankingRewardTrainer, ranking_loss, trainer_args
+from rlhf_core.reward.trainer import (
+    RankingCollator,
+    RankingRewardTrainer,
+    TokenInputs,
+    TrunkStateInputs,
+    ranking_loss,
+    trainer_args,
+)
 from rlhf_core.schemas import Completion, Prompt, Ranking
 
 from .test_train_reward_stage import marker_bundle
@@ -228,14 +235,62 @@ def test_save_load_round_trip_and_normalisation(tiny_base_model, tokenizer, tmp_
 
 
 def test_collator_stacks_completions_and_shifts_pair_indexes():
+    sequences = [[1, 2], [3], [4, 5, 6], [7], [8, 9]]
     examples = [
-        {"input_ids": [[1, 2], [3], [4, 5, 6]], "chosen": [0, 0, 1], "rejected": [1, 2, 2], "margin": [0, 0, 0], "weight": [1 / 3] * 3},
-        {"input_ids": [[7], [8, 9]], "chosen": [1], "rejected": [0], "margin": [1.0], "weight": [1.0]},
+        {"completions": [0, 1, 2], "chosen": [0, 0, 1], "rejected": [1, 2, 2], "margin": [0, 0, 0], "weight": [1 / 3] * 3},
+        {"completions": [3, 4], "chosen": [1], "rejected": [0], "margin": [1.0], "weight": [1.0]},
     ]
-    batch = RankingCollator(pad_token_id=0)(examples)
-    assert batch["input_ids"].shape == (5, 3)
+    batch = RankingCollator(TokenInputs(sequences, pad_token_id=0))(examples)
+    assert batch["input_ids"].tolist() == [[1, 2, 0], [3, 0, 0], [4, 5, 6], [7, 0, 0], [8, 9, 0]]
     assert batch["chosen"].tolist() == [0, 0, 1, 4] and batch["rejected"].tolist() == [1, 2, 2, 3]
     assert batch["margin"].tolist() == [0, 0, 0, 1.0]
+
+    states = [torch.full((len(seq), 2), float(i)) for i, seq in enumerate(sequences)]
+    batch = RankingCollator(TrunkStateInputs(states))(examples[1:])
+    assert batch["inputs_embeds"].shape == (2, 2, 2) and batch["attention_mask"].tolist() == [[0, 1], [1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 0], [0, 1]] and batch["inputs_embeds"][0, 1].tolist() == [3.0, 3.0]
+
+
+def test_upper_layers_on_cached_trunk_states_score_like_the_full_model(tiny_base_model, tokenizer):
+    from rlhf_core.reward.trunk import FrozenTrunk
+
+    model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer)
+    init_reward_head(model.model, seed=0)
+    prompts, responses, finished = ["Hi?", "Tell me a story."], ["Hello.", "Once upon a time there was"], [True, False]
+    full = model.raw_scores(prompts, responses, finished)
+    sequences, _ = encode_conversations(tokenizer, prompts, responses, finished)
+    trunk = FrozenTrunk(model.model, 1)
+    states = trunk.states(sequences, tokenizer.pad_token_id, batch_size=2)
+    assert [s.shape[0] for s in states] == [len(seq) for seq in sequences]
+    with trunk.upper():
+        assert len(model.model.model.layers) == 1
+        split = model.model(**TrunkStateInputs(states)([0, 1]), use_cache=False).logits.squeeze(-1)
+    assert len(model.model.model.layers) == 2
+    assert torch.allclose(split, full, atol=1e-5)
+    features = trunk.final_features(states, batch_size=2)
+    assert torch.allclose(model.model.score(features).squeeze(-1), full, atol=1e-5)
+
+    from rlhf_core.reward.trunk import CachedTrunkScorer
+
+    cache = {tuple(sequences[0]): states[0]}
+    scorer = CachedTrunkScorer(trunk, tokenizer, cache)
+    again = scorer.raw_scores(prompts + ["Why?"], responses + ["Because."], finished + [True], batch_size=2)
+    assert torch.allclose(again, torch.cat([full, model.raw_scores(["Why?"], ["Because."])]), atol=1e-5)
+    assert len(cache) == 3 and cache[tuple(sequences[0])] is states[0]  # cached states are reused, new ones added
+
+
+def test_linear_probe_orders_pairs_by_the_informative_feature():
+    from rlhf_core.reward.probe import fit_linear_head
+
+    generator = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(200, 8, generator=generator), torch.randn(200, 8, generator=generator)
+    chosen[:, 3] += 2.0  # only feature 3 separates chosen from rejected; its scale is 100x the others'
+    chosen[:, 3] *= 100
+    rejected[:, 3] *= 100
+    w = fit_linear_head(chosen, rejected, torch.zeros(200), torch.ones(200), l2=0.01)
+    # The weight is on raw features: times each feature's spread, feature 3 dominates.
+    assert (w * torch.cat([chosen, rejected]).std(0)).abs().argmax().item() == 3 and w[3] > 0
+    assert float(((chosen - rejected) @ w > 0).float().mean()) >= 0.85  # Phi(2 / sqrt(2)) = 0.92 for the ideal w
 
 
 def test_each_distinct_completion_is_scored_once_per_step(tiny_base_model, tokenizer, tmp_path):
@@ -250,14 +305,16 @@ def test_each_distinct_completion_is_scored_once_per_step(tiny_base_model, token
 
     cfg = RewardConfig(prompts_per_batch=2, epochs=1, finetune="full")
     model, _ = build_reward_model(tiny_base_model, tokenizer, cfg)
+    sequences, examples, _ = encode_groups(tokenizer, groups)
+    assert len(sequences) == 16 and [e["completions"] for e in examples][1] == [4, 5, 6, 7]
     rows_seen = []
     model.register_forward_hook(lambda module, args, kwargs, out: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     trainer = RankingRewardTrainer(
         model=model,
         args=trainer_args(cfg, tmp_path / "out"),
-        train_dataset=Dataset.from_list([encode_group(tokenizer, g)[0] for g in groups]),
+        train_dataset=Dataset.from_list(examples),
         processing_class=tokenizer,
-        data_collator=RankingCollator(tokenizer.pad_token_id),
+        data_collator=RankingCollator(TokenInputs(sequences, tokenizer.pad_token_id)),
     )
     trainer.train()
     assert rows_seen == [8, 8]  # 2 steps of 2 prompts x 4 completions

@@ -124,23 +124,31 @@ def split_by_prompt(
     return [g for g in groups if g.prompt_id not in validation], [g for g in groups if g.prompt_id in validation]
 
 
-def encode_group(tokenizer, group: PromptComparisons) -> tuple[dict, int]:
-    """One training example: the group's distinct completions as token ids plus its pairs; and how many were truncated."""
+def encode_groups(tokenizer, groups: list[PromptComparisons]) -> tuple[list[list[int]], list[dict], int]:
+    """Token ids of every distinct completion, one training example per prompt, and how many were truncated.
+
+    An example names its completions by their index in the returned sequences,
+    and its pairs by indexes into its own completions.
+    """
     from rlhf_core.reward.model import encode_conversations
 
-    sequences, truncated = encode_conversations(
-        tokenizer, [group.prompt] * len(group.responses), group.responses, group.finished
-    )
-    example = {
-        "input_ids": sequences,
-        "chosen": [c.chosen for c in group.comparisons],
-        "rejected": [c.rejected for c in group.comparisons],
-        "margin": [c.margin for c in group.comparisons],
-        "weight": [c.weight for c in group.comparisons],
-        # The trainer batches examples of similar length together: less compute is wasted on padding.
-        "length": max(len(seq) for seq in sequences),
-    }
-    return example, truncated
+    sequences, examples, truncated = [], [], 0
+    for group in groups:
+        ids, cut = encode_conversations(tokenizer, [group.prompt] * len(group.responses), group.responses, group.finished)
+        examples.append(
+            {
+                "completions": list(range(len(sequences), len(sequences) + len(ids))),
+                "chosen": [c.chosen for c in group.comparisons],
+                "rejected": [c.rejected for c in group.comparisons],
+                "margin": [c.margin for c in group.comparisons],
+                "weight": [c.weight for c in group.comparisons],
+                # The trainer batches examples of similar length together: less compute is wasted on padding.
+                "length": max(len(seq) for seq in ids),
+            }
+        )
+        sequences.extend(ids)
+        truncated += cut
+    return sequences, examples, truncated
 
 
 def num_pairs(groups: list[PromptComparisons]) -> int:

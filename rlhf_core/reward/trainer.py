@@ -11,6 +11,8 @@ scores - K forward passes for C(K,2) pairs (InstructGPT, section 3.5).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +23,11 @@ from trl import RewardTrainer
 
 from rlhf_core.config import RewardConfig
 from rlhf_core.errors import DataError
-from rlhf_core.reward.build import build_reward_model, trainable_parameters
-from rlhf_core.reward.data import PromptComparisons, encode_group, num_pairs
-from rlhf_core.reward.model import pad_right, reward_tokenizer
+from rlhf_core.reward.build import build_reward_model, reward_head, trainable_parameters
+from rlhf_core.reward.data import PromptComparisons, encode_groups, num_pairs
+from rlhf_core.reward.model import RewardModel, pad_right, reward_tokenizer
+from rlhf_core.reward.probe import fit_linear_head
+from rlhf_core.reward.trunk import CachedTrunkScorer, FrozenTrunk, pad_left_states
 
 
 def is_main_process() -> bool:
@@ -63,25 +67,49 @@ def ranking_loss(
     return loss, diff
 
 
-@dataclass
-class RankingCollator:
-    """Stacks the completions of several prompts into one right-padded batch and shifts their pair indexes."""
+#: batch keys that describe the pairs; every other key is an input of the model
+PAIR_KEYS = ("chosen", "rejected", "margin", "weight")
 
+
+@dataclass
+class TokenInputs:
+    """Model inputs for completions given by index: their token ids, right-padded."""
+
+    sequences: list[list[int]]
     pad_token_id: int
 
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_right([self.sequences[i] for i in indices], self.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@dataclass
+class TrunkStateInputs:
+    """Model inputs for completions given by index: their cached frozen-trunk states (see rlhf_core.reward.trunk)."""
+
+    states: list[torch.Tensor]
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return pad_left_states([self.states[i] for i in indices])
+
+
+@dataclass
+class RankingCollator:
+    """Stacks the completions of several prompts into one batch and shifts their pair indexes to match."""
+
+    model_inputs: Callable[[list[int]], dict[str, torch.Tensor]]
+
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        sequences, chosen, rejected, margin, weight = [], [], [], [], []
+        completions, chosen, rejected, margin, weight = [], [], [], [], []
         for example in examples:
-            offset = len(sequences)
-            sequences.extend(example["input_ids"])
+            offset = len(completions)
+            completions.extend(example["completions"])
             chosen.extend(offset + i for i in example["chosen"])
             rejected.extend(offset + i for i in example["rejected"])
             margin.extend(example["margin"])
             weight.extend(example["weight"])
-        input_ids, attention_mask = pad_right(sequences, self.pad_token_id)
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            **self.model_inputs(completions),
             "chosen": torch.tensor(chosen, dtype=torch.long),
             "rejected": torch.tensor(rejected, dtype=torch.long),
             "margin": torch.tensor(margin, dtype=torch.float32),
@@ -103,7 +131,7 @@ class RankingRewardTrainer(RewardTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        outputs = model(**{k: v for k, v in inputs.items() if k not in PAIR_KEYS}, use_cache=False)
         rewards = outputs.logits.squeeze(-1).float()
         loss, diff = ranking_loss(
             rewards, inputs["chosen"], inputs["rejected"], inputs["margin"], inputs["weight"],
@@ -154,6 +182,7 @@ def trainer_args(cfg: RewardConfig, output_dir: Path) -> TRLRewardConfig:
 class FitResult:
     model: object
     tokenizer: object
+    scorer: object  # what scores fastest right after training: the trunk cache (finetune=freeze) or the model itself
     losses: list[tuple[int, float]]
     seconds: float
     steps: int
@@ -162,36 +191,69 @@ class FitResult:
     trainable_parameters: int
 
 
+def probe_pairs(examples: list[dict], features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(chosen features, rejected features, margins, weights) of every pair of ``examples``."""
+    chosen, rejected, margin, weight = [], [], [], []
+    for example in examples:
+        completions = example["completions"]
+        chosen += [completions[i] for i in example["chosen"]]
+        rejected += [completions[i] for i in example["rejected"]]
+        margin += example["margin"]
+        weight += example["weight"]
+    return features[chosen], features[rejected], torch.tensor(margin), torch.tensor(weight)
+
+
 def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[PromptComparisons], output_dir: Path) -> FitResult:
-    """Train a reward model on ``groups`` (every process of a distributed launch calls this)."""
+    """Train a reward model on ``groups`` (every process of a distributed launch calls this).
+
+    With ``finetune: freeze`` the frozen layers run once per completion (:mod:`rlhf_core.reward.trunk`);
+    with ``head_init: probe`` the head starts as a linear probe (:mod:`rlhf_core.reward.probe`).
+    """
     from datasets import Dataset
 
     tokenizer = reward_tokenizer(base_model, cfg.max_length)
     model, peft_config = build_reward_model(base_model, tokenizer, cfg)
-    encoded = [encode_group(tokenizer, group) for group in groups if group.comparisons]
-    if not encoded:
+    sequences, examples, truncated = encode_groups(tokenizer, [g for g in groups if g.comparisons])
+    if not examples:
         raise DataError("no training pairs")
+    batch = cfg.score_batch_size
+    frozen = cfg.finetune == "freeze"
+    # Without frozen layers the trunk is the embeddings alone: states for the probe, not for training.
+    trunk = FrozenTrunk(model, cfg.freeze_layers if frozen else 0)
+    states = None
+    if frozen or cfg.head_init == "probe":
+        states = trunk.states(sequences, tokenizer.pad_token_id, batch, desc="frozen layers")
+    if cfg.head_init == "probe":
+        chosen, rejected, margin, weight = probe_pairs(examples, trunk.final_features(states, batch))
+        with torch.no_grad():
+            reward_head(model).weight.copy_(fit_linear_head(chosen, rejected, margin, weight, cfg.probe_l2)[None])
     trainer = RankingRewardTrainer(
         model=model,
         args=trainer_args(cfg, output_dir),
-        train_dataset=Dataset.from_list([example for example, _ in encoded]),
+        train_dataset=Dataset.from_list(examples),
         processing_class=tokenizer,
-        data_collator=RankingCollator(tokenizer.pad_token_id),
+        data_collator=RankingCollator(TrunkStateInputs(states) if frozen else TokenInputs(sequences, tokenizer.pad_token_id)),
         peft_config=peft_config,
     )
     trainable = trainable_parameters(trainer.model)
-    output = trainer.train()
+    with trunk.upper() if frozen else nullcontext():
+        output = trainer.train()
     model = trainer.model
     if peft_config is not None:
         model = model.merge_and_unload()
+    if frozen:
+        scorer = CachedTrunkScorer(trunk, tokenizer, {tuple(seq): state for seq, state in zip(sequences, states)})
+    else:
+        scorer = RewardModel(model, tokenizer)
     losses = [(int(row["step"]), float(row["loss"])) for row in trainer.state.log_history if "loss" in row]
     return FitResult(
         model=model,
         tokenizer=tokenizer,
+        scorer=scorer,
         losses=losses,
         seconds=float(output.metrics["train_runtime"]),
         steps=int(output.global_step),
         pairs=num_pairs(groups),
-        truncated=sum(truncated for _, truncated in encoded),
+        truncated=truncated,
         trainable_parameters=trainable,
     )

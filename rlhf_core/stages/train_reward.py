@@ -132,7 +132,7 @@ def run(params: Params) -> dict:
         base = normalization_completions(params, train)
         base_items = list(zip(base.prompts, base.responses, base.finished))
         heldout_items = conversations(validation)
-        scores = score_conversations(reward_model, base_items + heldout_items, cfg.score_batch_size, desc="scoring")
+        scores = score_conversations(fit.scorer, base_items + heldout_items, cfg.score_batch_size, desc="scoring")
         reward_model.fit_normalization(torch.tensor([scores[item] for item in base_items]))
         normalised = (torch.tensor([scores[item] for item in heldout_items]) - reward_model.shift) / reward_model.scale
         metrics = {**heldout_metrics(validation, scores), **noise_ceiling(paths.metrics, validation)}
