@@ -6,6 +6,10 @@ and distributed plumbing, and overrides the two places where pairs are made:
 the dataset (already tokenised, one example per prompt) and the loss, which
 scores every distinct completion of the batch once and reads all pairs off those
 scores - K forward passes for C(K,2) pairs (InstructGPT, section 3.5).
+
+:func:`fit_reward_model` is the whole recipe: tokenise, run the frozen layers
+once (:mod:`rlhf_core.reward.trunk`), start the head as a linear probe
+(:mod:`rlhf_core.reward.probe`), then fine-tune the upper layers with the trainer.
 """
 
 from __future__ import annotations
@@ -120,13 +124,14 @@ class RankingCollator:
 class RankingRewardTrainer(RewardTrainer):
     """``RewardTrainer`` whose batch elements are whole prompts (see the module docstring).
 
+    Inputs are token ids or cached trunk states (see :class:`RankingCollator`).
     Logs, besides the loss: ``accuracy`` (share of the batch's pairs ordered as
     labelled), ``margin`` (mean r_c - r_r), ``mean_reward`` and ``completions``
-    (forward passes in the step).
+    (sequences scored in the step).
     """
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # Examples are tokenised by rlhf_core.reward.data.encode_group: one per prompt, not one per pair.
+        # Examples are tokenised by rlhf_core.reward.data.encode_groups: one per prompt, not one per pair.
         return dataset
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -203,11 +208,20 @@ def probe_pairs(examples: list[dict], features: torch.Tensor) -> tuple[torch.Ten
     return features[chosen], features[rejected], torch.tensor(margin), torch.tensor(weight)
 
 
+def init_head_as_probe(model, features: torch.Tensor, examples: list[dict], l2: float) -> None:
+    """Set the head to the linear probe fitted on the training pairs' final features (LP-FT)."""
+    chosen, rejected, margin, weight = probe_pairs(examples, features)
+    with torch.no_grad():
+        reward_head(model).weight.copy_(fit_linear_head(chosen, rejected, margin, weight, l2)[None])
+
+
 def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[PromptComparisons], output_dir: Path) -> FitResult:
     """Train a reward model on ``groups`` (every process of a distributed launch calls this).
 
     With ``finetune: freeze`` the frozen layers run once per completion (:mod:`rlhf_core.reward.trunk`);
     with ``head_init: probe`` the head starts as a linear probe (:mod:`rlhf_core.reward.probe`).
+    Under DDP each process runs that one-off pass over all training completions
+    (it is not sharded); the training steps are.
     """
     from datasets import Dataset
 
@@ -216,6 +230,8 @@ def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[Pro
     sequences, examples, truncated = encode_groups(tokenizer, [g for g in groups if g.comparisons])
     if not examples:
         raise DataError("no training pairs")
+    args = trainer_args(cfg, output_dir)
+    model.to(args.device)  # the trunk pass and the probe run before the trainer would move the model
     batch = cfg.score_batch_size
     frozen = cfg.finetune == "freeze"
     # Without frozen layers the trunk is the embeddings alone: states for the probe, not for training.
@@ -224,12 +240,10 @@ def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[Pro
     if frozen or cfg.head_init == "probe":
         states = trunk.states(sequences, tokenizer.pad_token_id, batch, desc="frozen layers")
     if cfg.head_init == "probe":
-        chosen, rejected, margin, weight = probe_pairs(examples, trunk.final_features(states, batch))
-        with torch.no_grad():
-            reward_head(model).weight.copy_(fit_linear_head(chosen, rejected, margin, weight, cfg.probe_l2)[None])
+        init_head_as_probe(model, trunk.final_features(states, batch), examples, cfg.probe_l2)
     trainer = RankingRewardTrainer(
         model=model,
-        args=trainer_args(cfg, output_dir),
+        args=args,
         train_dataset=Dataset.from_list(examples),
         processing_class=tokenizer,
         data_collator=RankingCollator(TrunkStateInputs(states) if frozen else TokenInputs(sequences, tokenizer.pad_token_id)),

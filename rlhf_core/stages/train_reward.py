@@ -2,7 +2,8 @@
 
 1. Group the preference pairs by prompt and hold out whole prompts.
 2. Train with TRL's ``RewardTrainer``, all pairs of a prompt in one batch element
-   (K forward passes for C(K,2) pairs; :mod:`rlhf_core.reward.trainer`).
+   (K forward passes for C(K,2) pairs), the frozen lower layers run once per
+   completion, the head started as a linear probe (:mod:`rlhf_core.reward.trainer`).
 3. Normalise: the base model's own completions on the training prompts score
    mean 0, std 1.
 4. Measure held-out pairwise accuracy next to its ceiling (annotator agreement;
