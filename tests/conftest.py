@@ -59,6 +59,17 @@ def isolate_env(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
         monkeypatch.delenv(key, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine it makes them many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def work_env(tmp_path, monkeypatch) -> Path:
     """A bare isolated project root (params.yaml with tiny overrides, empty .work)."""

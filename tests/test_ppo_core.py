@@ -14,15 +14,6 @@ from rlhf_core.ppo.trainer import PromptCycle
 T = torch.tensor
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from a second thread, and lose much when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- KL estimators
 
 

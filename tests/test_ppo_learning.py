@@ -12,15 +12,6 @@ NEW_TOKENS = 8
 UPDATES = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from a second thread, and lose much when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def favourite_token_model(tiny_base_model, tmp_path_factory):
     """The tiny random model, nudged so that one token has a fair chance (about 40%) in every context.

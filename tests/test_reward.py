@@ -28,16 +28,6 @@ from rlhf_core.schemas import Completion, Prompt, Ranking
 
 from .test_train_reward_stage import marker_bundle
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared, busy machine it makes them many times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------- loss and metrics
 

@@ -71,17 +71,6 @@ def reward_project(root: Path, base_model: Path, overrides: dict | None = None) 
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared, busy machine it makes them many times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def project(work_env, tiny_base_model):
     root = reward_project(work_env, tiny_base_model, LEARNABLE)
