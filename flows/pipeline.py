@@ -12,6 +12,7 @@ experiment per flow run.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -81,7 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-experiment", action="store_true", help="do not record the run as a DVC experiment")
     args = parser.parse_args(argv)
     runtime.configure(Path(args.project_dir).resolve())
-    rlhf_pipeline(args.project_dir, args.stages, args.from_champion, not args.no_experiment)
+    try:
+        rlhf_pipeline(args.project_dir, args.stages, args.from_champion, not args.no_experiment)
+    except KeyboardInterrupt:
+        sys.exit("pipeline interrupted; run it again to resume (DVC skips finished stages, PPO resumes its checkpoint)")
+    except Exception as exc:  # noqa: BLE001 - the stage's own error, without the orchestration traceback
+        sys.exit(f"pipeline failed: {exc}")
 
 
 if __name__ == "__main__":
