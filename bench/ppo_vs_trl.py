@@ -8,8 +8,8 @@ RSS is per side, alternating: ours (default mode), TRL, ours (full fine-tuning),
 and again for every round.  The first update of every run is warm-up and left
 out of the medians.
 
-    .venv/bin/python bench/ppo_vs_trl.py                     # 5 updates x 3 sides x 2 rounds, ~10+ minutes
-    .venv/bin/python bench/ppo_vs_trl.py --updates 3 --rounds 1 --model /tmp/tiny
+    .venv/bin/python bench/ppo_vs_trl.py                     # 5 updates x 3 sides x 2 rounds, ~13 min when quiet
+    .venv/bin/python bench/ppo_vs_trl.py --updates 2 --rounds 1 --model /tmp/tiny --params /tmp/tiny-params.yaml
 
 Writes bench/results/ppo_vs_trl_<date>.json (machine, versions, config, every
 raw timing, summary, ratios) and prints a markdown table.  See bench/README.md.

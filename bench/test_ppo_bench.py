@@ -71,6 +71,7 @@ def test_side_summary_drops_each_runs_warmup_update():
     side = side_summary([_run([100, 1, 3], rss=5), _run([100, 2, 4], rss=7)], peaks={"float32": 100.0})
     assert side["steady_updates"] == 4
     assert side["median_seconds_per_update"] == 2.5
+    assert side["median_seconds_per_update_by_round"] == {"1": 2, "2": 3}
     assert side["median_generated_tokens_per_second"] == 20
     assert side["peak_rss_bytes"] == 7
     assert "median_training_flops_per_second" not in side

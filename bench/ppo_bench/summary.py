@@ -27,6 +27,9 @@ def side_summary(runs: list[dict], peaks: dict[str, float]) -> dict:
         "steady_updates": len(steady),
         "median_seconds_per_update": statistics.median(u["seconds"] for u in steady),
         "seconds_per_update": [u["seconds"] for u in steady],
+        "median_seconds_per_update_by_round": {
+            str(run.get("round", i + 1)): statistics.median(u["seconds"] for u in run["updates"][1:]) for i, run in enumerate(runs)
+        },
         "median_generated_tokens_per_second": statistics.median(u["generated_tokens"] / u["generation_seconds"] for u in steady),
         "peak_rss_bytes": max(run["peak_rss_bytes"] for run in runs),
     }
