@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task
@@ -59,11 +61,32 @@ def _run_streaming(cmd: list[str], root: Path) -> tuple[int, str]:
     return process.wait(), kept.decode("utf-8", errors="replace").replace("\r", "\n")
 
 
+def _holder_file(task_run_id) -> Path:
+    """Where a running stage task records which process holds its Prefect task run (see ensure_concurrency_limit)."""
+    return Path(os.environ.get("PREFECT_HOME", ".")) / "task-holders" / str(task_run_id)
+
+
+@contextmanager
+def _record_holder():
+    from prefect.runtime import task_run
+
+    path = _holder_file(task_run.id) if task_run.id else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{socket.gethostname()} {os.getpid()}")
+    try:
+        yield
+    finally:
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
 def repro(stage: str, root: Path) -> dict:
     """Run ``dvc repro <stage>`` in ``root`` and return that stage's metrics."""
     runtime.configure(root)
     cmd = [sys.executable, "-m", "dvc", "repro", stage]
-    returncode, output = _run_streaming(cmd, root)
+    with _record_holder():
+        returncode, output = _run_streaming(cmd, root)
     if returncode != 0:
         raise StageFailed(stage, returncode, "\n".join(output.strip().splitlines()[-_TAIL_LINES:]))
     metrics_file = root / load_params(root / "params.yaml").paths.metrics / f"{stage}.json"
@@ -82,11 +105,60 @@ def _is_transient(task, task_run, state) -> bool:
 
 
 def ensure_concurrency_limit(tag: str, limit: int) -> None:
-    """Task-run concurrency limit by tag: at most ``limit`` ``gpu`` tasks run at once across flow runs."""
+    """Task-run concurrency limit by tag: at most ``limit`` ``gpu`` tasks run at once across flow runs.
+
+    A task run killed while holding a slot (SIGKILL, power loss) never gives it
+    back: its lease has no expiry, or - with the ephemeral server of a local
+    run - died with that server's memory while the database still counts the
+    slot, and every later ``gpu`` task would wait for it forever.  So slots
+    whose task run is no longer running are released here, before the flow's
+    first task asks for one.
+    """
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+        held = client.read_concurrency_limit_by_tag(tag).active_slots  # task runs whose lease the server knows
+        live = [run_id for run_id in held if _task_run_is_live(client, run_id)]
+        if len(live) < len(held):
+            client.reset_concurrency_limit_by_tag(tag, slot_override=live)
+        # Tag limits are global concurrency limits named "tag:<tag>"; their slot count can outlive every lease.
+        counted = client.read_global_concurrency_limit_by_name(f"tag:{tag}")
+        if counted.active_slots > len(live):
+            client.update_global_concurrency_limit(f"tag:{tag}", GlobalConcurrencyLimitUpdate(active_slots=len(live)))
+
+
+def _task_run_is_live(client, task_run_id) -> bool:
+    """False when the task run is over, or when it ran on this machine in a process that no longer exists.
+
+    A killed flow's runs stay "Running" in Prefect's database; the holder file
+    that :func:`repro` writes says which process ran them.  A holder on another
+    machine is taken to be alive.
+    """
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        task_run = client.read_task_run(task_run_id)
+    except ObjectNotFound:
+        return False
+    if task_run.state is None or task_run.state.is_final():
+        return False
+    try:
+        host, pid = _holder_file(task_run_id).read_text().split()
+    except (OSError, ValueError):
+        return True
+    return host != socket.gethostname() or _process_exists(int(pid))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def stage_task(stage: str, retries: int = 2, retry_delay_seconds: int = 10):

@@ -87,6 +87,8 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / "data").mkdir()
     shutil.copy(REPO / "data" / "prompts.jsonl", root / "data" / "prompts.jsonl")
+    for folder in ("labels", "imports"):  # inputs of collect_preferences, as in a clone
+        shutil.copytree(REPO / "data" / folder, root / "data" / folder)
     write_params(root, overrides)
     (root / ".gitignore").write_text(".work/\n")
     run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, capture_output=True)  # noqa: E731
