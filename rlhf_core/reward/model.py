@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,6 +93,37 @@ def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
     return input_ids, attention_mask
 
 
+def finished_flags(prompts: list[str], finished: list[bool] | None) -> list[bool]:
+    """Whether each response ended with the stop token (all did, when nobody says otherwise)."""
+    return [True] * len(prompts) if finished is None else [bool(f) for f in finished]
+
+
+@torch.no_grad()
+def scores_in_length_order(
+    model, lengths: list[int], batch: Callable[[list[int]], dict], batch_size: int, desc: str | None = None
+) -> torch.Tensor:
+    """The scalar head's output for every row, float32 on the CPU, in input order.
+
+    Rows are batched by length (padding is wasted compute); ``batch(rows)``
+    builds the model's keyword arguments for the rows it is given.
+    """
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    scores = torch.zeros(len(lengths), dtype=torch.float32)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None):
+            rows = order[first : first + batch_size]
+            inputs = {key: value.to(device) for key, value in batch(rows).items()}
+            scores[rows] = model(**inputs, use_cache=False).logits.squeeze(-1).float().cpu()
+    finally:
+        model.train(was_training)
+    return scores
+
+
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -154,27 +186,13 @@ class RewardModel:
         desc: str | None = None,
     ) -> torch.Tensor:
         """The head's output for each (prompt, response), float32 on the CPU, in input order."""
-        from tqdm.auto import tqdm
+        sequences, _ = encode_conversations(self.tokenizer, prompts, responses, finished_flags(prompts, finished))
 
-        finished = [True] * len(prompts) if finished is None else [bool(f) for f in finished]
-        sequences, _ = encode_conversations(self.tokenizer, prompts, responses, finished)
-        # Batching by length keeps padding - wasted compute - small.
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        scores = torch.zeros(len(sequences), dtype=torch.float32)
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None):
-                rows = order[first : first + batch_size]
-                input_ids, attention_mask = pad_right([sequences[i] for i in rows], self.tokenizer.pad_token_id)
-                logits = self.model(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-                ).logits
-                scores[rows] = logits.squeeze(-1).float().cpu()
-        finally:
-            self.model.train(was_training)
-        return scores
+        def batch(rows: list[int]) -> dict[str, torch.Tensor]:
+            input_ids, attention_mask = pad_right([sequences[i] for i in rows], self.tokenizer.pad_token_id)
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+        return scores_in_length_order(self.model, [len(s) for s in sequences], batch, batch_size, desc)
 
     def score(
         self,

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 
 from rlhf_core.reward.build import decoder_layers
-from rlhf_core.reward.model import pad_right
+from rlhf_core.reward.model import encode_conversations, finished_flags, pad_right, scores_in_length_order
 
 
 class _InputsEmbedsPaddingNote(logging.Filter):
@@ -131,25 +131,14 @@ class CachedTrunkScorer:
         batch_size: int = 16,
         desc: str | None = None,
     ) -> torch.Tensor:
-        from rlhf_core.reward.model import encode_conversations
-
-        finished = [True] * len(prompts) if finished is None else [bool(f) for f in finished]
-        keys = [tuple(seq) for seq in encode_conversations(self.tokenizer, prompts, responses, finished)[0]]
+        encoded, _ = encode_conversations(self.tokenizer, prompts, responses, finished_flags(prompts, finished))
+        keys = [tuple(seq) for seq in encoded]
         missing = list(dict.fromkeys(key for key in keys if key not in self.cache))
         if missing:
             states = self.trunk.states([list(key) for key in missing], self.tokenizer.pad_token_id, batch_size, desc=desc)
             self.cache.update(zip(missing, states))
-        model = self.trunk.model
-        device = next(model.parameters()).device
-        order = sorted(range(len(keys)), key=lambda i: len(keys[i]))
-        scores = torch.zeros(len(keys), dtype=torch.float32)
-        was_training = model.training
-        model.eval()
         with self.trunk.upper():
-            for first in range(0, len(order), batch_size):
-                rows = order[first : first + batch_size]
-                inputs = pad_left_states([self.cache[keys[i]] for i in rows])
-                logits = model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False).logits
-                scores[rows] = logits.squeeze(-1).float().cpu()
-        model.train(was_training)
-        return scores
+            lengths = [len(key) for key in keys]
+            return scores_in_length_order(
+                self.trunk.model, lengths, lambda rows: pad_left_states([self.cache[keys[i]] for i in rows]), batch_size
+            )
