@@ -120,13 +120,12 @@ def ensure_concurrency_limit(tag: str, limit: int) -> None:
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
         held = client.read_concurrency_limit_by_tag(tag).active_slots  # task runs whose lease the server knows
-        live = [run_id for run_id in held if _task_run_is_live(client, run_id)]
-        if len(live) < len(held):
-            client.reset_concurrency_limit_by_tag(tag, slot_override=live)
-        # Tag limits are global concurrency limits named "tag:<tag>"; their slot count can outlive every lease.
+        live = sum(_task_run_is_live(client, run_id) for run_id in held)
+        # Tag limits are global concurrency limits named "tag:<tag>", and the slot count is what blocks a new task.
+        # Only the count is corrected: the leases of live holders stay theirs to release.
         counted = client.read_global_concurrency_limit_by_name(f"tag:{tag}")
-        if counted.active_slots > len(live):
-            client.update_global_concurrency_limit(f"tag:{tag}", GlobalConcurrencyLimitUpdate(active_slots=len(live)))
+        if counted.active_slots > live:
+            client.update_global_concurrency_limit(f"tag:{tag}", GlobalConcurrencyLimitUpdate(active_slots=live))
 
 
 def _task_run_is_live(client, task_run_id) -> bool:
