@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from rlhf_core.ppo.checkpoint import latest_checkpoint
 from tests.conftest import write_params
 
 pytestmark = pytest.mark.slow
@@ -20,9 +21,10 @@ pytestmark = pytest.mark.slow
 FLOW = [sys.executable, "-m", "flows.pipeline", "--no-experiment"]
 
 
-def _checkpoints(root):
+def _complete_checkpoint(root):
+    """The newest finished PPO checkpoint (a folder still being written ends in ``.tmp``)."""
     folder = root / ".work" / "checkpoints" / "ppo"
-    return sorted(folder.glob("update-*")) if folder.exists() else []
+    return latest_checkpoint(folder) if folder.exists() else None
 
 
 def _kill_when_ppo_has_a_checkpoint(root, process, timeout=600):
@@ -31,7 +33,7 @@ def _kill_when_ppo_has_a_checkpoint(root, process, timeout=600):
         if process.poll() is not None:
             out, _ = process.communicate()
             pytest.fail(f"the flow ended before PPO checkpointed:\n{out[-3000:]}")
-        if _checkpoints(root):
+        if _complete_checkpoint(root) is not None:
             os.killpg(process.pid, signal.SIGKILL)  # the flow, its DVC child and the stage process
             process.wait()
             return
