@@ -123,7 +123,9 @@ def sample_next_token(
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix whose mass reaches top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     cdf = probs.double().cumsum(-1)
-    uniform = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    # Drawn where the generator lives (a CPU generator gives the same stream whatever device the model is on).
+    uniform = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=generator.device)
+    uniform = uniform.to(cdf.device) * cdf[:, -1:]
     token = torch.searchsorted(cdf, uniform, right=True).clamp(max=cdf.shape[-1] - 1)
     return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
 
