@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,15 +47,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=128, help="training prompts sampled (first N by id)")
     parser.add_argument("--updates", type=int, default=6, help="PPO updates (the first is left out of the median)")
     parser.add_argument("--out", help="JSON file for the figures (default: print only)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (models, preferences) and print it")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from rlhf_core.config import load_params
+    from rlhf_core.errors import RLHFError
+
+    work = Path(tempfile.mkdtemp(prefix="device-check-"))
+    try:
+        return check(args, load_params(args.params), work)
+    except RLHFError as exc:
+        print(f"device check: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if args.keep:
+            print(f"scratch folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def check(args: argparse.Namespace, params, work: Path) -> int:
     import torch
 
     from rlhf_core.base_model import build_tiny
-    from rlhf_core.config import TinyModelConfig, load_params
+    from rlhf_core.config import TinyModelConfig
     from rlhf_core.evaluation.likelihood import response_logprobs
     from rlhf_core.generation import default_device, load_policy, sample_completions
     from rlhf_core.ppo.policy import resolve_bf16
@@ -68,14 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_core.stages.collect_preferences import simulated_bundle
     from rlhf_core.stages.generate_candidates import to_completions
 
-    params = load_params(args.params)
     reward_cfg, ppo_cfg = params.reward, params.ppo.model_copy(update={"updates": args.updates})
     if args.shape:  # frozen layers must stay below the model's depth
         top = SHAPES[args.shape]["num_hidden_layers"] - 1
         reward_cfg = reward_cfg.model_copy(update={"freeze_layers": min(reward_cfg.freeze_layers, top)})
         ppo_cfg = ppo_cfg.model_copy(update={"freeze_layers": min(ppo_cfg.freeze_layers, top)})
     device = default_device()
-    work = Path(tempfile.mkdtemp(prefix="device-check-"))
     if args.shape:
         model_dir = work / "base"
         build_tiny(TinyModelConfig(**SHAPES[args.shape]), model_dir)
