@@ -152,7 +152,7 @@ def sample_tokens(
     """
     out = model(input_ids=query_ids, attention_mask=query_mask, position_ids=(query_mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = out.cache, out.logits[:, -1]
     if num_samples > 1:
         cache.batch_repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
@@ -173,9 +173,9 @@ def sample_tokens(
         # Rows that have ended keep decoding pad tokens; their outputs are masked out of the response.
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         out = model(
-            input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=next_position, past_key_values=cache, use_cache=True
+            input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=next_position, cache=cache, use_cache=True
         )
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = out.cache, out.logits[:, -1]
         next_position = next_position + 1
     response = torch.stack(tokens, dim=1)
     response_mask = torch.stack(live, dim=1).long()
