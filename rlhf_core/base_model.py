@@ -141,10 +141,23 @@ def _finish_and_save(model, tokenizer, out_dir: Path) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    save_model_folder(model, tokenizer, out_dir)
+
+
+def save_model_folder(model, tokenizer, out_dir: str | Path, extra_files: dict[str, str] | None = None) -> None:
+    """Write safetensors weights, the tokenizer and ``extra_files`` (name -> text) to ``out_dir``, atomically.
+
+    Everything goes to ``<out_dir>.tmp`` first, which then replaces ``out_dir``:
+    a kill leaves the old folder or the new one, never a half-written mix.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 

@@ -326,10 +326,7 @@ def export_policy(model: ActorCritic, cfg: PPOConfig, start_path, out_dir, token
     The frozen weights are taken from ``start_path``; the trained ones are
     overlaid, LoRA is merged, the value head and the reference are left out.
     """
-    import shutil
-    from pathlib import Path
-
-    from rlhf_core.base_model import load_causal_lm
+    from rlhf_core.base_model import load_causal_lm, save_model_folder
 
     lm = load_causal_lm(start_path, dtype="float32")
     if cfg.mode == "lora":
@@ -340,10 +337,4 @@ def export_policy(model: ActorCritic, cfg: PPOConfig, start_path, out_dir, token
         raise RLHFError(f"trained weights do not fit the starting model: {unexpected[:3]}")
     if cfg.mode == "lora":
         lm = lm.merge_and_unload()
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    save_model_folder(lm, tokenizer, out_dir)

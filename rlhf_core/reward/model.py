@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,15 +165,10 @@ class RewardModel:
 
     def save(self, path: str | Path) -> None:
         """Write safetensors weights, tokenizer and normalisation to ``path`` (replaced atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        (tmp / NORMALIZATION_FILE).write_text(json.dumps({"shift": self.shift, "scale": self.scale}, indent=2) + "\n")
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        from rlhf_core.base_model import save_model_folder
+
+        norm = json.dumps({"shift": self.shift, "scale": self.scale}, indent=2) + "\n"
+        save_model_folder(self.model, self.tokenizer, path, {NORMALIZATION_FILE: norm})
 
     @torch.no_grad()
     def raw_scores(
