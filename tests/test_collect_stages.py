@@ -119,6 +119,33 @@ def test_human_backend_keeps_good_records_and_reports_bad_ones(in_project):
     assert ("rankings.jsonl", 8) in lines and ("completions.jsonl", 7) in lines
 
 
+def test_human_backend_leaves_out_the_blind_evaluation_task(in_project):
+    """Labels of evaluate's side-by-side task come back through the same export; they must not train the reward model."""
+    from rlhf_core.evaluation.human_eval import SOURCE
+    from rlhf_core.preferences import PreferenceBundle
+    from rlhf_core.schemas import Prompt
+
+    bundle = PreferenceBundle()
+    for pid, source in (("train-1", "human"), ("train-2", "human"), ("eval-1", SOURCE)):
+        bundle.prompts.append(Prompt(id=pid, text=f"Question {pid}?", source=source))
+        ids = [f"{pid}-{i}" for i in range(3)]
+        bundle.completions += [
+            Completion(id=c, prompt_id=pid, text=f"Answer {c}.", policy_version="blind" if source == SOURCE else "base")
+            for c in ids
+        ]
+        bundle.rankings.append(
+            Ranking(id=f"r-{pid}", prompt_id=pid, completion_ids=ids, ranks=[1, 2, 3], annotator_id="ann", source="human")
+        )
+    bundle.write(in_project / "data" / "labels-with-eval")
+    overrides = {"paths": {"label_export": "data/labels-with-eval"}, "labeling": {"backend": "human"}}
+    metrics, out = collect(in_project, "human-eval-left-out", overrides)
+    pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
+    assert {p.prompt_id for p in pairs} == {"train-1", "train-2"} and len(pairs) == 6
+    assert metrics["preferences/human_eval_rankings_left_out"] == 1
+    assert metrics["preferences/prompts"] == 2 and metrics["preferences/completions"] == 6
+    assert all(c.prompt_id != "eval-1" for c in read_jsonl(out / "completions.jsonl", Completion))
+
+
 def test_import_backend_reads_trl_jsonl(in_project):
     pytest.importorskip("rlhf_core.importers")
     folder = in_project / "data" / "imports"

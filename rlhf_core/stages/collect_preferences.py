@@ -79,6 +79,33 @@ def load_bundle(params: Params) -> tuple[PreferenceBundle, str]:
     return imported_bundle(Path(paths.preference_import), cfg), paths.preference_import
 
 
+def without_human_eval(bundle: PreferenceBundle) -> tuple[PreferenceBundle, int]:
+    """The bundle without the rankings of blind evaluation tasks, and how many there were.
+
+    ``evaluate`` hands out its side-by-side comparisons as labelling items whose
+    prompts say ``source: "human_eval"``; their labels come back through the
+    same export as training labels.  They measure policies on held-out prompts,
+    so training the reward model on them would leak the evaluation set.
+    """
+    from rlhf_core.evaluation.human_eval import SOURCE
+
+    eval_prompts = {p.id for p in bundle.prompts if p.source == SOURCE}
+    if not eval_prompts:
+        return bundle, 0
+    kept = [r for r in bundle.rankings if r.prompt_id not in eval_prompts]
+    left_out = len(bundle.rankings) - len(kept)
+    return (
+        PreferenceBundle(
+            prompts=[p for p in bundle.prompts if p.id not in eval_prompts],
+            completions=[c for c in bundle.completions if c.prompt_id not in eval_prompts],
+            rankings=kept,
+            rejects=list(bundle.rejects),
+            origins=dict(bundle.origins),
+        ),
+        left_out,
+    )
+
+
 def agreement_standard_error(rankings: list[Ranking]) -> float | None:
     """Standard error of the pooled pairwise agreement, clustered by prompt (a prompt's pairs are not independent).
 
@@ -140,6 +167,7 @@ def run(params: Params) -> dict:
     ) as stage:
         stage.log_params(cfg.model_dump())
         bundle, source = load_bundle(params)
+        bundle, held_out = without_human_eval(bundle)
         bundle = referenced(bundle)
         pairs = bundle_pairs(bundle, margin="rank_distance")
         write_outputs(out, bundle, pairs)
@@ -149,4 +177,7 @@ def run(params: Params) -> dict:
             raise DataError(
                 f"{source}: nothing usable: {kept}, {len(bundle.rejects)} records rejected (see {out / 'rejects.jsonl'})"
             )
-        return stage.finish({"preferences/backend": cfg.backend, **preference_metrics(bundle, pairs, cfg.backend == "simulated")})
+        metrics = {"preferences/backend": cfg.backend, **preference_metrics(bundle, pairs, cfg.backend == "simulated")}
+        if held_out:
+            metrics["preferences/human_eval_rankings_left_out"] = held_out
+        return stage.finish(metrics)
