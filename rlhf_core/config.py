@@ -160,6 +160,12 @@ class RewardConfig(Section):
         256, ge=2, description="Base-model completions scored to set the reward's zero and unit (mean 0, std 1)."
     )
     score_batch_size: int = Field(16, gt=0, description="Sequences per forward pass when scoring after training.")
+    read_stop_token: bool = Field(
+        False,
+        description="Whether the reward model reads the policy's stop token after a finished response. Off: it reads "
+        "the text as annotators saw it and judges completeness from the text itself; a policy cannot earn reward just "
+        "by stopping (the PPO stage's missing_eos_penalty is the separate, explicit push to finish).",
+    )
     champion_min_accuracy: float = Field(
         0.6, ge=0, le=1, description="Held-out pairwise accuracy a new version needs to become the registry's champion."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from rlhf_core.preferences import PreferenceBundle, bundle_pairs
 from rlhf_core.records import write_jsonl
 from rlhf_core.reward import RewardModel
 from rlhf_core.reward.build import build_reward_model, freeze_lower_layers, init_reward_head, load_sequence_classifier
-from rlhf_core.reward.data import encode_groups, load_prompt_comparisons, split_by_prompt
+from rlhf_core.reward.data import PromptComparisons, encode_groups, load_prompt_comparisons, split_by_prompt
 from rlhf_core.reward.metrics import comparison_diffs, expected_calibration_error, group_by, pairwise_accuracy
 from rlhf_core.reward.model import encode_conversations, pad_right, reward_tokenizer
 from rlhf_core.reward.trainer import (
@@ -170,8 +171,8 @@ def test_conversations_keep_their_end_and_the_stop_token_only_when_finished(toke
 
 
 def test_head_reads_the_stop_token(tiny_base_model, tokenizer):
-    """A finished and a cut-off answer with the same text score differently: the head sees the stop token."""
-    model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer)
+    """With reward.read_stop_token on, a finished and a cut-off answer with the same text score differently."""
+    model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer, reads_stop_token=True)
     init_reward_head(model.model, seed=0)
     done, cut = model.raw_scores(["Hi?", "Hi?"], ["Hello.", "Hello."], [True, False]).tolist()
     assert done != cut
@@ -179,6 +180,37 @@ def test_head_reads_the_stop_token(tiny_base_model, tokenizer):
     alone = model.raw_scores(["Hi?"], ["Hello."], [True]).item()
     mixed = model.raw_scores(["Hi?", "A much longer question about many things?"], ["Hello.", "A long answer " * 5], batch_size=2)
     assert mixed[0].item() == pytest.approx(alone, abs=1e-5)
+
+
+def test_text_only_reward_model_ignores_the_stop_token_and_keeps_that_setting_when_saved(tiny_base_model, tokenizer, tmp_path):
+    """reward.read_stop_token off: finished and cut-off answers with the same text score the same, in every scorer."""
+    from rlhf_core.reward.trunk import CachedTrunkScorer, FrozenTrunk
+
+    model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer, reads_stop_token=False)
+    init_reward_head(model.model, seed=0)
+    done, cut = model.raw_scores(["Hi?", "Hi?"], ["Hello.", "Hello."], [True, False]).tolist()
+    assert done == pytest.approx(cut, abs=1e-6)
+    assert model.raw_scores(["Hi?"], ["Hello."]).item() == pytest.approx(done, abs=1e-6)  # default "finished" too
+
+    model.save(tmp_path / "rm")
+    assert json.loads((tmp_path / "rm" / "normalization.json").read_text())["reads_stop_token"] is False
+    loaded = RewardModel.load(tmp_path / "rm")
+    assert loaded.reads_stop_token is False
+    assert loaded.raw_scores(["Hi?"], ["Hello."], [True]).item() == pytest.approx(done, abs=1e-5)
+    # A folder saved before the setting existed reads the stop token, as it was trained to.
+    norm = tmp_path / "rm" / "normalization.json"
+    norm.write_text(json.dumps({"shift": 0.0, "scale": 1.0}))
+    assert RewardModel.load(tmp_path / "rm").reads_stop_token is True
+
+    # Training sequences and the cached-trunk scorer read the same text as the model.
+    group = PromptComparisons("p1", "Hi?", ["a", "b"], ["Hello.", "Hey"], [True, False])
+    (seq_done, seq_cut), _, _ = encode_groups(tokenizer, [group], reads_stop_token=False)
+    assert tokenizer.eos_token_id not in seq_done[-1:] and tokenizer.eos_token_id not in seq_cut[-1:]
+    (with_stop, _), _, _ = encode_groups(tokenizer, [group], reads_stop_token=True)
+    assert with_stop[-1] == tokenizer.eos_token_id
+    scorer = CachedTrunkScorer(FrozenTrunk(model.model, 1), tokenizer, {}, reads_stop_token=False)
+    again = scorer.raw_scores(["Hi?", "Hi?"], ["Hello.", "Hello."], [True, False], batch_size=2)
+    assert again.tolist() == pytest.approx([done, done], abs=1e-5)
 
 
 def test_head_init_and_freezing(tiny_base_model, tokenizer):
@@ -244,7 +276,7 @@ def test_collator_stacks_completions_and_shifts_pair_indexes():
 def test_upper_layers_on_cached_trunk_states_score_like_the_full_model(tiny_base_model, tokenizer):
     from rlhf_core.reward.trunk import FrozenTrunk
 
-    model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer)
+    model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer, reads_stop_token=True)
     init_reward_head(model.model, seed=0)
     prompts, responses, finished = ["Hi?", "Tell me a story."], ["Hello.", "Once upon a time there was"], [True, False]
     full = model.raw_scores(prompts, responses, finished)
@@ -263,7 +295,7 @@ def test_upper_layers_on_cached_trunk_states_score_like_the_full_model(tiny_base
     from rlhf_core.reward.trunk import CachedTrunkScorer
 
     cache = {tuple(sequences[0]): states[0]}
-    scorer = CachedTrunkScorer(trunk, tokenizer, cache)
+    scorer = CachedTrunkScorer(trunk, tokenizer, cache, reads_stop_token=True)
     again = scorer.raw_scores(prompts + ["Why?"], responses + ["Because."], finished + [True], batch_size=2)
     assert torch.allclose(again, torch.cat([full, model.raw_scores(["Why?"], ["Because."])]), atol=1e-5)
     assert len(cache) == 3 and cache[tuple(sequences[0])] is states[0]  # cached states are reused, new ones added

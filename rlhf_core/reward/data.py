@@ -124,17 +124,21 @@ def split_by_prompt(
     return [g for g in groups if g.prompt_id not in validation], [g for g in groups if g.prompt_id in validation]
 
 
-def encode_groups(tokenizer, groups: list[PromptComparisons]) -> tuple[list[list[int]], list[dict], int]:
+def encode_groups(
+    tokenizer, groups: list[PromptComparisons], reads_stop_token: bool = True
+) -> tuple[list[list[int]], list[dict], int]:
     """Token ids of every distinct completion, one training example per prompt, and how many were truncated.
 
     An example names its completions by their index in the returned sequences,
     and its pairs by indexes into its own completions.
     """
-    from rlhf_core.reward.model import encode_conversations
+    from rlhf_core.reward.model import encode_conversations, finished_flags
 
     sequences, examples, truncated = [], [], 0
     for group in groups:
-        ids, cut = encode_conversations(tokenizer, [group.prompt] * len(group.responses), group.responses, group.finished)
+        prompts = [group.prompt] * len(group.responses)
+        flags = finished_flags(prompts, group.finished, reads_stop_token)
+        ids, cut = encode_conversations(tokenizer, prompts, group.responses, flags)
         examples.append(
             {
                 "completions": list(range(len(sequences), len(sequences) + len(ids))),

@@ -2,16 +2,26 @@
 
 A reward model is ``AutoModelForSequenceClassification`` with one label: the
 head reads the hidden state of the last non-pad token.  It reads the prompt in
-the chat template, the response, and the stop token only when the policy
-emitted it (:func:`rlhf_core.generation.conversation_text`) - the same text the
-PPO and evaluation stages score.
+the chat template and the response (:func:`rlhf_core.generation.conversation_text`)
+- the same text the PPO and evaluation stages score.
+
+Whether it also reads the stop token after a finished response is a setting
+(``reward.read_stop_token``, off by default).  Annotators see text, not stop
+tokens: they judge an answer complete when it reads complete.  A reward model
+that sees the stop token finds a shortcut in it instead - finished candidates
+were mostly the complete ones - and PPO then earns reward by stopping early
+with anything (measured on the default run: answers like ``<<Explain Offer>>``
+scored +2.1 proxy, 0.005 gold).  Reading text only, the model has to judge
+completeness from the text, and PPO's push to finish is the explicit
+``ppo.missing_eos_penalty``.
 
 Two details make that text work:
 
 * The pad token must differ from the stop token.  SmolLM2 pads with its stop
-  token ``<|im_end|>``; the head would then read the token *before* a final
-  ``<|im_end|>`` and could not tell a finished answer from a cut-off one.  The
-  reward tokenizer pads with another special token instead (no new embedding).
+  token ``<|im_end|>``; a model that reads the stop token would then read the
+  token *before* a final ``<|im_end|>`` and could not tell a finished answer
+  from a cut-off one.  The reward tokenizer pads with another special token
+  instead (no new embedding).
 * Sequences are padded on the right and truncated on the left, so positions
   never depend on the batch and the end of the response - where the score is
   read - is always kept.
@@ -92,8 +102,14 @@ def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
     return input_ids, attention_mask
 
 
-def finished_flags(prompts: list[str], finished: list[bool] | None) -> list[bool]:
-    """Whether each response ended with the stop token (all did, when nobody says otherwise)."""
+def finished_flags(prompts: list[str], finished: list[bool] | None, reads_stop_token: bool = True) -> list[bool]:
+    """Whether the reward model reads a stop token after each response.
+
+    A reward model that reads it sees it where the policy emitted it (after
+    every response when nobody says otherwise); one that does not never sees it.
+    """
+    if not reads_stop_token:
+        return [False] * len(prompts)
     return [True] * len(prompts) if finished is None else [bool(f) for f in finished]
 
 
@@ -136,13 +152,17 @@ class RewardModel:
     """A trained reward model: ``.model`` (sequence classification, one label), ``.tokenizer``, ``.shift``, ``.scale``.
 
     :meth:`score` returns ``(raw - shift) / scale``; :meth:`raw_scores` the head's output.
+    ``reads_stop_token`` says whether the text it scores ends with the stop
+    token of finished responses (``reward.read_stop_token``); it is saved with
+    the normalisation, so every stage reads conversations the way training did.
     """
 
-    def __init__(self, model, tokenizer, shift: float = 0.0, scale: float = 1.0):
+    def __init__(self, model, tokenizer, shift: float = 0.0, scale: float = 1.0, reads_stop_token: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.shift = float(shift)
         self.scale = float(scale)
+        self.reads_stop_token = bool(reads_stop_token)
 
     @classmethod
     def load(cls, path: str | Path, dtype: str | torch.dtype | None = None) -> "RewardModel":
@@ -161,13 +181,16 @@ class RewardModel:
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
         norm = json.loads(norm_file.read_text())
-        return cls(model.to(default_device()).eval(), tokenizer, norm["shift"], norm["scale"])
+        # Folders written before the setting existed read the stop token.
+        reads = norm.get("reads_stop_token", True)
+        return cls(model.to(default_device()).eval(), tokenizer, norm["shift"], norm["scale"], reads)
 
     def save(self, path: str | Path) -> None:
         """Write safetensors weights, tokenizer and normalisation to ``path`` (replaced atomically)."""
         from rlhf_core.base_model import save_model_folder
 
-        norm = json.dumps({"shift": self.shift, "scale": self.scale}, indent=2) + "\n"
+        norm = {"shift": self.shift, "scale": self.scale, "reads_stop_token": self.reads_stop_token}
+        norm = json.dumps(norm, indent=2) + "\n"
         save_model_folder(self.model, self.tokenizer, path, {NORMALIZATION_FILE: norm})
 
     @torch.no_grad()
@@ -180,7 +203,8 @@ class RewardModel:
         desc: str | None = None,
     ) -> torch.Tensor:
         """The head's output for each (prompt, response), float32 on the CPU, in input order."""
-        sequences, _ = encode_conversations(self.tokenizer, prompts, responses, finished_flags(prompts, finished))
+        flags = finished_flags(prompts, finished, self.reads_stop_token)
+        sequences, _ = encode_conversations(self.tokenizer, prompts, responses, flags)
 
         def batch(rows: list[int]) -> dict[str, torch.Tensor]:
             input_ids, attention_mask = pad_right([sequences[i] for i in rows], self.tokenizer.pad_token_id)

@@ -227,7 +227,7 @@ def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[Pro
 
     tokenizer = reward_tokenizer(base_model, cfg.max_length)
     model, peft_config = build_reward_model(base_model, tokenizer, cfg)
-    sequences, examples, truncated = encode_groups(tokenizer, [g for g in groups if g.comparisons])
+    sequences, examples, truncated = encode_groups(tokenizer, [g for g in groups if g.comparisons], cfg.read_stop_token)
     if not examples:
         raise DataError("no training pairs")
     args = trainer_args(cfg, output_dir)
@@ -256,9 +256,10 @@ def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[Pro
     if peft_config is not None:
         model = model.merge_and_unload()
     if frozen:
-        scorer = CachedTrunkScorer(trunk, tokenizer, {tuple(seq): state for seq, state in zip(sequences, states)})
+        cache = {tuple(seq): state for seq, state in zip(sequences, states)}
+        scorer = CachedTrunkScorer(trunk, tokenizer, cache, cfg.read_stop_token)
     else:
-        scorer = RewardModel(model, tokenizer)
+        scorer = RewardModel(model, tokenizer, reads_stop_token=cfg.read_stop_token)
     losses = [(int(row["step"]), float(row["loss"])) for row in trainer.state.log_history if "loss" in row]
     return FitResult(
         model=model,

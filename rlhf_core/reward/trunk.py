@@ -117,10 +117,11 @@ class CachedTrunkScorer:
     ``raw_scores`` matches :meth:`rlhf_core.reward.RewardModel.raw_scores`.
     """
 
-    def __init__(self, trunk: FrozenTrunk, tokenizer, cache: dict[tuple[int, ...], torch.Tensor]):
+    def __init__(self, trunk: FrozenTrunk, tokenizer, cache: dict[tuple[int, ...], torch.Tensor], reads_stop_token: bool):
         self.trunk = trunk
         self.tokenizer = tokenizer
         self.cache = cache
+        self.reads_stop_token = reads_stop_token
 
     @torch.no_grad()
     def raw_scores(
@@ -131,7 +132,8 @@ class CachedTrunkScorer:
         batch_size: int = 16,
         desc: str | None = None,
     ) -> torch.Tensor:
-        encoded, _ = encode_conversations(self.tokenizer, prompts, responses, finished_flags(prompts, finished))
+        flags = finished_flags(prompts, finished, self.reads_stop_token)
+        encoded, _ = encode_conversations(self.tokenizer, prompts, responses, flags)
         keys = [tuple(seq) for seq in encoded]
         missing = list(dict.fromkeys(key for key in keys if key not in self.cache))
         if missing:

@@ -127,7 +127,7 @@ def run(params: Params) -> dict:
         start = time.perf_counter()
         stage.log_params(cfg.model_dump())
         fit = fit_reward_model(paths.base_model, cfg, train, output_dir)
-        reward_model = RewardModel(fit.model, fit.tokenizer)
+        reward_model = RewardModel(fit.model, fit.tokenizer, reads_stop_token=cfg.read_stop_token)
 
         # One pass scores both the normalisation set and the held-out completions (in round 1 they overlap).
         base = normalization_completions(params, train)
