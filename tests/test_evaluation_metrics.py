@@ -161,9 +161,12 @@ def test_response_logprobs_match_an_unpadded_forward(tiny_base_model):
     from rlhf_core.generation import chat_prompt
 
     model, tokenizer = load_causal_lm(tiny_base_model).eval(), load_tokenizer(tiny_base_model)
-    prompts = ["Hi", "Explain how tides work in two sentences, please."]
-    responses = [[100, 200, 300], [5, 6]]
+    prompts = ["Explain how tides work in two sentences, please.", "Hi", "Why?"]
+    responses = [[5, 6], [100, 200, 300], [7]]
     got = response_logprobs(model, tokenizer, prompts, responses, temperature=0.7, batch_size=2)
+    # Forced into one row per pass, the rows still come back in input order with the same values.
+    alone = response_logprobs(model, tokenizer, prompts, responses, temperature=0.7, batch_size=2, max_batch_tokens=1)
+    assert alone == pytest.approx(got, abs=1e-4)
     for prompt, response, value in zip(prompts, responses, got):
         query = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").input_ids[0]
         ids = torch.cat([query, torch.tensor(response)]).unsqueeze(0)
@@ -171,3 +174,15 @@ def test_response_logprobs_match_an_unpadded_forward(tiny_base_model):
             logits = model(input_ids=ids).logits[0, len(query) - 1 : -1]
         expected = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(response).unsqueeze(-1)).sum()
         assert value == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_length_batches_sort_by_length_and_respect_both_caps():
+    from rlhf_core.evaluation.likelihood import length_batches
+
+    lengths = [(40, 10), (10, 5), (12, 5), (80, 30), (11, 4)]
+    assert length_batches(lengths, batch_size=8, max_tokens=10_000) == [[1, 4, 2, 0, 3]]
+    assert length_batches(lengths, batch_size=2, max_tokens=10_000) == [[1, 4], [2, 0], [3]]
+    # 3 rows of the first three (widths 12 + 5) fit in 60 tokens, the 40-token query does not join them.
+    assert length_batches(lengths, batch_size=8, max_tokens=60) == [[1, 4, 2], [0], [3]]
+    assert length_batches([(500, 500)], batch_size=8, max_tokens=10) == [[0]]  # an over-long row still runs
+    assert length_batches([], batch_size=8, max_tokens=10) == []

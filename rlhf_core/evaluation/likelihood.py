@@ -6,7 +6,30 @@ from collections.abc import Sequence
 
 import torch
 
-from rlhf_core.generation import encode_queries
+from rlhf_core.generation import chat_prompt, encode_queries
+
+
+#: Padded tokens (rows x longest query + longest response) per forward pass; rows are length-sorted first.
+MAX_BATCH_TOKENS = 4096
+
+
+def length_batches(lengths: Sequence[tuple[int, int]], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Row indexes grouped for padded forward passes: sorted by (query, response) length, at most ``batch_size``
+    rows and ``max_tokens`` padded tokens per group (a longer single row still gets a group of its own)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    widest_query = widest_response = 0
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        query, response = lengths[index]
+        query_width, response_width = max(widest_query, query), max(widest_response, response)
+        if current and (len(current) >= batch_size or (len(current) + 1) * (query_width + response_width) > max_tokens):
+            batches.append(current)
+            current, query_width, response_width = [], query, response
+        current.append(index)
+        widest_query, widest_response = query_width, response_width
+    if current:
+        batches.append(current)
+    return batches
 
 
 @torch.no_grad()
@@ -18,21 +41,26 @@ def response_logprobs(
     *,
     temperature: float,
     batch_size: int,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
 ) -> list[float]:
     """``sum_t log p(y_t | x, y_<t)`` of every response under ``model``, one float per (prompt, response).
 
     Logits are divided by the sampling temperature, so these are log-probs of
     the distribution the responses were actually drawn from (the "N
     implementation details" of Huang et al. 2024).  Log-softmax runs in fp32
-    even when the model computes in bf16.
+    even when the model computes in bf16.  Rows are batched by length: with
+    prompts of very different lengths, one wide batch is mostly padding.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     device = next(model.parameters()).device
-    totals: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = list(responses[start : start + batch_size])
-        query_ids, query_mask = encode_queries(tokenizer, list(prompts[start : start + batch_size]), device)
+    chats = [chat_prompt(tokenizer, p) for p in prompts]
+    query_lengths = [len(ids) for ids in tokenizer(chats, add_special_tokens=False).input_ids] if chats else []
+    lengths = [(q, len(r)) for q, r in zip(query_lengths, responses)]
+    totals = [0.0] * len(prompts)
+    for rows in length_batches(lengths, batch_size, max_batch_tokens):
+        batch = [responses[i] for i in rows]
+        query_ids, query_mask = encode_queries(tokenizer, [prompts[i] for i in rows], device)
         width = max(1, max(len(r) for r in batch))
         response_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
         response_mask = torch.zeros_like(response_ids)
@@ -46,5 +74,6 @@ def response_logprobs(
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
         logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
         picked = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-        totals.extend((picked * response_mask).sum(-1).tolist())
+        for row, total in zip(rows, (picked * response_mask).sum(-1).tolist()):
+            totals[row] = total
     return totals
