@@ -327,7 +327,7 @@ def test_each_distinct_completion_is_scored_once_per_step(tiny_base_model, token
 
     cfg = RewardConfig(prompts_per_batch=2, epochs=1, finetune="full")
     model, _ = build_reward_model(tiny_base_model, tokenizer, cfg)
-    sequences, examples, _ = encode_groups(tokenizer, groups)
+    sequences, examples, _ = encode_groups(tokenizer, groups, cfg.read_stop_token)
     assert len(sequences) == 16 and [e["completions"] for e in examples][1] == [4, 5, 6, 7]
     rows_seen = []
     model.register_forward_hook(lambda module, args, kwargs, out: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)

@@ -125,7 +125,7 @@ def split_by_prompt(
 
 
 def encode_groups(
-    tokenizer, groups: list[PromptComparisons], reads_stop_token: bool = True
+    tokenizer, groups: list[PromptComparisons], reads_stop_token: bool
 ) -> tuple[list[list[int]], list[dict], int]:
     """Token ids of every distinct completion, one training example per prompt, and how many were truncated.
 

@@ -102,7 +102,7 @@ def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
     return input_ids, attention_mask
 
 
-def finished_flags(prompts: list[str], finished: list[bool] | None, reads_stop_token: bool = True) -> list[bool]:
+def finished_flags(prompts: list[str], finished: list[bool] | None, reads_stop_token: bool) -> list[bool]:
     """Whether the reward model reads a stop token after each response.
 
     A reward model that reads it sees it where the policy emitted it (after
