@@ -84,20 +84,18 @@ def check(args: argparse.Namespace, params, work: Path) -> int:
     from rlhf_core.reward import RewardModel
     from rlhf_core.reward.data import load_prompt_comparisons, num_pairs
     from rlhf_core.reward.trainer import fit_reward_model, use_bf16
-    from rlhf_core.stages.collect_preferences import simulated_bundle
+    from rlhf_core.stages.collect_preferences import simulated_bundle, write_outputs
     from rlhf_core.stages.generate_candidates import to_completions
 
     reward_cfg, ppo_cfg = params.reward, params.ppo.model_copy(update={"updates": args.updates})
-    if args.shape:  # frozen layers must stay below the model's depth
-        top = SHAPES[args.shape]["num_hidden_layers"] - 1
-        reward_cfg = reward_cfg.model_copy(update={"freeze_layers": min(reward_cfg.freeze_layers, top)})
-        ppo_cfg = ppo_cfg.model_copy(update={"freeze_layers": min(ppo_cfg.freeze_layers, top)})
-    device = default_device()
+    model_dir = Path(params.paths.base_model)
     if args.shape:
         model_dir = work / "base"
         build_tiny(TinyModelConfig(**SHAPES[args.shape]), model_dir)
-    else:
-        model_dir = Path(params.paths.base_model)
+        top = SHAPES[args.shape]["num_hidden_layers"] - 1  # frozen layers must stay below the model's depth
+        reward_cfg = reward_cfg.model_copy(update={"freeze_layers": min(reward_cfg.freeze_layers, top)})
+        ppo_cfg = ppo_cfg.model_copy(update={"freeze_layers": min(ppo_cfg.freeze_layers, top)})
+    device = default_device()
     source = import_prompts(
         params.paths.prompt_source, params.prompts.format, params.prompts.text_field, lambda text: 0, params.prompts.max_tokens
     )
@@ -154,13 +152,12 @@ def check(args: argparse.Namespace, params, work: Path) -> int:
     write_jsonl(candidates / "completions.jsonl", to_completions(prompts, samples, "device-check", cand.seed))
     bundle = simulated_bundle(candidates, params.labeling)
     preferences = work / "preferences"
-    bundle.write(preferences)
-    write_jsonl(preferences / "pairs.jsonl", bundle_pairs(bundle, margin="rank_distance"))
+    write_outputs(preferences, bundle, bundle_pairs(bundle, margin="rank_distance"))
     groups = load_prompt_comparisons(preferences, reward_cfg.margin)
     fit, row = timed("reward_training", lambda: fit_reward_model(model_dir, reward_cfg, groups, work / "reward-trainer"))
     row.update(pairs=num_pairs(groups), steps=fit.steps, bf16=use_bf16(reward_cfg.bf16),
                train_loss_last=fit.losses[-1][1] if fit.losses else None)  # fmt: skip
-    reward = RewardModel(fit.model, fit.tokenizer)
+    reward = RewardModel(fit.model, fit.tokenizer, reads_stop_token=reward_cfg.read_stop_token)
     reward.save(work / "reward")
     reward = RewardModel.load(work / "reward", dtype="bfloat16" if resolve_bf16(ppo_cfg.bf16, device) else None)
     texts = [s.text for s in samples]
@@ -170,13 +167,11 @@ def check(args: argparse.Namespace, params, work: Path) -> int:
     row.update(responses=len(texts), responses_per_second=round(len(texts) / max(row["seconds"], 1e-9), 1))
 
     # 3. PPO against it.
-    cfg = ppo_cfg
-
     def score_fn(p, r, f):
-        return reward.score(p, r, f, batch_size=cfg.batch_size)
+        return reward.score(p, r, f, batch_size=ppo_cfg.batch_size)
 
-    trainer, row = timed("ppo_build", lambda: build_trainer(cfg, model_dir, score_fn, [p.text for p in prompts]))
-    row["bf16"] = resolve_bf16(cfg.bf16, device)
+    trainer, row = timed("ppo_build", lambda: build_trainer(ppo_cfg, model_dir, score_fn, [p.text for p in prompts]))
+    row["bf16"] = resolve_bf16(ppo_cfg.bf16, device)
     times, peaks, kls = [], [], []
     for _ in range(args.updates):
         metrics, row = timed("ppo_update", trainer.step)
@@ -185,10 +180,10 @@ def check(args: argparse.Namespace, params, work: Path) -> int:
         kls.append(metrics["ppo/kl"])
     timed_updates = times[1:] or times
     report["steps"]["ppo_update"] = {
-        "updates": args.updates, "episodes_per_update": cfg.batch_size, "mode": cfg.mode,
+        "updates": args.updates, "episodes_per_update": ppo_cfg.batch_size, "mode": ppo_cfg.mode,
         "median_seconds": round(statistics.median(timed_updates), 3), "first_seconds": times[0],
         "peak_gib": max(peaks) if cuda else None, "final_kl": round(kls[-1], 4),
-        "episodes_per_second": round(cfg.batch_size / statistics.median(timed_updates), 2),
+        "episodes_per_second": round(ppo_cfg.batch_size / statistics.median(timed_updates), 2),
     }  # fmt: skip
 
     print(f"device: {report['device']} ({device.type}); model: {report['model']}")

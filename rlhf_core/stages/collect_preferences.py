@@ -11,6 +11,7 @@ it) and ``rejects.jsonl`` (file, line, field and reason of every bad record).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
@@ -80,7 +81,8 @@ def load_bundle(params: Params) -> tuple[PreferenceBundle, str]:
 
 
 def without_human_eval(bundle: PreferenceBundle) -> tuple[PreferenceBundle, int]:
-    """The bundle without the rankings of blind evaluation tasks, and how many there were.
+    """The bundle without the rankings of blind evaluation tasks, and how many there were
+    (:func:`~rlhf_core.preferences.referenced` then drops their prompts and completions).
 
     ``evaluate`` hands out its side-by-side comparisons as labelling items whose
     prompts say ``source: "human_eval"``; their labels come back through the
@@ -93,17 +95,7 @@ def without_human_eval(bundle: PreferenceBundle) -> tuple[PreferenceBundle, int]
     if not eval_prompts:
         return bundle, 0
     kept = [r for r in bundle.rankings if r.prompt_id not in eval_prompts]
-    left_out = len(bundle.rankings) - len(kept)
-    return (
-        PreferenceBundle(
-            prompts=[p for p in bundle.prompts if p.id not in eval_prompts],
-            completions=[c for c in bundle.completions if c.prompt_id not in eval_prompts],
-            rankings=kept,
-            rejects=list(bundle.rejects),
-            origins=dict(bundle.origins),
-        ),
-        left_out,
-    )
+    return dataclasses.replace(bundle, rankings=kept), len(bundle.rankings) - len(kept)
 
 
 def agreement_standard_error(rankings: list[Ranking]) -> float | None:
