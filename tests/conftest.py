@@ -121,6 +121,16 @@ def tiny_base_model(tmp_path_factory) -> Path:
     return out
 
 
+def load_bench_script(name: str):
+    """A script of ``bench/`` (not a package) imported as a module, for tests of its functions and ``main``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def rlhf(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run the ``rlhf`` console script as a user would."""
     done = subprocess.run([str(BIN / "rlhf"), *args], cwd=cwd, capture_output=True, text=True)

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_bench_script
+
 REPO = Path(__file__).resolve().parents[1]
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("device_check", REPO / "bench" / "device_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_device_check_runs_every_step_on_a_tiny_model(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # params.yaml's paths are relative to the repository
     out = tmp_path / "check.json"
-    assert load_script().main(["--shape", "tiny", "--prompts", "4", "--updates", "2", "--out", str(out)]) == 0
+    assert load_bench_script("device_check").main(["--shape", "tiny", "--prompts", "4", "--updates", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     steps = report["steps"]
     assert list(steps) == ["sampling", "likelihood", "reward_training", "reward_scoring", "ppo_build", "ppo_update"]
@@ -37,6 +32,6 @@ def test_device_check_runs_every_step_on_a_tiny_model(tmp_path, monkeypatch):
 def test_device_check_reports_a_bad_params_file_without_a_traceback(tmp_path, capsys):
     bad = tmp_path / "params.yaml"
     bad.write_text("ppo:\n  updates: -3\n")
-    assert load_script().main(["--params", str(bad), "--shape", "tiny"]) == 2
+    assert load_bench_script("device_check").main(["--params", str(bad), "--shape", "tiny"]) == 2
     err = capsys.readouterr().err
     assert "device check:" in err and "updates" in err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,15 +9,10 @@ import pytest
 
 from rlhf_core.records import write_jsonl
 from rlhf_core.schemas import Prompt
+from tests.conftest import load_bench_script
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("reward_scaling", REPO / "bench" / "reward_scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -30,7 +24,7 @@ def test_learning_curve_on_a_tiny_model(work_env, tiny_base_model):
     argv = ["--params", str(work_env / "params.yaml"), "--base-model", str(tiny_base_model), "--prompts", "15",
             "--k", "5", "--train-k", "3,5", "--sizes", "6,all", "--work", str(work_env / "scratch"),
             "--out", str(out), "--threads", "1"]  # fmt: skip
-    assert load_script().main(argv) == 0
+    assert load_bench_script("reward_scaling").main(argv) == 0
 
     report = json.loads(out.read_text())
     assert report["heldout_prompts"] == 3 and report["train_prompts_available"] == 12  # 20% of 15 prompts held out
@@ -51,7 +45,7 @@ def test_linear_head_recovers_a_linear_preference():
     """The probe/rubric fit: pairs labelled by a hidden linear score are ordered by the fitted head on new items."""
     import torch
 
-    script = load_script()
+    script = load_bench_script("reward_scaling")
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(400, 6, generator=generator)
     truth = features @ torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 3.0])
@@ -69,13 +63,13 @@ def test_first_k_keeps_sampling_order_and_remaps_pairs():
 
     group = PromptComparisons("p1", "prompt", ["c", "a", "b"], ["C", "A", "B"], [True, False, True])
     group.comparisons = [Comparison(0, 1, 0.0, 1.0, 1, None), Comparison(2, 1, 0.0, 1.0, 1, None)]  # c > a, b > a
-    kept = load_script().first_k(group, 2, {"a": 0, "b": 1, "c": 2})
+    kept = load_bench_script("reward_scaling").first_k(group, 2, {"a": 0, "b": 1, "c": 2})
     assert kept.completion_ids == ["a", "b"] and kept.responses == ["A", "B"] and kept.finished == [False, True]
     assert [(c.chosen, c.rejected) for c in kept.comparisons] == [(1, 0)]  # b > a; the pair with c is gone
 
 
 def test_bad_options_are_reported_without_a_traceback(capsys):
-    assert load_script().main(["--sizes", "50,lots"]) == 2
+    assert load_bench_script("reward_scaling").main(["--sizes", "50,lots"]) == 2
     assert "--sizes: 'lots' is not a positive whole number or 'all'" in capsys.readouterr().err
-    assert load_script().main(["--methods", "reward,magic"]) == 2
+    assert load_bench_script("reward_scaling").main(["--methods", "reward,magic"]) == 2
     assert "--methods: magic" in capsys.readouterr().err
