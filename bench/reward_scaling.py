@@ -146,9 +146,14 @@ def pair_rows(groups, index: dict) -> list[tuple[int, int, float]]:
 
 
 def agreement(scores, rows: list[tuple[int, int, float]]) -> float:
-    """Share of pairs whose chosen side scores higher (a tie counts half)."""
-    credit = sum(1.0 if scores[a] > scores[b] else 0.5 if scores[a] == scores[b] else 0.0 for a, b, _ in rows)
-    return credit / len(rows)
+    """Share of pairs whose chosen side scores higher (a tie counts half): the stage's ``pairwise_accuracy``."""
+    import torch
+
+    from rlhf_core.reward.metrics import pairwise_accuracy
+
+    chosen = torch.tensor([a for a, _, _ in rows])
+    rejected = torch.tensor([b for _, b, _ in rows])
+    return pairwise_accuracy(scores[chosen] - scores[rejected])
 
 
 def last_token_features(model_dir: Path, cfg, items: list[tuple[str, str, bool]]):
@@ -221,6 +226,7 @@ def measure(args: argparse.Namespace, params, sizes: list[int | None], train_ks:
     parts = [gold_components(prompt, response) for prompt, response, _ in items]
     gold = torch.tensor([p["gold"] for p in parts])
     heldout = pair_rows(validation, index)
+    heldout_by_gold = [(a, b, w) if gold[a] >= gold[b] else (b, a, w) for a, b, w in heldout]  # the gold rubric's order
     report = {
         "machine": platform.processor() or platform.machine(),
         "threads": args.threads,
@@ -264,8 +270,7 @@ def measure(args: argparse.Namespace, params, sizes: list[int | None], train_ks:
                 point = {
                     "method": method, "train_prompts": size, "train_k": k, "train_pairs": len(rows),
                     "heldout_accuracy": round(agreement(scores, heldout), 4),
-                    "heldout_gold_agreement": round(agreement(scores, [(a, b, w) if gold[a] >= gold[b] else (b, a, w)
-                                                                       for a, b, w in heldout]), 4),
+                    "heldout_gold_agreement": round(agreement(scores, heldout_by_gold), 4),
                     "train_accuracy": round(agreement(scores, rows), 4),
                     "seconds": round(time.perf_counter() - start, 1),
                 }  # fmt: skip
