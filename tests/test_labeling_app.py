@@ -6,10 +6,12 @@ run ``rlhf label serve`` as a real server process on a free loopback port.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import os
+import select
 import signal
 import socket
 import sqlite3
@@ -26,6 +28,7 @@ from fastapi.testclient import TestClient
 from rlhf_core.cli import main as rlhf_main
 from rlhf_core.config import load_params
 from rlhf_core.labeling.app import create_app
+from rlhf_core.labeling.guards import MAX_BODY_BYTES, BodyLimit
 from rlhf_core.labeling.store import LabelStore
 from rlhf_core.preferences import PreferenceBundle
 from rlhf_core.schemas import Completion, Prompt
@@ -179,6 +182,138 @@ def test_load_keeps_good_items_and_reports_bad_ones(work_env, capsys):
     assert "not a folder" in capsys.readouterr().err
 
 
+# -- request guards: origin, size, ids --------------------------------------------------------------------------
+
+FOREIGN = "http://127.0.0.1:3000"  # another local program's page: same site as the app, other origin
+
+
+def session_count(root: Path) -> int:
+    return sqlite3.connect(root / ".work" / "labels.sqlite").execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+
+
+def test_a_foreign_origin_sign_in_is_refused_and_sets_no_cookie(app_project, work_env):
+    client, tokens = app_project
+    for headers in ({"Origin": FOREIGN}, {"Origin": "null"}, {"Referer": f"{FOREIGN}/form"},
+                    {"Origin": "https://testserver"}, {"Origin": "http://testserver:8080"}, {"Origin": "garbage"}):
+        response = client.post("/signin", data={"token": tokens["ann"]}, headers=headers)
+        assert response.status_code == 403, headers
+        assert "set-cookie" not in response.headers and "cross-origin" in response.json()["detail"]
+        assert response.headers["content-security-policy"].startswith("default-src 'none'")
+    assert session_count(work_env) == 0 and not client.cookies
+    # The app's own pages (Origin, or Referer alone) and scripts sending neither header sign in.
+    for headers in ({"Origin": "http://testserver"}, {"Referer": "http://testserver/signin"}, {}):
+        response = client.post("/signin", data={"token": tokens["ann"]}, headers=headers)
+        assert response.status_code == 303 and "rlhf_session=" in response.headers["set-cookie"]
+    assert session_count(work_env) == 3
+
+
+def test_state_changing_requests_from_another_origin_are_refused(app_project):
+    client, tokens = app_project
+    client.post("/signin", data={"token": tokens["ann"]}, headers={"Origin": "http://testserver"})
+    item = client.get("/api/next", headers={"Origin": FOREIGN}).json()["assignment"]  # reads are not refused
+    url = f"/api/assignments/{item['id']}/label"
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        assert client.request(method, url, json={"ranking": ranking_of(item)}, headers={"Origin": FOREIGN}).status_code == 403
+    assert client.post(url, json={"ranking": ranking_of(item)}, headers={"Referer": f"{FOREIGN}/"}).status_code == 403
+    assert client.post(url.replace("label", "skip"), json={}, headers={"Origin": FOREIGN, **bearer(tokens["ann"])}).status_code == 403
+    assert client.post("/signout", headers={"Origin": FOREIGN}).status_code == 403
+    assert client.get("/api/progress").json() == {"done": 0, "assigned": 2}  # still signed in, nothing stored
+    done = client.post(url, json={"ranking": ranking_of(item)}, headers={"Origin": "http://testserver"})
+    assert done.status_code == 200 and done.json()["progress"]["done"] == 1
+
+
+def test_loopback_names_count_as_one_origin_on_the_same_port(work_env):
+    tokens = set_up_project(work_env, prompts=1, annotators=["ann"])
+    app = create_app(open_store(work_env), load_params("params.yaml").labeling)
+    client = TestClient(app, base_url="http://127.0.0.1:8765", follow_redirects=False)
+    form = {"token": tokens["ann"]}
+    for origin in ("http://localhost:8765", "http://127.0.0.1:8765", "http://[::1]:8765"):
+        assert client.post("/signin", data=form, headers={"Origin": origin}).status_code == 303, origin
+    for origin in ("http://localhost:8766", "https://localhost:8765", "http://localhost.evil.example:8765",
+                   "http://localhost:99999"):
+        assert client.post("/signin", data=form, headers={"Origin": origin}).status_code == 403, origin
+
+
+def test_bodies_over_the_limit_get_413_before_they_are_read(app_project):
+    client, tokens = app_project
+    headers = {**bearer(tokens["ann"]), "Content-Type": "application/json"}
+    item = client.get("/api/next", headers=headers).json()["assignment"]
+    url = f"/api/assignments/{item['id']}/label"
+    huge = b'{"ranking": [["' + b"x" * (50 * 2**20) + b'"]]}'
+    started = time.monotonic()
+    response = client.post(url, content=huge, headers=headers)
+    assert response.status_code == 413 and "over 1048576 bytes" in response.json()["detail"]
+    assert time.monotonic() - started < 10  # refused from Content-Length: nothing of the body is parsed
+    assert client.post("/signin", content=b"token=" + b"x" * (MAX_BODY_BYTES + 1)).status_code == 413
+    assert client.get("/api/progress", headers=headers).json()["done"] == 0
+    padded = json.dumps({"ranking": ranking_of(item)}).encode() + b" " * (MAX_BODY_BYTES - 200)
+    assert client.post(url, content=padded, headers=headers).status_code == 200  # under the limit: accepted
+
+
+def test_a_chunked_body_is_counted_as_it_arrives_and_cut_off_past_the_limit():
+    """At the ASGI level: a 50 MB body without Content-Length, in 64 KiB chunks, is refused after ~1 MiB."""
+    chunk = b"x" * 2**16
+    pulled = 0
+    reached_route = []
+
+    async def receive():
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": chunk, "more_body": pulled < 800}
+
+    async def route(scope, receive, send):
+        reached_route.append(scope["path"])
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/x", "headers": [(b"transfer-encoding", b"chunked")]}
+    asyncio.run(BodyLimit(route)(scope, receive, send))
+    assert sent[0]["status"] == 413 and not reached_route
+    assert pulled == MAX_BODY_BYTES // len(chunk) + 1  # 17 chunks of 800 read, the 17th passing the limit
+
+    async def short_body():
+        return {"type": "http.request", "body": b'{"a": 1}', "more_body": False}
+
+    async def echo(scope, receive, send):
+        reached_route.append((await receive())["body"])
+
+    asyncio.run(BodyLimit(echo)(scope, short_body, send))
+    assert reached_route == [b'{"a": 1}']
+
+
+@pytest.mark.parametrize(
+    ("assignment_id", "status"),
+    [(str(2**64), 404), (str(2**63), 404), (str(2**63 - 1), 404), ("-1", 404), ("0", 404), ("-" + str(2**64), 404),
+     ("abc", 422), ("1.5", 422), ("1e3", 422), ("9" * 5000, 422), ("%00", 422)],
+)
+def test_assignment_ids_out_of_range_or_malformed_give_404_or_422(app_project, assignment_id, status):
+    client, tokens = app_project
+    headers = bearer(tokens["ann"])
+    assert client.get(f"/api/assignments/{assignment_id}", headers=headers).status_code == status
+    assert client.post(f"/api/assignments/{assignment_id}/label", headers=headers, json={"ranking": [["a"]]}).status_code == status
+    assert client.post(f"/api/assignments/{assignment_id}/skip", headers=headers, json={}).status_code == status
+
+
+def test_serving_on_a_non_loopback_address_warns_but_starts(work_env, monkeypatch, capsys):
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **_: served.append((host, port)))
+    write_params(work_env, {"labeling": {"host": "0.0.0.0"}})
+    assert rlhf_main(["label", "serve", "--port", "9000"]) == 0
+    err = capsys.readouterr().err
+    assert served == [("0.0.0.0", 9000)]
+    assert "warning: labeling.host 0.0.0.0 is not a loopback address" in err
+    assert "reachable from the network" in err and "reverse proxy with TLS" in err
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        write_params(work_env, {"labeling": {"host": host}})
+        assert rlhf_main(["label", "serve"]) == 0
+        assert "warning" not in capsys.readouterr().err, host
+
+
 # -- a real server process ----------------------------------------------------------------------------------------
 
 
@@ -285,3 +420,36 @@ def test_killing_the_server_mid_write_loses_no_acknowledged_label(work_env):
     stored = {row[0] for row in db.execute("SELECT assignment_id FROM labels")}
     assert acknowledged <= stored
     assert len(stored) - len(acknowledged) <= 4  # at most the requests in flight when the server died
+
+
+def send_until_answered(port: int, head: bytes, chunk: bytes = b"", most: int = 0) -> tuple[bytes, int]:
+    """Send ``head``, then ``chunk`` after ``chunk`` (up to ``most`` bytes) until the server answers; returns
+    (the start of its answer, body bytes sent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        sent = 0
+        while sent < most and not select.select([sock], [], [], 0)[0]:
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        return sock.recv(4096), sent
+
+
+@pytest.mark.slow
+def test_a_real_server_refuses_a_50_mb_body_without_waiting_for_it(work_env):
+    tokens = set_up_project(work_env, prompts=1, annotators=["ann"])
+    with live_server(work_env) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        head = (f"POST /api/assignments/1/label HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer"
+                f" {tokens['ann']}\r\nContent-Type: application/json\r\n")
+        # Declared 50 MB, not one byte sent: the answer comes from the headers alone.
+        answer, _ = send_until_answered(port, f"{head}Content-Length: {50 * 2**20}\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        # Chunked, no length: cut off once the count passes the limit, long before 50 MB are sent.
+        chunk = b"%x\r\n%s\r\n" % (2**16, b"x" * 2**16)
+        answer, sent = send_until_answered(port, f"{head}Transfer-Encoding: chunked\r\n\r\n".encode(), chunk, 50 * 2**20)
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        assert sent < 16 * 2**20  # the limit plus what the kernel's socket buffers hold
+        assert httpx.get(f"{url}/api/progress", headers=bearer(tokens["ann"])).json() == {"done": 0, "assigned": 1}

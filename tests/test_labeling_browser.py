@@ -1,5 +1,5 @@
-"""The labelling app in a real headless Chromium: sign in, rank by click, keyboard and drag, tie, flag, skip,
-watch progress, then find the labels in ``rlhf label export``."""
+"""The labelling app in a real headless Chromium: sign in, survive a cross-origin form post, rank by click,
+keyboard and drag, tie, flag, skip, watch progress, then find the labels in ``rlhf label export``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_core.preferences import PreferenceBundle
-from tests.test_labeling_app import XSS, live_server, rlhf_in_process, set_up_project
+from tests.test_labeling_app import XSS, free_port, live_server, rlhf_in_process, set_up_project
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -38,7 +38,8 @@ def test_label_in_a_real_browser_and_export(work_env, tmp_path):
     dialogs: list[str] = []
     with live_server(work_env) as (url, _), sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
         page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
         errors: list[str] = []
         page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
@@ -49,6 +50,20 @@ def test_label_in_a_real_browser_and_export(work_env, tmp_path):
         page.click("button[type=submit]")
         expect(page).to_have_url(f"{url}/label")
         progress = page.locator("#progress")
+        expect(progress).to_have_text("Done 0 of 3")
+
+        # A page of another local program (same site, other port) posts a form to the app: the browser sends the
+        # SameSite=Strict cookie along, the origin check refuses the request, and the annotator stays signed in.
+        foreign = f"http://127.0.0.1:{free_port()}/"
+        attacker = context.new_page()
+        attacker.route(foreign, lambda route: route.fulfill(content_type="text/html", body=(
+            f'<form method="post" action="{url}/signout"><button id="go">go</button></form>')))
+        attacker.goto(foreign)
+        with attacker.expect_navigation():
+            attacker.click("#go")
+        assert "cross-origin request refused" in attacker.content()
+        attacker.close()
+        page.reload()
         expect(progress).to_have_text("Done 0 of 3")
 
         # Item 1: clicks, a tie, a flag; one completion carries a script that must show as text.

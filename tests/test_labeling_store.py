@@ -166,6 +166,15 @@ def test_labels_are_checked_stored_once_and_private(tmp_path):
     assert row.ranking.flags == {ids[3]: "nonsense"} and row.ranking.source == "human"
 
 
+@pytest.mark.parametrize("assignment_id", [2**64, 2**63, -(2**63) - 1, -1, 0])
+def test_ids_sqlite_cannot_hold_are_not_found(tmp_path, assignment_id):
+    store, who = labelled_store(tmp_path)
+    with pytest.raises(NotFound):
+        store.assignment(who["a"], assignment_id)
+    with pytest.raises(NotFound):
+        store.save_label(who["a"], assignment_id, None, {})
+
+
 def test_completion_order_is_shuffled_per_assignment_but_stable(tmp_path):
     store = store_with(tmp_path, make_bundle(prompts=6))
     annotator = store.annotator_by_token(store.add_annotator("a"))

@@ -5,6 +5,8 @@ other sites can neither read it nor make the browser send it), or an
 ``Authorization: Bearer <token>`` header for scripts.  API calls without either
 get 401, pages redirect to the sign-in page.  An annotator only ever sees its
 own assignments: anyone else's answer 404, exactly like ones that do not exist.
+Before any route, :mod:`rlhf_core.labeling.guards` refuses state-changing
+requests from other origins (403) and bodies over the size limit (413).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from rlhf_core.config import LabelingConfig
 from rlhf_core.labeling import pages
+from rlhf_core.labeling.guards import BodyLimit, SameOriginOnly
 from rlhf_core.labeling.stats import label_stats
 from rlhf_core.labeling.store import AlreadyLabelled, Annotator, Assignment, InvalidLabel, LabelStore, NotFound
 
@@ -34,7 +37,9 @@ SECURITY_HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Other sites get no Referer; the app's own form posts keep their Origin, which the origin check needs
+    # (under "no-referrer" browsers send "Origin: null" on a form post, as opaque documents do).
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -54,6 +59,9 @@ class SkipBody(BaseModel):
 
 def create_app(store: LabelStore, cfg: LabelingConfig) -> FastAPI:
     app = FastAPI(title="Preference labelling", docs_url=None, redoc_url=None, openapi_url=None)
+    # The last added runs first: the origin check, then the size limit; refusals still get the security headers.
+    app.add_middleware(BodyLimit)
+    app.add_middleware(SameOriginOnly)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):

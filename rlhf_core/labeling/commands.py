@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from rlhf_core.config import Params, load_params
 from rlhf_core.errors import DataError
 from rlhf_core.labeling.export import export_labels
+from rlhf_core.labeling.guards import is_loopback
 from rlhf_core.labeling.items import build_items
 from rlhf_core.labeling.stats import label_stats
 from rlhf_core.labeling.store import LabelStore
@@ -57,6 +59,14 @@ def serve(args: argparse.Namespace, params: Params, store: LabelStore) -> int:
 
     cfg = params.labeling
     port = args.port if args.port is not None else cfg.port
+    if not is_loopback(cfg.host):
+        print(
+            f"warning: labeling.host {cfg.host} is not a loopback address: the labelling app becomes reachable from"
+            " the network, and over plain HTTP its tokens and session cookies cross it readable; bind 127.0.0.1"
+            " and put a reverse proxy with TLS in front of it",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"labelling app on http://{cfg.host}:{port}/ (store {store.path})", flush=True)
     uvicorn.run(create_app(store, cfg), host=cfg.host, port=port, log_level="warning")
     return 0

@@ -34,6 +34,9 @@ BUSY_TIMEOUT_MS = 15_000
 
 FLAGS = ("unsafe", "nonsense")
 
+#: Row ids are positive signed 64-bit integers; binding a larger Python int to a query raises OverflowError.
+MAX_ROW_ID = 2**63 - 1
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY,
@@ -319,6 +322,7 @@ class LabelStore:
 
     def assignment(self, annotator: Annotator, assignment_id: int) -> Assignment:
         """One of the annotator's own assignments; another annotator's is :class:`NotFound`."""
+        _check_assignment_id(annotator, assignment_id)
         with self._connect() as db:
             row = db.execute(
                 "SELECT i.prompt_json, i.completions_json, l.id IS NOT NULL FROM assignments a"
@@ -339,6 +343,7 @@ class LabelStore:
         self, annotator: Annotator, assignment_id: int, groups: list[list[str]] | None, flags: dict[str, str]
     ) -> None:
         """Store a ranking (best-to-worst tie groups) or, with ``groups=None``, a skip; one transaction."""
+        _check_assignment_id(annotator, assignment_id)
         with self._transaction() as db:
             row = db.execute(
                 "SELECT i.completions_json FROM assignments a JOIN items i ON i.id = a.item_id"
@@ -470,6 +475,11 @@ def _top_up_gold(holders: dict[int, set[int]], gold: set[int], pool: list[int], 
 def _sort_key(item_id: int, annotator_id: int) -> float:
     """A fixed pseudo-random position, so that each annotator's queue interleaves gold and regular items."""
     return random.Random(f"{item_id}:{annotator_id}").random()
+
+
+def _check_assignment_id(annotator: Annotator, assignment_id: int) -> None:
+    if not 0 < assignment_id <= MAX_ROW_ID:
+        raise NotFound(f"no assignment {assignment_id} for {annotator.name}")
 
 
 def _check_flags(flags: dict[str, str], known: set[str]) -> None:
