@@ -9,12 +9,16 @@ Sources (``base_model.source`` in params.yaml):
 * ``tiny`` - a small random Llama built from config with the same tokenizer, for
   tests and quick runs.
 * anything else - a Hugging Face model id or a local folder, loaded with
-  ``from_pretrained`` (needs the hub unless it is a local path or cached).
+  ``from_pretrained`` (needs the hub unless it is a local path or cached), from
+  safetensors weights only: a pickled ``pytorch_model.bin`` is refused, with the
+  command that converts it for a user who trusts it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -119,18 +123,44 @@ def build_tiny(cfg: TinyModelConfig, out_dir: Path, dtype: str = "float32") -> N
 
 
 def load_pretrained_source(source: str, out_dir: Path, dtype: str) -> None:
+    """A Hugging Face id or local folder, from its safetensors weights only (pickled weights can run code on load)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    refuse_pickled_weights(source, "base_model.source")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), use_safetensors=True)
     except OSError as exc:
+        if "safetensors" in str(exc):
+            raise RLHFError(pickled_weights_message(source, "base_model.source")) from None
         raise RLHFError(
             f"base_model.source {source!r}: not a local model folder and not loadable from the hub "
             f"(HF_HUB_OFFLINE is set by default; unset it to download): {str(exc).splitlines()[0]}"
         ) from None
     _finish_and_save(model, tokenizer, out_dir)
+
+
+#: weight files that ``torch.load`` unpickles
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def pickled_weights_message(source: str | Path, setting: str) -> str:
+    return (
+        f"{setting} {str(source)!r}: no safetensors weights, and pickled ones (pytorch_model.bin) are not loaded "
+        "because unpickling can run code; if you trust the files, convert them once with `python -c \"import sys; "
+        "from transformers import AutoModelForCausalLM as M; M.from_pretrained(sys.argv[1], use_safetensors=False)"
+        ".save_pretrained(sys.argv[2])\" <source> <new folder>` and use the new folder"
+    )
+
+
+def refuse_pickled_weights(source: str | Path, setting: str) -> None:
+    """Refuse a local model folder that has pickled weights but no safetensors (a hub id is checked on download)."""
+    folder = Path(source)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    if any(any(folder.glob(pattern)) for pattern in PICKLED_WEIGHTS):
+        raise RLHFError(pickled_weights_message(source, setting))
 
 
 def _finish_and_save(model, tokenizer, out_dir: Path) -> None:
@@ -147,19 +177,76 @@ def _finish_and_save(model, tokenizer, out_dir: Path) -> None:
 def save_model_folder(model, tokenizer, out_dir: str | Path, extra_files: dict[str, str] | None = None) -> None:
     """Write safetensors weights, the tokenizer and ``extra_files`` (name -> text) to ``out_dir``, atomically.
 
-    Everything goes to ``<out_dir>.tmp`` first, which then replaces ``out_dir``:
-    a kill leaves the old folder or the new one, never a half-written mix.
+    Everything goes to a folder beside ``out_dir`` first, which is then swapped
+    in by one rename (:func:`replace_folder`): a kill at any instant leaves the
+    old folder or the new one at ``out_dir``, never neither and never a mix.  The
+    next save removes what a killed one left beside it.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    clean_leftovers(out_dir)
+    new = _sibling(out_dir, STAGING)
+    try:
+        model.save_pretrained(new, safe_serialization=True)
+        tokenizer.save_pretrained(new)
+        for name, text in (extra_files or {}).items():
+            (new / name).write_text(text)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    replace_folder(new, out_dir)
+
+
+#: suffixes of the folders a save keeps beside its target: the one being written and, briefly, the one replaced
+STAGING, REPLACED = "saving", "replaced"
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{kind}")
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target``, replacing what is there so that ``target`` always holds one whole folder.
+
+    Where the file system cannot swap two folders atomically, the old one is
+    renamed aside first; a kill between that rename and the next leaves it beside
+    ``target``, and :func:`clean_leftovers` puts it back.
+    """
+    if not target.exists():
+        os.rename(new, target)
+    elif exchange_paths(new, target):
+        shutil.rmtree(new)  # the old folder, now under the staging name
+    else:
+        replaced = _sibling(target, REPLACED)
+        os.rename(target, replaced)
+        os.rename(new, target)
+        shutil.rmtree(replaced)
+
+
+def clean_leftovers(target: Path) -> None:
+    """Undo what a killed :func:`save_model_folder` left: restore a folder renamed aside, drop half-written ones."""
+    replaced = _sibling(target, REPLACED)
+    if replaced.exists() and not target.exists():
+        os.rename(replaced, target)
+    for kind in (STAGING, REPLACED):
+        shutil.rmtree(_sibling(target, kind), ignore_errors=True)
 
 
 def prepare_base_model(cfg: BaseModelConfig, out_dir: Path, cache_dir: Path) -> BaseModelInfo:
@@ -200,6 +287,7 @@ def load_causal_lm(path: str | Path, dtype: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    refuse_pickled_weights(path, "model folder")
     kwargs = {"use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
