@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -163,15 +164,72 @@ class StageRun:
             client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self, metrics: Mapping) -> dict:
-        """Write ``metrics/<stage>.json`` and log the numeric values to MLflow; returns the flat dict."""
+        """Write ``metrics/<stage>.json`` and log the numeric values to MLflow; returns the flat dict.
+
+        A second call (after registering the outputs the first one described)
+        rewrites the file and logs only the values that are new or changed.
+        """
         flat = flatten(metrics)
         write_json(self.metrics_path, flat)
-        self.log_step({k: v for k, v in flat.items() if _numeric(v)}, step=0)
-        text = {k: v for k, v in flat.items() if not _numeric(v) and v is not None}
+        new = {k: v for k, v in flat.items() if k not in self._logged or self._logged[k] != v}
+        self.log_step({k: v for k, v in new.items() if _numeric(v)}, step=0)
+        text = {k: v for k, v in new.items() if not _numeric(v) and v is not None}
         if text:
             self.set_tags({f"metric.{k}": v for k, v in text.items()})
         self._logged = flat
         return flat
+
+
+HOST_TAG, PID_TAG, PID_START_TAG = "host", "pid", "pid_start"
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), which tells a reused pid from the original."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_tags() -> dict[str, str]:
+    """Tags that let a later process tell whether the one that opened a run still lives."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    start = _process_start(os.getpid())
+    if start is not None:
+        tags[PID_START_TAG] = start
+    return tags
+
+
+def process_alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` of this machine lives and is the same one (its start time matches, where known)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return start is None or _process_start(pid) in (None, start)
+
+
+def mark_dead_runs_killed(stage: str) -> list[str]:
+    """End as KILLED the RUNNING runs of ``stage`` whose process, on this machine, is gone; returns their ids.
+
+    Runs opened on another host, or without the process tags, are left alone:
+    whether their process lives cannot be known from here.
+    """
+    client = _mlflow().MlflowClient()
+    running = client.search_runs(
+        [experiment_id()], filter_string=f"tags.stage = '{stage}' and attributes.status = 'RUNNING'", max_results=1000
+    )
+    killed = []
+    for run in running:
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+            continue
+        if not process_alive(int(tags[PID_TAG]), tags.get(PID_START_TAG)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            killed.append(run.info.run_id)
+    return killed
 
 
 @contextmanager
@@ -185,7 +243,9 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """Open, tag and close the MLflow run of one stage.
 
-    The run ends FAILED (and the exception propagates) if the body raises.
+    The run ends FAILED (and the exception propagates) if the body raises.  A
+    process killed meanwhile cannot end its run; the next start of the same stage
+    ends it as KILLED (:func:`mark_dead_runs_killed`).
     """
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
@@ -200,6 +260,8 @@ def stage_run(
         tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
     if os.environ.get(FLOW_RUN_NAME_ENV):
         tags["prefect_flow_run_name"] = os.environ[FLOW_RUN_NAME_ENV]
+    tags.update(process_tags())
+    mark_dead_runs_killed(stage)
     run = client.create_run(experiment_id(), tags=tags, run_name=run_name or stage)
     handle = StageRun(stage, run.info.run_id, Path(metrics_dir) / f"{stage}.json", run.info.artifact_uri)
     try:
