@@ -3,8 +3,10 @@
     rlhf preferences import SRC [--format F] --out BUNDLE_DIR
     rlhf preferences export BUNDLE_DIR --to trl|hf --out PATH
 
-Import writes the bundle (prompts, completions, rankings) and ``rejects.jsonl``
-beside it; it fails only if no ranking is usable.  The text-length limit and the
+Import checks the source as the ``collect_preferences`` stage does
+(:func:`rlhf_core.importers.import_preferences`) and writes the bundle (prompts,
+completions, rankings) and ``rejects.jsonl`` beside it; it fails only if no
+ranking is usable.  The text-length limit and the
 default format come from the ``labeling`` section of ``params.yaml``.
 """
 
@@ -45,11 +47,11 @@ def main(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from rlhf_core.config import load_params
     from rlhf_core.errors import DataError
-    from rlhf_core.importers import load_preferences
+    from rlhf_core.importers import import_preferences
     from rlhf_core.records import write_rejects
 
     labeling = load_params(Path(args.params)).labeling
-    bundle = load_preferences(args.source, args.format or labeling.import_format, labeling.max_text_chars)
+    bundle = import_preferences(args.source, args.format or labeling.import_format, labeling.max_text_chars)
     write_rejects(args.out / REJECTS_FILE, bundle.rejects)
     if not bundle.rankings:
         raise DataError(

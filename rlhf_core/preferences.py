@@ -14,10 +14,10 @@ from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 
-from rlhf_core.records import Reject, iter_raw_rows, read_records, write_jsonl
+from rlhf_core.artifacts import BUNDLE_FILES
+from rlhf_core.records import Reject, read_records, write_jsonl
+from rlhf_core.rowfiles import iter_raw_rows
 from rlhf_core.schemas import Completion, PreferencePair, Prompt, Ranking
-
-BUNDLE_FILES = {"prompts": "prompts.jsonl", "completions": "completions.jsonl", "rankings": "rankings.jsonl"}
 
 
 @dataclass
@@ -114,6 +114,14 @@ def ranking_to_pairs(
 REASON_KINDS = (
     ("not valid JSON", "bad_json"),
     ("expected a JSON object", "bad_json"),
+    ("nested deeper", "bad_json"),
+    ("holds an integer of", "bad_json"),
+    ("not valid CSV", "bad_row"),
+    ("cells for the header", "bad_row"),
+    ("not valid UTF", "bad_encoding"),
+    ("lone surrogate", "bad_encoding"),
+    ("not finite", "not_finite"),
+    ("finite number", "not_finite"),
     ("duplicate", "duplicate"),
     ("repeats a completion", "repeated_id"),
     ("at least 2 items", "too_few"),

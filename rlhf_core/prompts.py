@@ -9,7 +9,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from rlhf_core.errors import DataError
-from rlhf_core.records import Reject, iter_raw_rows, validation_rejects
+from rlhf_core.records import Reject, preview, validation_rejects
+from rlhf_core.rowfiles import UnreadableRow, iter_raw_rows
 from rlhf_core.schemas import Prompt
 
 FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".gz": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -25,18 +26,26 @@ def detect_format(path: Path) -> str:
 
 
 def iter_rows(path: Path, fmt: str):
-    """(row number, raw row) from any supported prompt source."""
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt == "hf":
-        from datasets import load_from_disk
+    """(row number, raw row) from any supported prompt source (see :func:`rlhf_core.rowfiles.iter_raw_rows`)."""
+    chosen = detect_format(path) if fmt == "auto" else fmt
+    if chosen == "hf":
+        yield from _dataset_rows(path)
+    else:  # by suffix, rowfiles also tells .csv.gz from .jsonl.gz
+        yield from iter_raw_rows(path, None if fmt == "auto" else chosen)
 
+
+def _dataset_rows(path: Path):
+    """The rows of a ``datasets`` folder (its train split, else its first); DataError if it cannot be read."""
+    import pyarrow as pa
+    from datasets import load_from_disk
+
+    try:
         dataset = load_from_disk(str(path))
-        if hasattr(dataset, "keys"):  # a DatasetDict: take the train split, else the first
+        if hasattr(dataset, "keys"):  # a DatasetDict
             dataset = dataset["train"] if "train" in dataset else dataset[next(iter(dataset.keys()))]
-        for number, row in enumerate(dataset, start=1):
-            yield number, row
-    else:
-        yield from iter_raw_rows(path)
+        yield from enumerate(dataset, start=1)
+    except (OSError, ValueError, KeyError, StopIteration, pa.ArrowException) as exc:
+        raise DataError(f"{path}: not a readable Hugging Face datasets folder ({type(exc).__name__}: {exc})") from None
 
 
 def stable_id(text: str) -> str:
@@ -62,14 +71,16 @@ def import_prompts(path: str | Path, fmt: str, text_field: str, count_tokens, ma
     first_line: dict[str, int] = {}
     seen_ids: set[str] = set()
     for number, raw in iter_rows(path, fmt):
+        if isinstance(raw, UnreadableRow):
+            out.rejects.append(Reject(str(path), number, raw.reason, None, preview(raw.text)))
+            continue
         if not isinstance(raw, dict):
-            reason = getattr(raw, "message", "expected an object")
-            out.rejects.append(Reject(str(path), number, f"not a valid record ({reason})"))
+            out.rejects.append(Reject(str(path), number, f"expected an object, got {type(raw).__name__}", None, preview(raw)))
             continue
         text = raw.get(text_field)
         if not isinstance(text, str):
             reason = "missing" if text is None else f"expected text, got {type(text).__name__}"
-            out.rejects.append(Reject(str(path), number, reason, text_field, str(raw)[:500]))
+            out.rejects.append(Reject(str(path), number, reason, text_field, preview(raw)))
             continue
         if not text.strip():
             out.rejects.append(Reject(str(path), number, "empty prompt", text_field, kind="empty"))

@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from rlhf_core.errors import DataError
+from rlhf_core.rowfiles import UnreadableRow, iter_raw_rows, printable
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -42,9 +43,10 @@ class ReadResult(Generic[T]):
     rejects: list[Reject] = field(default_factory=list)
 
 
-def _raw_preview(raw: object, limit: int = 500) -> str:
+def preview(raw: object, limit: int = 500) -> str:
+    """The start of a bad record as text for its reject, with what UTF-8 cannot hold escaped."""
     text = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)
-    return text if len(text) <= limit else text[:limit] + "…"
+    return printable(text if len(text) <= limit else text[:limit] + "…")
 
 
 def validation_rejects(exc: ValidationError, file: str, line: int, raw: object) -> list[Reject]:
@@ -53,50 +55,16 @@ def validation_rejects(exc: ValidationError, file: str, line: int, raw: object) 
     for error in exc.errors():
         loc = ".".join(str(part) for part in error["loc"]) or None
         reason = "missing" if error["type"] == "missing" else error["msg"]
-        out.append(Reject(file, line, reason, loc, _raw_preview(raw)))
+        out.append(Reject(file, line, reason, loc, preview(raw)))
     return out
 
 
-def iter_raw_rows(path: Path) -> Iterator[tuple[int, object]]:
-    """(line or row number, decoded object or the undecodable text) for JSONL, JSONL.gz, CSV and Parquet."""
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield number, row
-    elif name.endswith(".csv"):
-        import csv
-
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            for row in reader:
-                yield reader.line_num, row
-    else:
-        import gzip
-
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield number, _BadJSON(line.rstrip("\n"), exc.msg)
-
-
-@dataclass(frozen=True)
-class _BadJSON:
-    text: str
-    message: str
-
-
 def read_records(path: str | Path, model: type[T], *, unique_field: str | None = "id") -> ReadResult[T]:
-    """Validate every row of a JSONL(.gz)/CSV/Parquet file against ``model``.
+    """Validate every row of a JSONL(.gz)/JSON/CSV/Parquet file against ``model``.
 
-    Rows with bad JSON, missing or ill-typed fields, or a repeated ``unique_field``
-    become rejects; the rest are returned in file order.
+    Rows that cannot be decoded (see :mod:`rlhf_core.rowfiles`), with missing or
+    ill-typed fields, or with a repeated ``unique_field`` become rejects; the rest
+    are returned in file order.
     """
     path = Path(path)
     result: ReadResult[T] = ReadResult()
@@ -104,11 +72,11 @@ def read_records(path: str | Path, model: type[T], *, unique_field: str | None =
         raise DataError(f"{path}: file not found")
     seen: set = set()
     for number, raw in iter_raw_rows(path):
-        if isinstance(raw, _BadJSON):
-            result.rejects.append(Reject(str(path), number, f"not valid JSON ({raw.message})", None, _raw_preview(raw.text)))
+        if isinstance(raw, UnreadableRow):
+            result.rejects.append(Reject(str(path), number, raw.reason, None, preview(raw.text)))
             continue
         if not isinstance(raw, dict):
-            result.rejects.append(Reject(str(path), number, "expected a JSON object", None, _raw_preview(raw)))
+            result.rejects.append(Reject(str(path), number, "expected a JSON object", None, preview(raw)))
             continue
         try:
             record = model.model_validate(raw)
@@ -118,7 +86,7 @@ def read_records(path: str | Path, model: type[T], *, unique_field: str | None =
         if unique_field is not None:
             key = getattr(record, unique_field)
             if key in seen:
-                result.rejects.append(Reject(str(path), number, f"duplicate {unique_field} {key!r}", unique_field, _raw_preview(raw)))
+                result.rejects.append(Reject(str(path), number, f"duplicate {unique_field} {key!r}", unique_field, preview(raw)))
                 continue
             seen.add(key)
         result.records.append(record)
@@ -168,7 +136,9 @@ def write_jsonl(path: str | Path, records: Iterable[BaseModel | dict]) -> int:
 
 
 def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> int:
-    return write_jsonl(path, (asdict(reject) for reject in rejects))
+    # A reject quotes bad input, which may hold what UTF-8 cannot encode; the rejects file must still be written.
+    rows = ({k: printable(v) if isinstance(v, str) else v for k, v in asdict(reject).items()} for reject in rejects)
+    return write_jsonl(path, rows)
 
 
 def write_json(path: str | Path, data: dict) -> None:

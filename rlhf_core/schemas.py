@@ -15,7 +15,9 @@ def utc_now() -> datetime:
 
 
 class Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: a NaN rating or weight would train on garbage, and pydantic writes it as null,
+    # which no reader accepts back.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _not_blank(value: str) -> str:

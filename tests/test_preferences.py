@@ -140,3 +140,14 @@ def test_referenced_drops_unranked_records():
     )
     cut = referenced(bundle)
     assert [p.id for p in cut.prompts] == ["p1"] and [c.id for c in cut.completions] == ["c0", "c2"]
+
+
+def test_non_finite_ratings_are_rejected_and_counted_by_kind(tmp_path):
+    folder = salted_bundle(tmp_path / "bundle")
+    with (folder / "rankings.jsonl").open("a") as handle:
+        handle.write('{"id": "rn", "prompt_id": "p2", "completion_ids": ["p2c0", "p2c1"], "annotator_id": "c", "ratings": [NaN, 1]}\n')
+        handle.write('{"id": "ri", "prompt_id": "p2", "completion_ids": ["p2c0", "p2c1"], "annotator_id": "c", "ratings": ["inf", 1]}\n')
+    clean = validate_bundle(PreferenceBundle.read(folder), max_text_chars=200, source=str(folder))
+    assert "rn" not in {r.id for r in clean.rankings} and "ri" not in {r.id for r in clean.rankings}
+    kinds = {r.line: (r.kind, r.field) for r in clean.rejects if r.file.endswith("rankings.jsonl")}
+    assert kinds[11] == ("not_finite", None) and kinds[12] == ("not_finite", "ratings.0")

@@ -33,9 +33,17 @@ from rlhf_core.importers.ratings import LIST_KEYS as RATING_LIST_KEYS
 from rlhf_core.importers.ratings import parse_ratings
 from rlhf_core.importers.sources import iter_source_rows
 from rlhf_core.importers.trl import parse_hh, parse_trl
-from rlhf_core.preferences import BUNDLE_FILES, PreferenceBundle
+from rlhf_core.preferences import BUNDLE_FILES, PreferenceBundle, validate_bundle
 
-__all__ = ["FORMATS", "detect_format", "export_hf", "export_trl", "load_preferences", "preference_rows"]
+__all__ = [
+    "FORMATS",
+    "detect_format",
+    "export_hf",
+    "export_trl",
+    "import_preferences",
+    "load_preferences",
+    "preference_rows",
+]
 
 PARSERS: dict[str, Parser] = {
     "trl": parse_trl,
@@ -50,7 +58,8 @@ def load_preferences(path: str | Path, fmt: str = "auto", max_text_chars: int = 
     """Read a preference source into a bundle; unusable records are in ``bundle.rejects``.
 
     Raises :class:`DataError` only when the source itself is unusable (missing,
-    of an unknown kind, or of a format that cannot be told); a source whose every
+    unreadable as :mod:`rlhf_core.rowfiles` reads files, of an unknown kind, or
+    of a format that cannot be told); a source whose every
     record was rejected gives a bundle without rankings, for the caller to judge.
     """
     path = Path(path)
@@ -70,6 +79,15 @@ def load_preferences(path: str | Path, fmt: str = "auto", max_text_chars: int = 
     for line, raw in tqdm(rows, desc=f"import {path.name}", unit=" rows", disable=None):
         builder.consume(line, raw, PARSERS[fmt])
     return builder.bundle()
+
+
+def import_preferences(path: str | Path, fmt: str = "auto", max_text_chars: int = 8000) -> PreferenceBundle:
+    """A source read by :func:`load_preferences`, then checked as a whole by
+    :func:`~rlhf_core.preferences.validate_bundle` (unknown or another prompt's
+    completions, duplicates, text lengths): what ``rlhf preferences import`` and
+    the ``collect_preferences`` stage both keep."""
+    loaded = load_preferences(path, fmt, max_text_chars)
+    return validate_bundle(loaded, max_text_chars=max_text_chars, source=str(path))
 
 
 def detect_format(row: dict) -> str | None:

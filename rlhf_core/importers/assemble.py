@@ -21,7 +21,8 @@ from pydantic import ValidationError
 
 from rlhf_core.preferences import PreferenceBundle
 from rlhf_core.prompts import stable_id
-from rlhf_core.records import Reject
+from rlhf_core.records import Reject, preview
+from rlhf_core.rowfiles import UnreadableRow
 from rlhf_core.schemas import Completion, Prompt, Ranking
 
 DEFAULT_ANNOTATOR = "import"
@@ -91,11 +92,6 @@ def content_id(prefix: str, *parts: object) -> str:
     return prefix + digest[:16]
 
 
-def _preview(raw: object, limit: int = 500) -> str:
-    text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
 class BundleBuilder:
     """Collects the rankings of one source file, with its prompts, completions and rejects."""
 
@@ -112,10 +108,11 @@ class BundleBuilder:
 
     def consume(self, line: int, raw: object, parse: Parser) -> None:
         """Parse one source row and keep each ranking it holds; every problem becomes a reject."""
+        if isinstance(raw, UnreadableRow):
+            self.reject(line, RecordError(None, raw.reason), raw.text)
+            return
         if not isinstance(raw, dict):
-            message = getattr(raw, "message", None)
-            reason = f"not valid JSON ({message})" if message else f"expected an object, got {type(raw).__name__}"
-            self.reject(line, RecordError(None, reason), getattr(raw, "text", raw))
+            self.reject(line, RecordError(None, f"expected an object, got {type(raw).__name__}"), raw)
             return
         try:
             units = list(parse(raw))
@@ -176,7 +173,7 @@ class BundleBuilder:
         self.origins[("rankings", ranking_id)] = where
 
     def reject(self, line: int, error: RecordError, raw: object) -> None:
-        self.rejects.append(Reject(str(self.source), line, error.reason, error.field, _preview(raw), error.kind))
+        self.rejects.append(Reject(str(self.source), line, error.reason, error.field, preview(raw), error.kind))
 
     def bundle(self) -> PreferenceBundle:
         return PreferenceBundle(

@@ -61,13 +61,12 @@ def human_bundle(export: Path, cfg: LabelingConfig) -> PreferenceBundle:
 
 
 def imported_bundle(folder: Path, cfg: LabelingConfig) -> PreferenceBundle:
-    from rlhf_core.importers import load_preferences
+    from rlhf_core.importers import import_preferences
 
     source = folder / cfg.import_file if cfg.import_file else folder
     if not source.exists():
         raise DataError(f"{source}: no preference file to import (set paths.preference_import / labeling.import_file)")
-    loaded = load_preferences(source, cfg.import_format, cfg.max_text_chars)
-    return validate_bundle(loaded, max_text_chars=cfg.max_text_chars, source=str(source))
+    return import_preferences(source, cfg.import_format, cfg.max_text_chars)
 
 
 def load_bundle(params: Params) -> tuple[PreferenceBundle, str]:
