@@ -143,3 +143,8 @@ def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> int:
 
 def write_json(path: str | Path, data: dict) -> None:
     _atomic_write(Path(path), [json.dumps(data, indent=2, sort_keys=True, default=str)])
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename (a kill leaves the old file or the new one)."""
+    _atomic_write(Path(path), text.splitlines())

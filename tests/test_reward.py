@@ -363,3 +363,47 @@ def test_held_out_pairs_are_read_from_one_score_per_completion():
     assert sorted(scorer.seen) == ["a", "b", "c"]
     diff, distances = comparison_diffs([group], scores)
     assert diff.tolist() == [2.0, 0.5] and distances == [2, 1]
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+def test_guard_stops_at_the_first_non_finite_loss_or_gradient_norm():
+    from types import SimpleNamespace
+
+    from rlhf_core.reward.trainer import FiniteTrainingGuard
+
+    guard, state = FiniteTrainingGuard(3e-3), SimpleNamespace(global_step=3)
+    guard.on_log(None, state, None, logs={"loss": 0.69, "grad_norm": 12.0})
+    with pytest.raises(RLHFError, match=r"^reward.learning_rate=0.003: loss is nan at step 3; training stopped"):
+        guard.on_log(None, state, None, logs={"loss": float("nan"), "grad_norm": 1.0})
+    with pytest.raises(RLHFError, match="gradient norm is inf at step 3"):
+        guard.on_log(None, state, None, logs={"loss": 0.5, "grad_norm": float("inf")})
+
+
+def test_non_finite_weights_and_constant_or_non_finite_scores_are_refused():
+    from rlhf_core.reward.trainer import check_finite_weights, check_scores
+
+    layer = torch.nn.Linear(2, 1)
+    check_finite_weights(layer, 1e-4)
+    with torch.no_grad():
+        layer.bias.fill_(float("nan"))
+    with pytest.raises(RLHFError, match=r"1 of 2 weight tensors are not finite \(first: bias\)"):
+        check_finite_weights(layer, 1e-4)
+
+    check_scores(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.2, 0.3]), 1e-4)
+    with pytest.raises(RLHFError, match="all 3 held-out completions score 0.5 .a constant model."):
+        check_scores(torch.tensor([0.5, 0.5, 0.5, 1.0]), torch.tensor([0.5, 0.5, 0.5]), 1e-4)
+    with pytest.raises(RLHFError, match="1 of 3 scores are not finite"):
+        check_scores(torch.tensor([0.1, float("nan"), 0.3]), torch.tensor([0.1, 0.3]), 1e-4)
+
+
+@pytest.mark.parametrize("finetune", ["full", "freeze"])
+def test_runaway_learning_rate_stops_training_at_the_first_nan_loss(tiny_base_model, tmp_path, finetune):
+    from rlhf_core.reward.trainer import fit_reward_model
+
+    write_bundle(tmp_path / "prefs", marker_bundle(6))
+    groups = load_prompt_comparisons(tmp_path / "prefs", "none")
+    cfg = RewardConfig(prompts_per_batch=2, epochs=1, finetune=finetune, freeze_layers=1, learning_rate=1e30)
+    with pytest.raises(RLHFError, match=r"^reward.learning_rate=1e\+30: loss is nan at step 2; "):
+        fit_reward_model(tiny_base_model, cfg, groups, tmp_path / "out")

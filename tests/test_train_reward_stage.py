@@ -134,13 +134,14 @@ def test_learnable_preference_reaches_high_heldout_accuracy_and_registers_champi
 
 
 def test_inaccurate_version_does_not_replace_the_champion(work_env, tiny_base_model):
-    root = reward_project(work_env, tiny_base_model, {"reward": {"epochs": 0.2, "champion_min_accuracy": 0.0}})
+    root = reward_project(work_env, tiny_base_model, LEARNABLE)
     write_preferences(root, marker_bundle(20))
     from rlhf_core.stages import train_reward
 
     first = train_reward.run(load_params(root / "params.yaml"))
     assert first["reward/champion"] is True
     params = yaml.safe_load((root / "params.yaml").read_text())
+    params["reward"]["epochs"] = 0.2
     params["reward"]["champion_min_accuracy"] = 1.0  # a barely trained model does not order all 16 held-out pairs right
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     second = train_reward.run(load_params(root / "params.yaml"))
@@ -206,3 +207,52 @@ def test_hh_rlhf_import_trains_with_the_same_stage(tiny_project):
     assert metrics["reward/train_pairs"] + metrics["reward/heldout_pairs"] == len(HH_ROWS)
     assert metrics["reward/normalization_source"] == "sampled" and "reward/gold_accuracy" not in metrics
     assert (root / "models" / "reward" / "model.safetensors").exists()
+
+
+def test_runaway_learning_rate_exits_2_saves_and_registers_nothing(work_env, tiny_base_model):
+    root = reward_project(work_env, tiny_base_model, {"reward": {"learning_rate": 1e30}})
+    write_preferences(root, marker_bundle(10))
+    params = load_params(root / "params.yaml")
+    old = root / params.paths.reward_model
+    old.mkdir(parents=True)
+    (old / "model.safetensors").write_text("the previous reward model")
+
+    done = rlhf("train-reward", cwd=root, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "reward.learning_rate=1e+30: loss is nan at step 2; training stopped" in done.stderr
+    assert [p.name for p in old.iterdir()] == ["model.safetensors"] and (old / "model.safetensors").read_text() == "the previous reward model"
+    assert not (root / "plots" / "reward_loss.csv").exists()
+    assert not (root / "metrics" / "train_reward.json").exists()
+    import mlflow
+
+    assert mlflow.MlflowClient().search_model_versions("name = 'rlhf-reward-model'") == []
+    (run,) = mlflow.search_runs(experiment_names=["rlhf"], output_format="list")
+    assert run.data.tags["stage"] == "train_reward" and run.info.status == "FAILED"
+
+
+def test_a_version_is_registered_only_after_the_outputs_and_metrics_are_written(work_env, tiny_base_model, monkeypatch):
+    root = reward_project(work_env, tiny_base_model, {"reward": {"epochs": 0.2}})
+    write_preferences(root, marker_bundle(10))
+    from rlhf_core import tracking
+    from rlhf_core.stages import train_reward
+
+    params = load_params(root / "params.yaml")
+    seen = {}
+    register = tracking.register_version
+
+    def register_after_checking(*args, **kwargs):
+        metrics = json.loads((root / "metrics" / "train_reward.json").read_text())
+        seen.update(accuracy=metrics.get("reward/accuracy"), version=metrics.get("reward/registered_version"),
+                    weights=(root / params.paths.reward_model / "model.safetensors").exists(),
+                    curve=(root / "plots" / "reward_loss.csv").exists())  # fmt: skip
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "register_version", register_after_checking)
+    metrics = train_reward.run(params)
+    assert seen == {"accuracy": metrics["reward/accuracy"], "version": None, "weights": True, "curve": True}
+    assert json.loads((root / "metrics" / "train_reward.json").read_text())["reward/registered_version"] == 1
+    import mlflow
+
+    (run,) = mlflow.search_runs(experiment_names=["rlhf"], output_format="list")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "reward/accuracy")
+    assert len(history) == 1  # the second write of the metrics logs only the registry's additions

@@ -175,6 +175,9 @@ class RewardModel:
         norm_file = path / NORMALIZATION_FILE
         if not norm_file.exists():
             raise RLHFError(f"{path}: not a reward model folder (no {NORMALIZATION_FILE}; run `rlhf train-reward`)")
+        from rlhf_core.base_model import refuse_pickled_weights
+
+        refuse_pickled_weights(path, "reward model folder")
         kwargs = {"use_safetensors": True}
         if dtype is not None:
             kwargs["dtype"] = _torch_dtype(dtype)
@@ -227,6 +230,9 @@ class RewardModel:
         """Set shift and scale so that ``raw_scores`` (of the base model's completions) become mean 0, std 1."""
         if raw_scores.numel() < 2:
             raise RLHFError(f"normalisation needs at least 2 base-model completions, got {raw_scores.numel()}")
+        if not torch.isfinite(raw_scores).all():
+            bad = int((~torch.isfinite(raw_scores)).sum())
+            raise RLHFError(f"normalisation: {bad} of {raw_scores.numel()} base-model completions score NaN or infinity")
         std = float(raw_scores.std(unbiased=False))
         self.shift = float(raw_scores.mean())
         # A reward model that gives every base completion the same score cannot be rescaled; leave its scale alone.

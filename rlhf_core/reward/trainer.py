@@ -14,6 +14,7 @@ once (:mod:`rlhf_core.reward.trunk`), start the head as a linear probe
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,11 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 from trl import RewardConfig as TRLRewardConfig
 from trl import RewardTrainer
 
 from rlhf_core.config import RewardConfig
-from rlhf_core.errors import DataError
+from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.reward.build import build_reward_model, reward_head, trainable_parameters
 from rlhf_core.reward.data import PromptComparisons, encode_groups, num_pairs
 from rlhf_core.reward.model import RewardModel, pad_right, reward_tokenizer
@@ -151,6 +153,53 @@ class RankingRewardTrainer(RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
+class FiniteTrainingGuard(TrainerCallback):
+    """Stops training at the first step whose loss or gradient norm is not finite.
+
+    It reads the per-step log (``logging_steps=1``, and ``logging_nan_inf_filter``
+    off: TRL's default would replace a NaN loss by the running mean and hide the
+    divergence).  Under DDP every process logs the same gathered values, so all of
+    them stop at the same step.
+    """
+
+    def __init__(self, learning_rate: float):
+        self.learning_rate = learning_rate
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(diverged(self.learning_rate, f"{name} is {value} at step {state.global_step}"))
+
+
+def diverged(learning_rate: float, what: str) -> str:
+    return f"reward.learning_rate={learning_rate:g}: {what}; training stopped, no reward model saved or registered"
+
+
+def check_finite_weights(model, learning_rate: float) -> None:
+    """Refuse a trained model with any NaN or infinite weight (it would score NaN everywhere)."""
+    state = model.state_dict()
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        what = f"{len(bad)} of {len(state)} weight tensors are not finite (first: {bad[0]})"
+        raise ConfigError(diverged(learning_rate, what))
+
+
+def check_scores(scores: torch.Tensor, heldout: torch.Tensor, learning_rate: float) -> None:
+    """Refuse a model whose scores are not finite, or that gives every held-out completion the same score.
+
+    A constant model orders no pair, yet its held-out accuracy is 0.5 by the
+    tie-half rule and its normalisation falls back to scale 1: nothing downstream
+    would notice.
+    """
+    if not torch.isfinite(scores).all():
+        count = int((~torch.isfinite(scores)).sum())
+        raise ConfigError(diverged(learning_rate, f"{count} of {scores.numel()} scores are not finite"))
+    if heldout.numel() > 1 and bool((heldout == heldout[0]).all()):
+        what = f"all {heldout.numel()} held-out completions score {float(heldout[0]):g} (a constant model)"
+        raise ConfigError(diverged(learning_rate, what))
+
+
 def trainer_args(cfg: RewardConfig, output_dir: Path) -> TRLRewardConfig:
     """TRL settings from ``params.yaml``'s ``reward`` section.
 
@@ -173,7 +222,8 @@ def trainer_args(cfg: RewardConfig, output_dir: Path) -> TRLRewardConfig:
         remove_unused_columns=False,
         train_sampling_strategy="group_by_length",
         ddp_find_unused_parameters=False,
-        logging_steps=1,
+        logging_steps=1,  # FiniteTrainingGuard checks every step's log
+        logging_nan_inf_filter=False,
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
@@ -248,6 +298,7 @@ def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[Pro
         processing_class=tokenizer,
         data_collator=RankingCollator(TrunkStateInputs(states) if frozen else TokenInputs(sequences, tokenizer.pad_token_id)),
         peft_config=peft_config,
+        callbacks=[FiniteTrainingGuard(cfg.learning_rate)],
     )
     trainable = trainable_parameters(trainer.model)
     with trunk.upper() if frozen else nullcontext():
@@ -255,6 +306,7 @@ def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[Pro
     model = trainer.model
     if peft_config is not None:
         model = model.merge_and_unload()
+    check_finite_weights(model, cfg.learning_rate)
     if frozen:
         cache = {tuple(seq): state for seq, state in zip(sequences, states)}
         scorer = CachedTrunkScorer(trunk, tokenizer, cache, cfg.read_stop_token)

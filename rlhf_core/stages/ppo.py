@@ -156,14 +156,15 @@ def run(params: Params) -> dict:
         pairs = Path(paths.preferences) / "pairs.jsonl"
         if pairs.exists():
             lineage["preference_data_hash"] = tracking.hash_paths([pairs])
-        version = tracking.register_version(tracking.POLICY_MODEL, stage, ARTIFACT_PATH, aliases=["candidate"], tags=lineage)
         metrics = {
             **summary(history),
-            "ppo/registered_version": int(version),
             "ppo/resumed_from_update": int(resumed_from.name.split("-")[-1]) if resumed_from else 0,
             "ppo/trainable_parameters": sum(t.numel() for t in trainer.policy.trainable_state().values()),
             "ppo/bf16": trainer.policy.bf16,
             "ppo/reward_model_version": reward_ref.version,
             "ppo/init_policy": start_label,
         }
-        return stage.finish(metrics)
+        # Registered only once the policy, the curve and the metrics are complete.
+        metrics = stage.finish(metrics)
+        version = tracking.register_version(tracking.POLICY_MODEL, stage, ARTIFACT_PATH, aliases=["candidate"], tags=lineage)
+        return stage.finish({**metrics, "ppo/registered_version": int(version)})

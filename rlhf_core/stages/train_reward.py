@@ -19,7 +19,6 @@ trains; only the main one writes files, MLflow runs and registry entries.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -29,12 +28,12 @@ import torch
 from rlhf_core import tracking
 from rlhf_core.config import Params
 from rlhf_core.errors import RLHFError
-from rlhf_core.records import read_jsonl
+from rlhf_core.records import atomic_write_text, read_jsonl
 from rlhf_core.reward import RewardModel
 from rlhf_core.reward.data import PromptComparisons, load_prompt_comparisons, num_pairs, split_by_prompt
 from rlhf_core.reward.metrics import conversations, heldout_metrics, score_conversations
 from rlhf_core.reward.normalization import BaseCompletions, candidate_base_completions, sample_base_completions
-from rlhf_core.reward.trainer import fit_reward_model, is_main_process
+from rlhf_core.reward.trainer import check_scores, fit_reward_model, is_main_process
 from rlhf_core.schemas import Prompt
 
 ARTIFACT_PATH = "reward_model"
@@ -81,13 +80,8 @@ def noise_ceiling(metrics_dir: str | Path, validation: list[PromptComparisons]) 
 
 
 def write_loss_curve(path: str | Path, losses: list[tuple[int, float]]) -> None:
-    """``plots/reward_loss.csv`` with columns step, loss (the DVC plot of this stage)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "loss"])
-        writer.writerows(losses)
+    """``plots/reward_loss.csv`` with columns step, loss (the DVC plot of this stage), replaced atomically."""
+    atomic_write_text(path, "\n".join(["step,loss", *(f"{step},{loss!r}" for step, loss in losses)]))
 
 
 def register(stage: tracking.StageRun, folder: str | Path, accuracy: float, min_accuracy: float) -> tuple[str, bool]:
@@ -134,13 +128,14 @@ def run(params: Params) -> dict:
         base_items = list(zip(base.prompts, base.responses, base.finished))
         heldout_items = conversations(validation)
         scores = score_conversations(fit.scorer, base_items + heldout_items, cfg.score_batch_size, desc="scoring")
+        heldout_scores = torch.tensor([scores[item] for item in heldout_items])
+        check_scores(torch.tensor(list(scores.values())), heldout_scores, cfg.learning_rate)
         reward_model.fit_normalization(torch.tensor([scores[item] for item in base_items]))
-        normalised = (torch.tensor([scores[item] for item in heldout_items]) - reward_model.shift) / reward_model.scale
+        normalised = (heldout_scores - reward_model.shift) / reward_model.scale
         metrics = {**heldout_metrics(validation, scores), **noise_ceiling(paths.metrics, validation)}
         reward_model.save(paths.reward_model)
         write_loss_curve(Path(paths.plots) / "reward_loss.csv", fit.losses)
         stage.log_curve("reward/train_loss", [loss for _, loss in fit.losses], start=1)
-        version, champion = register(stage, paths.reward_model, metrics["accuracy"], cfg.champion_min_accuracy)
         metrics.update(
             {
                 "gap_to_gold": metrics["gold_accuracy"] - metrics["accuracy"] if "gold_accuracy" in metrics else None,
@@ -162,9 +157,11 @@ def run(params: Params) -> dict:
                 "train_seconds": fit.seconds,
                 "pairs_per_second": fit.pairs * cfg.epochs / fit.seconds if fit.seconds > 0 else None,
                 "stage_seconds": time.perf_counter() - start,
-                "registered_version": int(version),
-                "champion": champion,
             }
         )
-        return stage.finish({f"reward/{k}": v for k, v in metrics.items() if v is not None})
+        # Registered only once the folder, the curve and the metrics are complete: a kill before this
+        # line leaves no version, one after it a version whose outputs are all there.
+        summary = stage.finish({f"reward/{k}": v for k, v in metrics.items() if v is not None})
+        version, champion = register(stage, paths.reward_model, metrics["accuracy"], cfg.champion_min_accuracy)
+        return stage.finish({**summary, "reward/registered_version": int(version), "reward/champion": champion})
 
