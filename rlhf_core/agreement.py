@@ -143,6 +143,27 @@ def krippendorff_alpha(rankings: list[Ranking]) -> float | None:
     return 1.0 - (total - 1) * observed / expected
 
 
+def interval_alpha(units: list[list[float]]) -> float | None:
+    """Interval Krippendorff's alpha of scores (e.g. 1-7 ratings); each unit lists the values its coders gave it.
+
+    Same coincidence-matrix computation as the ordinal alpha, with the interval
+    metric delta^2(c, k) = (c - k)^2.  None when no unit has two values or when
+    every pairable value is the same.
+    """
+    coincidences = _coincidences([values for values in units if len(values) >= 2])
+    if not coincidences:
+        return None
+    marginals: Counter[float] = Counter()
+    for (c, _k), weight in coincidences.items():
+        marginals[c] += weight
+    total = sum(marginals.values())
+    observed = sum(weight * (c - k) ** 2 for (c, k), weight in coincidences.items())
+    expected = sum(marginals[c] * marginals[k] * (c - k) ** 2 for c in marginals for k in marginals)
+    if expected == 0:
+        return None
+    return 1.0 - (total - 1) * observed / expected
+
+
 def _coincidences(units: list[list[int]]) -> Counter[tuple[int, int]]:
     """Coincidence matrix o_ck: each ordered pair of values within a unit of m values adds 1/(m-1)."""
     matrix: Counter[tuple[int, int]] = Counter()

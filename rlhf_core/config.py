@@ -112,7 +112,19 @@ class LabelingConfig(Section):
     host: str = Field("127.0.0.1", description="Address `rlhf label serve` binds to (loopback: not reachable from outside).")
     port: int = Field(8765, gt=0, lt=65536)
     session_hours: float = Field(12.0, gt=0, description="How long a sign-in to the labelling app stays valid.")
+    demonstration_words: tuple[int, int] = Field(
+        (15, 60),
+        description="Target length range in words shown to an annotator writing a demonstration (a guide, not a limit): "
+        "long enough to be complete, short enough to fit the policy's max_new_tokens budget after SFT.",
+    )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _demonstration_range(self) -> "LabelingConfig":
+        low, high = self.demonstration_words
+        if not 0 < low <= high:
+            raise ValueError(f"demonstration_words must be [low, high] with 0 < low <= high, got [{low}, {high}]")
+        return self
 
     @model_validator(mode="after")
     def _enough_annotators_for_overlap(self) -> "LabelingConfig":

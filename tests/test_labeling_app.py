@@ -174,10 +174,10 @@ def test_load_keeps_good_items_and_reports_bad_ones(work_env, capsys):
         handle.write("{not json\n")
         handle.write(json.dumps({"id": "p0-c9", "prompt_id": "p0", "text": "", "policy_version": "v0"}) + "\n")
     out = rlhf_in_process("label", "load", str(folder))
-    assert "3 new items (0 already loaded)" in out and "2 rejects written to" in out
+    assert "3 new ranking items (0 already loaded)" in out and "2 rejects written to" in out
     rejects = [json.loads(line) for line in (work_env / ".work" / "label_load_rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["field"], r["kind"]) for r in rejects] == [(13, None, "invalid"), (0, "text", "empty")]
-    assert "3 new items" not in rlhf_in_process("label", "load", str(folder))
+    assert "3 new ranking items" not in rlhf_in_process("label", "load", str(folder))
     assert rlhf_main(["label", "load", str(work_env / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
 
+from rlhf_core.agreement import interval_alpha
+from rlhf_core.config import LabelingConfig
 from rlhf_core.errors import RLHFError
+from rlhf_core.importers import load_preferences
 from rlhf_core.labeling.export import export_labels
 from rlhf_core.labeling.items import build_items
-from rlhf_core.labeling.stats import label_stats
-from rlhf_core.labeling.store import AlreadyLabelled, InvalidLabel, LabelStore, NotFound, ranks_from_groups
+from rlhf_core.labeling.stats import label_stats, word_edit_distance
+from rlhf_core.labeling.store import SCHEMA, AlreadyLabelled, InvalidLabel, LabelStore, NotFound, ranks_from_groups
 from rlhf_core.preferences import PreferenceBundle
 from rlhf_core.schemas import Completion, Prompt, Ranking
+
+GUIDE = LabelingConfig().demonstration_words
 
 
 def make_bundle(prompts: int = 3, k: int = 4, *, round_: str = "r1", gold: bool = False) -> PreferenceBundle:
@@ -211,7 +217,177 @@ def test_export_writes_a_readable_bundle_and_keeps_other_files(tmp_path):
     assert sorted((r.prompt_id, r.annotator_id) for r in bundle.rankings) == [("p0", "a"), ("p0", "b"), ("p1", "a")]
     assert (out / "README.md").read_text() == "kept"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".labels")]  # no staging folder left
-    figures = label_stats(store)
+    figures = label_stats(store, GUIDE)
     assert figures.pairwise_agreement == 1.0 and figures.agreement_comparisons == 6
     assert figures.krippendorff_alpha == pytest.approx(1.0)
     assert [(s.name, s.done, s.skipped, s.flagged) for s in figures.annotators] == [("a", 2, 0, 0), ("b", 2, 1, 1)]
+
+
+# -- rating and demonstration tasks -------------------------------------------------------------------------------
+
+
+def test_interval_alpha_matches_krippendorffs_worked_example():
+    """Krippendorff (2011), "Computing Krippendorff's alpha-reliability": 4 coders, 12 units, interval alpha 0.849."""
+    coders = [
+        [1, 2, 3, 3, 2, 1, 4, 1, 2, None, None, None],
+        [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, None, 3],
+        [None, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, None],
+        [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, None],
+    ]
+    units = [[value for value in unit if value is not None] for unit in zip(*coders)]
+    assert interval_alpha(units) == pytest.approx(0.849, abs=5e-4)
+    assert interval_alpha([[3], [4]]) is None  # nothing pairable
+    assert interval_alpha([[2, 2], [2, 2]]) is None  # no variation: alpha undefined
+
+
+def test_word_edit_distance_counts_word_insertions_deletions_and_substitutions():
+    assert word_edit_distance([], []) == 0
+    assert word_edit_distance("a b c".split(), "a b c".split()) == 0
+    assert word_edit_distance("a b c".split(), "a x c d".split()) == 2
+    assert word_edit_distance("one two".split(), []) == 2
+
+
+def rating_store(tmp_path):
+    store = LabelStore(tmp_path / "labels.sqlite")
+    store.add_items(build_items(make_bundle(prompts=2, k=3), 8000, task="rating").items)
+    who = {name: store.annotator_by_token(store.add_annotator(name)) for name in ("a", "b")}
+    store.assign(per_item=2, gold_fraction=0.0)
+    return store, who
+
+
+def test_ratings_are_checked_exported_for_the_ratings_importer_and_agree(tmp_path):
+    store, who = rating_store(tmp_path)
+    a, b = who["a"], who["b"]
+    first = store.next_assignment(a)
+    assert first.task == "rating" and len(first.completions) == 3
+    ids = sorted(c.id for c in first.completions)
+    full = dict(zip(ids, (7, 4, 4)))
+    for scores, match in (({ids[0]: 7}, "every completion"), ({**full, ids[0]: 0}, "from 1 to 7"),
+                          ({**full, ids[0]: 8}, "from 1 to 7"), ({**full, ids[0]: True}, "whole number")):
+        with pytest.raises(InvalidLabel, match=match):
+            store.save_rating(a, first.id, scores, {}, {}, 8000)
+    with pytest.raises(InvalidLabel, match="unknown completion"):
+        store.save_rating(a, first.id, full, {"nope": "x"}, {}, 8000)
+    with pytest.raises(InvalidLabel, match="over labeling.max_text_chars=10"):
+        store.save_rating(a, first.id, full, {ids[0]: "y" * 11}, {}, 10)
+    with pytest.raises(InvalidLabel, match="a rating task, not a ranking task"):
+        store.save_label(a, first.id, [[i] for i in ids], {})
+    with pytest.raises(InvalidLabel, match="not a demonstration task"):
+        store.save_demonstration(a, first.id, "An answer.", 8000)
+    with pytest.raises(NotFound):
+        store.save_rating(b, first.id, full, {}, {}, 8000)
+    store.save_rating(a, first.id, full, {ids[0]: "  Clear and complete. ", ids[1]: "   "}, {ids[2]: "unsafe"}, 8000)
+    with pytest.raises(AlreadyLabelled):
+        store.save_rating(a, first.id, full, {}, {}, 8000)
+    # Everyone scores c0 7 and the others 4, except that b gives p1's c0 a 6.
+    for annotator in (a, b):
+        while (assignment := store.next_assignment(annotator)) is not None:
+            scores = {c.id: 7 if c.id.endswith("c0") else 4 for c in assignment.completions}
+            if annotator == b and assignment.prompt.id == "p1":
+                scores["p1-r1-c0"] = 6
+            store.save_rating(annotator, assignment.id, scores, {}, {}, 8000)
+    assert store.progress(a).by_task == {"rating": (2, 2)}
+
+    figures = label_stats(store, GUIDE)
+    assert [(t.task, t.items, t.labels, t.skipped) for t in figures.tasks] == [("rating", 2, 4, 0)]
+    assert figures.labels == 4 and figures.pairwise_agreement is None  # ratings are not rankings
+    assert figures.rating.ratings == 4 and figures.rating.pairable_units == 6 and figures.rating.commented == 1
+    assert figures.rating.krippendorff_alpha_interval == pytest.approx(interval_alpha([[7, 7], [4, 4], [4, 4], [7, 6], [4, 4], [4, 4]]))
+    assert 0 < figures.rating.krippendorff_alpha_interval < 1
+
+    summary = export_labels(store, tmp_path / "labels")
+    assert (summary.ratings, summary.rankings, summary.demonstrations) == (4, 0, 0)
+    assert not (tmp_path / "labels" / "rankings.jsonl").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "labels" / "ratings.jsonl").read_text().splitlines()]
+    assert rows[0]["annotator_id"] == "a" and rows[0]["prompt"] == first.prompt.text
+    assert [(c["id"], c["overall_score"], c["comment"], c["flag"]) for c in rows[0]["completions"]] == [
+        (ids[0], 7, "Clear and complete.", None), (ids[1], 4, None, None), (ids[2], 4, None, "unsafe")]
+    imported = load_preferences(tmp_path / "labels" / "ratings.jsonl", "ratings")
+    assert not imported.rejects and len(imported.rankings) == 4
+    assert sorted(r.annotator_id for r in imported.rankings) == ["a", "a", "b", "b"]
+    assert {tuple(r.ranks) for r in imported.rankings} == {(1, 2, 2)}
+    assert sorted(tuple(r.ratings) for r in imported.rankings) == [(6, 4, 4), (7, 4, 4), (7, 4, 4), (7, 4, 4)]
+    assert load_preferences(tmp_path / "labels" / "ratings.jsonl", "auto").rankings  # the columns say "ratings"
+
+
+def test_demonstration_items_take_every_prompt_and_at_most_one_draft():
+    bundle = make_bundle(prompts=2, k=2)
+    bundle.prompts.append(Prompt(id="bare", text="No draft for this one?"))
+    built = build_items(bundle, 8000, task="demonstration")
+    assert [(i.prompt.id, [c.id for c in i.completions], i.task) for i in built.items] == [
+        ("p0", ["p0-r1-c0"], "demonstration"), ("p1", ["p1-r1-c0"], "demonstration"), ("bare", [], "demonstration")]
+    assert [(r.kind, r.field) for r in built.rejects] == [("duplicate", "prompt_id")] * 2
+    assert "already has the draft 'p0-r1-c0'" in built.rejects[0].reason
+    ranking = build_items(make_bundle(prompts=1), 8000).items[0]
+    rating = build_items(make_bundle(prompts=1), 8000, task="rating").items[0]
+    assert len({ranking.key, rating.key}) == 2 and ranking.key.startswith("p0:")  # same completions, other task
+
+
+def test_demonstrations_are_checked_exported_in_both_sft_forms_and_measured(tmp_path):
+    bundle = make_bundle(prompts=2, k=1)
+    bundle.prompts.append(Prompt(id="bare", text="Write from scratch?"))
+    store = LabelStore(tmp_path / "labels.sqlite")
+    store.add_items(build_items(bundle, 8000, task="demonstration").items)
+    store.add_items(build_items(make_bundle(prompts=1, round_="rank"), 8000).items)
+    ann = store.annotator_by_token(store.add_annotator("ann"))
+    store.assign(per_item=1, gold_fraction=0.0)
+    assert store.progress(ann).by_task == {"ranking": (0, 1), "demonstration": (0, 3)}
+    texts = {"p0": "Answer p0-r1-c0.", "p1": "A better answer, in full words.", "bare": "Written from scratch."}
+    while (assignment := store.next_assignment(ann)) is not None:
+        if assignment.task == "ranking":
+            store.save_label(ann, assignment.id, None, {})
+            continue
+        for text, match in (("  \n ", "empty"), ("z" * 41, "41 characters, over labeling.max_text_chars=40")):
+            with pytest.raises(InvalidLabel, match=match):
+                store.save_demonstration(ann, assignment.id, text, 40)
+        with pytest.raises(InvalidLabel, match="not a rating task"):
+            store.save_rating(ann, assignment.id, {}, {}, {}, 8000)
+        store.save_demonstration(ann, assignment.id, texts[assignment.prompt.id], 8000)
+        with pytest.raises(AlreadyLabelled):
+            store.save_demonstration(ann, assignment.id, "again", 8000)
+
+    figures = label_stats(store, (2, 5))
+    assert [(t.task, t.items, t.labels, t.skipped) for t in figures.tasks] == [
+        ("ranking", 1, 1, 1), ("demonstration", 3, 3, 0)]
+    d = figures.demonstration
+    assert (d.demonstrations, d.with_draft, d.unchanged_drafts) == (3, 2, 1)
+    assert (d.mean_words, d.median_words, d.within_guide) == (pytest.approx(11 / 3), 3, pytest.approx(2 / 3))
+    # words 2, 6, 3 (two inside 2-5); p0 unchanged (0 edits); p1: a 2-word draft became 6 other words (6 edits of 6)
+    assert d.mean_edit_distance == 3 and d.mean_relative_edit_distance == pytest.approx(0.5)
+
+    summary = export_labels(store, tmp_path / "labels")
+    assert (summary.demonstrations, summary.rankings, summary.skipped) == (3, 0, 1)
+    rows = [json.loads(line) for line in (tmp_path / "labels" / "demonstrations.jsonl").read_text().splitlines()]
+    chats = [json.loads(line) for line in (tmp_path / "labels" / "demonstrations_messages.jsonl").read_text().splitlines()]
+    by_prompt = {row["prompt_id"]: row for row in rows}
+    assert by_prompt["p1"]["prompt"] == "Prompt number 1?" and by_prompt["p1"]["completion"] == texts["p1"]
+    assert (by_prompt["p1"]["draft_id"], by_prompt["bare"]["draft_id"]) == ("p1-r1-c0", None)
+    assert {row["annotator_id"] for row in rows} == {"ann"} and all(row["created_at"] for row in rows)
+    assert [chat["messages"] for chat in chats] == [
+        [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}] for row in rows]
+    assert [chat["id"] for chat in chats] == [row["id"] for row in rows]
+    # A second export replaces the files instead of carrying the old ones over as unknown extras.
+    (tmp_path / "labels" / "notes.txt").write_text("kept")
+    export_labels(store, tmp_path / "labels")
+    assert len((tmp_path / "labels" / "demonstrations.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "labels" / "notes.txt").read_text() == "kept"
+
+
+def test_a_store_made_before_the_task_columns_gains_them_and_keeps_its_items(tmp_path):
+    old_schema = (SCHEMA.replace(",\n    task TEXT NOT NULL DEFAULT 'ranking'", "")
+                  .replace(",\n    text TEXT,\n    scores_json TEXT,\n    comments_json TEXT", ""))
+    assert "task TEXT" not in old_schema and "scores_json" not in old_schema
+    path = tmp_path / "labels.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO items (item_key, prompt_id, prompt_json, completions_json, loaded_at) VALUES (?, ?, ?, ?, ?)",
+                   ("p0:old", "p0", Prompt(id="p0", text="Old?").model_dump_json(), json.dumps(
+                       [Completion(id=f"c{i}", prompt_id="p0", text=f"A{i}", policy_version="v").model_dump() for i in (0, 1)]),
+                    "2026-01-01T00:00:00+00:00"))
+    store = LabelStore(path)
+    ann = store.annotator_by_token(store.add_annotator("ann"))
+    store.assign(per_item=1, gold_fraction=0.0)
+    assignment = store.next_assignment(ann)
+    assert assignment.task == "ranking"
+    store.save_label(ann, assignment.id, [["c0"], ["c1"]], {})
+    assert store.labels()[0].ranking.completion_ids == ["c0", "c1"]

@@ -1,5 +1,9 @@
 """The labelling web app (FastAPI): sign-in, the labelling page, the admin page and a small JSON API.
 
+Three tasks share it: ranking an item's completions, rating each on a 1-7
+scale, and writing a demonstration (the ideal answer, optionally from a model
+draft).  Each has its own submit route; skip works for all of them.
+
 Who is asking: a session cookie set at sign-in (HttpOnly, SameSite=Strict, so
 other sites can neither read it nor make the browser send it), or an
 ``Authorization: Bearer <token>`` header for scripts.  API calls without either
@@ -17,14 +21,23 @@ from urllib.parse import parse_qs
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from rlhf_core.config import LabelingConfig
 from rlhf_core.labeling import pages
 from rlhf_core.labeling.guards import BodyLimit, SameOriginOnly
 from rlhf_core.labeling.stats import label_stats
-from rlhf_core.labeling.store import AlreadyLabelled, Annotator, Assignment, InvalidLabel, LabelStore, NotFound
+from rlhf_core.labeling.store import (
+    LIKERT,
+    AlreadyLabelled,
+    Annotator,
+    Assignment,
+    InvalidLabel,
+    LabelStore,
+    NotFound,
+    Progress,
+)
 
 STATIC = Path(__file__).parent / "static"
 SESSION_COOKIE = "rlhf_session"
@@ -57,6 +70,23 @@ class SkipBody(BaseModel):
     flags: dict[str, str] = Field(default_factory=dict)
 
 
+class RatingBody(BaseModel):
+    """Scores per completion id, 1 (worst) to 7 (best); optional comments and flags per completion."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON true or 4.5 is not a score (lax mode would read them as 1 and refuse only the second).
+    scores: dict[str, StrictInt] = Field(min_length=1)
+    comments: dict[str, str] = Field(default_factory=dict)
+    flags: dict[str, str] = Field(default_factory=dict)
+
+
+class DemonstrationBody(BaseModel):
+    """The answer the annotator wrote, as written."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str
+
+
 def create_app(store: LabelStore, cfg: LabelingConfig) -> FastAPI:
     app = FastAPI(title="Preference labelling", docs_url=None, redoc_url=None, openapi_url=None)
     # The last added runs first: the origin check, then the size limit; refusals still get the security headers.
@@ -71,7 +101,7 @@ def create_app(store: LabelStore, cfg: LabelingConfig) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_pages(app, store, cfg)
-    _add_api(app, store)
+    _add_api(app, store, cfg)
     return app
 
 
@@ -133,7 +163,7 @@ def _add_pages(app: FastAPI, store: LabelStore, cfg: LabelingConfig) -> None:
         annotator = _who(request, store)
         if annotator is None:
             return RedirectResponse("/signin", status_code=303)
-        return _html(pages.label_page(annotator, store.progress(annotator), store.next_assignment(annotator)))
+        return _html(pages.label_page(annotator, store.progress(annotator), store.next_assignment(annotator), cfg))
 
     @app.get("/admin")
     def admin(request: Request) -> Response:
@@ -142,10 +172,10 @@ def _add_pages(app: FastAPI, store: LabelStore, cfg: LabelingConfig) -> None:
             return RedirectResponse("/signin", status_code=303)
         if not annotator.is_admin:
             return _html(pages.message_page(annotator, "Not allowed", "This page is for admins."), 403)
-        return _html(pages.admin_page(annotator, label_stats(store)))
+        return _html(pages.admin_page(annotator, label_stats(store, cfg.demonstration_words)))
 
 
-def _add_api(app: FastAPI, store: LabelStore) -> None:
+def _add_api(app: FastAPI, store: LabelStore, cfg: LabelingConfig) -> None:
     def signed_in(request: Request) -> Annotator:
         annotator = _who(request, store)
         if annotator is None:
@@ -161,22 +191,40 @@ def _add_api(app: FastAPI, store: LabelStore) -> None:
         progress = store.progress(annotator)
         return {"done": progress.done, "assigned": progress.assigned}
 
+    def next_json(annotator: Annotator) -> dict:
+        progress = store.progress(annotator)
+        assignment = store.next_assignment(annotator)
+        return {
+            "assignment": _assignment_json(assignment, cfg) if assignment else None,
+            "progress": {"done": progress.done, "assigned": progress.assigned},
+            "tasks": _tasks_json(progress),
+        }
+
     @app.get("/api/progress")
     def progress(annotator: Annotator = Depends(signed_in)) -> dict:
         return progress_json(annotator)
 
     @app.get("/api/next")
     def next_item(annotator: Annotator = Depends(signed_in)) -> dict:
-        assignment = store.next_assignment(annotator)
-        return {"assignment": _assignment_json(assignment) if assignment else None, "progress": progress_json(annotator)}
+        return next_json(annotator)
 
     @app.get("/api/assignments/{assignment_id}")
     def read_assignment(assignment_id: int, annotator: Annotator = Depends(signed_in)) -> dict:
-        return _assignment_json(_call(store.assignment, annotator, assignment_id))
+        return _assignment_json(_call(store.assignment, annotator, assignment_id), cfg)
 
     @app.post("/api/assignments/{assignment_id}/label")
     def submit_label(assignment_id: int, body: LabelBody, annotator: Annotator = Depends(signed_in)) -> dict:
         _call(store.save_label, annotator, assignment_id, body.ranking, body.flags)
+        return {"ok": True, "progress": progress_json(annotator)}
+
+    @app.post("/api/assignments/{assignment_id}/rating")
+    def submit_rating(assignment_id: int, body: RatingBody, annotator: Annotator = Depends(signed_in)) -> dict:
+        _call(store.save_rating, annotator, assignment_id, body.scores, body.comments, body.flags, cfg.max_text_chars)
+        return {"ok": True, "progress": progress_json(annotator)}
+
+    @app.post("/api/assignments/{assignment_id}/demonstration")
+    def submit_demonstration(assignment_id: int, body: DemonstrationBody, annotator: Annotator = Depends(signed_in)) -> dict:
+        _call(store.save_demonstration, annotator, assignment_id, body.text, cfg.max_text_chars)
         return {"ok": True, "progress": progress_json(annotator)}
 
     @app.post("/api/assignments/{assignment_id}/skip")
@@ -186,7 +234,7 @@ def _add_api(app: FastAPI, store: LabelStore) -> None:
 
     @app.get("/api/admin/stats")
     def stats(annotator: Annotator = Depends(admin_only)) -> JSONResponse:
-        return JSONResponse(label_stats(store).as_dict())
+        return JSONResponse(label_stats(store, cfg.demonstration_words).as_dict())
 
 
 def _call(function, *args):
@@ -201,10 +249,22 @@ def _call(function, *args):
         raise HTTPException(422, str(exc)) from None
 
 
-def _assignment_json(assignment: Assignment) -> dict:
-    return {
+def _assignment_json(assignment: Assignment, cfg: LabelingConfig) -> dict:
+    """The item as the page shows it; ``completions`` of a demonstration is its draft (or empty)."""
+    out = {
         "id": assignment.id,
+        "task": assignment.task,
         "labelled": assignment.labelled,
         "prompt": {"id": assignment.prompt.id, "text": assignment.prompt.text},
         "completions": [{"id": c.id, "text": c.text} for c in assignment.completions],
     }
+    if assignment.task == "rating":
+        out["scale"] = list(LIKERT)
+    if assignment.task == "demonstration":
+        out["words"] = list(cfg.demonstration_words)
+        out["max_chars"] = cfg.max_text_chars
+    return out
+
+
+def _tasks_json(progress: Progress) -> dict:
+    return {task: {"done": done, "assigned": assigned} for task, (done, assigned) in progress.by_task.items()}

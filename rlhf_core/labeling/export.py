@@ -1,14 +1,33 @@
-"""``rlhf label export``: the app's rankings as a preference bundle, swapped into place atomically."""
+"""``rlhf label export``: everything the app collected, in one folder swapped into place atomically.
+
+- the rankings as a preference bundle (prompts, completions, rankings);
+- the demonstrations in TRL's two SFT forms: ``demonstrations.jsonl``
+  (prompt-completion: ``prompt`` and ``completion`` as text) and
+  ``demonstrations_messages.jsonl`` (conversational: ``messages`` with a user
+  and an assistant turn), each row also naming its annotator, draft and time;
+- the ratings as ``ratings.jsonl``, one row per (annotator, item) in the
+  columns the ``ratings`` importer reads (``prompt``, ``completions`` with
+  ``response`` and ``overall_score``, ``annotator_id``), so that
+  ``rlhf preferences import --format ratings`` (or ``labeling.backend: import``) turns them into rankings
+  with ratings for the reward model.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_core.labeling.store import LabelStore
+from rlhf_core.labeling.store import DemonstrationRow, LabelStore, RatingRow
 from rlhf_core.preferences import BUNDLE_FILES, PreferenceBundle
+
+DEMONSTRATIONS_FILE = "demonstrations.jsonl"
+DEMONSTRATION_MESSAGES_FILE = "demonstrations_messages.jsonl"
+RATINGS_FILE = "ratings.jsonl"
+EXPORT_FILES = frozenset({*BUNDLE_FILES.values(), DEMONSTRATIONS_FILE, DEMONSTRATION_MESSAGES_FILE, RATINGS_FILE})
 
 
 @dataclass(frozen=True)
@@ -17,6 +36,8 @@ class ExportSummary:
     completions: int
     rankings: int
     skipped: int
+    demonstrations: int = 0
+    ratings: int = 0
 
 
 def snapshot(store: LabelStore) -> tuple[PreferenceBundle, int]:
@@ -48,19 +69,78 @@ def export_labels(store: LabelStore, out: str | Path) -> ExportSummary:
     """
     out = Path(out)
     bundle, skipped = snapshot(store)
+    demonstrations = store.demonstrations()
+    ratings = store.ratings()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
     staging.chmod(0o755)  # mkdtemp makes it private; the exported folder is shared data
     try:
         bundle.write(staging)
+        if demonstrations:
+            _write_jsonl(staging / DEMONSTRATIONS_FILE, map(demonstration_row, demonstrations))
+            _write_jsonl(staging / DEMONSTRATION_MESSAGES_FILE, map(demonstration_messages_row, demonstrations))
+        if ratings:
+            _write_jsonl(staging / RATINGS_FILE, map(rating_row, ratings))
         if out.exists():
             for extra in out.iterdir():
-                if extra.name not in BUNDLE_FILES.values() and extra.is_file():
+                if extra.name not in EXPORT_FILES and extra.is_file():
                     shutil.copy2(extra, staging / extra.name)
         _swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportSummary(len(bundle.prompts), len(bundle.completions), len(bundle.rankings), skipped)
+    summary = (len(bundle.prompts), len(bundle.completions), len(bundle.rankings), skipped)
+    return ExportSummary(*summary, demonstrations=len(demonstrations), ratings=len(ratings))
+
+
+def _provenance(row: DemonstrationRow) -> dict:
+    return {
+        "id": f"demo-{row.label_id}",
+        "prompt_id": row.prompt.id,
+        "annotator_id": row.annotator,
+        "draft_id": row.draft.id if row.draft else None,
+        "draft_policy_version": row.draft.policy_version if row.draft else None,
+        "created_at": row.created_at.isoformat(),
+        "source": "human",
+    }
+
+
+def demonstration_row(row: DemonstrationRow) -> dict:
+    """TRL's standard prompt-completion form (SFT trains on the completion)."""
+    return {"prompt": row.prompt.text, "completion": row.text, **_provenance(row)}
+
+
+def demonstration_messages_row(row: DemonstrationRow) -> dict:
+    """TRL's conversational form: one user turn, one assistant turn (the chat template is applied at training)."""
+    messages = [{"role": "user", "content": row.prompt.text}, {"role": "assistant", "content": row.text}]
+    return {"messages": messages, **_provenance(row)}
+
+
+def rating_row(row: RatingRow) -> dict:
+    completions = [
+        {
+            "id": c.id,
+            "response": c.text,
+            "overall_score": row.scores[c.id],
+            "comment": row.comments.get(c.id),
+            "flag": row.flags.get(c.id),
+        }
+        for c in row.completions
+    ]
+    return {
+        "id": f"rating-{row.label_id}",
+        "prompt_id": row.prompt.id,
+        "prompt": row.prompt.text,
+        "completions": completions,
+        "annotator_id": row.annotator,
+        "created_at": row.created_at.isoformat(),
+    }
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    # Written inside the staging folder, which is swapped in whole: no reader sees a half-written file.
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _swap_in(staging: Path, out: Path) -> None:

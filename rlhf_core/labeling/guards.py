@@ -14,10 +14,11 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-#: Largest request body accepted, in bytes.  The largest legitimate body is a ranking: K completion ids and their
-#: flags, well under 10 KiB even for K = 16 with long ids (sign-in sends one 43-character token).  1 MiB leaves two
-#: orders of magnitude of room while bounding what one request can make the server hold (the body is buffered,
-#: then parsed into Python objects several times its size).
+#: Largest request body accepted, in bytes.  The largest legitimate body is a demonstration (or the comments of a
+#: rating): at most labeling.max_text_chars characters, 8,000 by default, so under 100 KiB even if every character
+#: were JSON-escaped as a 12-byte surrogate pair; a ranking is well under 10 KiB.  1 MiB leaves an order of magnitude
+#: of room while bounding what one request can make the server hold (the body is buffered, then parsed into Python
+#: objects several times its size).
 MAX_BODY_BYTES = 1 << 20
 
 #: Methods that only read; every other method changes state (or might, for a method this app does not know).

@@ -1,8 +1,10 @@
-"""Labelling items: a prompt with its K completions, built from a preference bundle.
+"""Labelling items, built from a preference bundle: a prompt with its K completions to rank or rate, or a
+prompt (with an optional model draft) to write a demonstration for.
 
-An item is identified by its prompt id *and* its completion set, so the same
-prompt with new candidates from a later policy round is a new item.  A gold
-item also carries a known ranking, against which annotators are scored.
+An item is identified by its task, its prompt id *and* its completion set, so
+the same prompt with new candidates from a later policy round is a new item.
+A gold item (rankings only) also carries a known ranking, against which
+annotators are scored.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ class Item:
     prompt: Prompt
     completions: tuple[Completion, ...]
     gold: Ranking | None = None
+    task: str = "ranking"
 
     @property
     def key(self) -> str:
         ids = "\n".join(sorted(c.id for c in self.completions))
-        return f"{self.prompt.id}:{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
+        key = f"{self.prompt.id}:{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
+        # Ranking keys keep their original form, so that stores made before other tasks existed stay consistent.
+        return key if self.task == "ranking" else f"{self.task}:{key}"
 
 
 @dataclass
@@ -34,8 +39,13 @@ class BuiltItems:
     rejects: list[Reject]
 
 
-def build_items(bundle: PreferenceBundle, max_text_chars: int, *, gold: bool = False) -> BuiltItems:
+def build_items(bundle: PreferenceBundle, max_text_chars: int, *, gold: bool = False, task: str = "ranking") -> BuiltItems:
     """Group a bundle's completions under their prompts; anything unusable becomes a reject.
+
+    ``task`` is ``ranking`` or ``rating`` (both need at least 2 completions per
+    prompt) or ``demonstration``: every prompt becomes an item, with its first
+    completion, if any, as the draft the annotator may edit (further ones are
+    rejected: one draft per demonstration).  Gold items are rankings only.
 
     Texts longer than ``max_text_chars`` are rejected rather than cut, so that
     an annotator never ranks text it did not see; empty completions, which
@@ -62,6 +72,9 @@ def build_items(bundle: PreferenceBundle, max_text_chars: int, *, gold: bool = F
             rejects.append(_reject("completions", reason, "prompt_id"))
         else:
             grouped[completion.prompt_id].append(completion)
+    if task == "demonstration":
+        return BuiltItems([_demonstration_item(prompt, grouped.get(pid, []), rejects) for pid, prompt in prompts.items()],
+                          rejects)
     known = _gold_rankings(bundle.rankings, grouped, rejects) if gold else {}
     items = []
     for prompt_id, prompt in prompts.items():
@@ -72,8 +85,15 @@ def build_items(bundle: PreferenceBundle, max_text_chars: int, *, gold: bool = F
         elif gold and prompt_id not in known:
             rejects.append(_reject("prompts", f"gold prompt {prompt_id!r} has no usable ranking", "id"))
         else:
-            items.append(Item(prompt, tuple(completions), known.get(prompt_id)))
+            items.append(Item(prompt, tuple(completions), known.get(prompt_id), task))
     return BuiltItems(items, rejects)
+
+
+def _demonstration_item(prompt: Prompt, drafts: list[Completion], rejects: list[Reject]) -> Item:
+    for extra in drafts[1:]:
+        reason = f"completion {extra.id!r}: prompt {prompt.id!r} already has the draft {drafts[0].id!r}"
+        rejects.append(_reject("completions", reason, "prompt_id", "duplicate"))
+    return Item(prompt, tuple(drafts[:1]), task="demonstration")
 
 
 def _gold_rankings(

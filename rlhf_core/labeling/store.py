@@ -1,5 +1,10 @@
 """The labelling app's SQLite store: items, annotators, assignments, labels and sign-in sessions.
 
+An item is one task of a kind (:data:`TASKS`): rank a prompt's completions,
+rate each of them on a 1-7 scale, or write a demonstration (the ideal answer,
+optionally starting from a model draft).  All kinds share the assignments,
+the queues and the labels table; a label holds the columns of its kind.
+
 Durability and concurrency come from SQLite itself: WAL mode lets readers run
 beside the one writer, ``busy_timeout`` makes a writer wait for the lock
 instead of failing, every write is one short ``BEGIN IMMEDIATE`` transaction,
@@ -21,7 +26,7 @@ import secrets
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -34,6 +39,11 @@ BUSY_TIMEOUT_MS = 15_000
 
 FLAGS = ("unsafe", "nonsense")
 
+TASKS = ("ranking", "rating", "demonstration")
+
+#: The rating task's Likert scale, as in InstructGPT's per-output 1-7 scores: fixed by the task, not tuned.
+LIKERT = (1, 7)
+
 #: Row ids are positive signed 64-bit integers; binding a larger Python int to a query raises OverflowError.
 MAX_ROW_ID = 2**63 - 1
 
@@ -45,7 +55,8 @@ CREATE TABLE IF NOT EXISTS items (
     prompt_json TEXT NOT NULL,
     completions_json TEXT NOT NULL,
     gold_json TEXT,
-    loaded_at TEXT NOT NULL
+    loaded_at TEXT NOT NULL,
+    task TEXT NOT NULL DEFAULT 'ranking'
 );
 CREATE TABLE IF NOT EXISTS annotators (
     id INTEGER PRIMARY KEY,
@@ -69,7 +80,10 @@ CREATE TABLE IF NOT EXISTS labels (
     completion_ids_json TEXT,
     ranks_json TEXT,
     flags_json TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    text TEXT,
+    scores_json TEXT,
+    comments_json TEXT
 );
 CREATE TABLE IF NOT EXISTS sessions (
     id_sha256 TEXT PRIMARY KEY,
@@ -78,6 +92,12 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS assignments_by_annotator ON assignments (annotator_id, sort_key);
 """
+
+#: Columns added after the first release: a store created before them gets them on open (ranking items and labels).
+ADDED_COLUMNS = {
+    "items": {"task": "TEXT NOT NULL DEFAULT 'ranking'"},
+    "labels": {"text": "TEXT", "scores_json": "TEXT", "comments_json": "TEXT"},
+}
 
 
 class NotFound(RLHFError):
@@ -101,12 +121,16 @@ class Annotator:
 
 @dataclass(frozen=True)
 class Assignment:
-    """One item as one annotator sees it: completions in a per-assignment shuffled order."""
+    """One item as one annotator sees it: completions in a per-assignment shuffled order.
+
+    For a demonstration, ``completions`` holds the model draft (or nothing).
+    """
 
     id: int
     prompt: Prompt
     completions: tuple[Completion, ...]
     labelled: bool
+    task: str = "ranking"
 
 
 @dataclass(frozen=True)
@@ -119,17 +143,46 @@ class AssignResult:
 class Progress:
     done: int
     assigned: int
+    by_task: dict[str, tuple[int, int]] = field(default_factory=dict)  # task -> (done, assigned), assigned tasks only
 
 
 @dataclass(frozen=True)
 class LabelRow:
-    """A stored label with who made it and when (``ranking`` is None for a skip)."""
+    """A stored label with who made it and when (``ranking`` is None for a skip and for other tasks)."""
 
     annotator: str
     created_at: datetime
     skipped: bool
     flags: dict[str, str]
     ranking: Ranking | None
+    task: str = "ranking"
+
+
+@dataclass(frozen=True)
+class DemonstrationRow:
+    """A written answer: ``draft`` is the model draft the annotator was shown (None when the item had none)."""
+
+    label_id: int
+    annotator: str
+    created_at: datetime
+    prompt: Prompt
+    draft: Completion | None
+    text: str
+
+
+@dataclass(frozen=True)
+class RatingRow:
+    """One annotator's scores of an item's completions (stored order), with optional comments and flags."""
+
+    label_id: int
+    item_id: int
+    annotator: str
+    created_at: datetime
+    prompt: Prompt
+    completions: tuple[Completion, ...]
+    scores: dict[str, int]
+    comments: dict[str, str]
+    flags: dict[str, str]
 
 
 def hash_secret(secret: str) -> str:
@@ -159,6 +212,11 @@ class LabelStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            for table, columns in ADDED_COLUMNS.items():
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, definition in columns.items():
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -186,13 +244,16 @@ class LabelStore:
     # -- items and annotators -------------------------------------------------------------------------------------
 
     def add_items(self, items: list[Item]) -> int:
-        """Store new items; items already loaded (same prompt and completion set) are left alone.  Returns the new count."""
+        """Store new items; items already loaded (same task, prompt and completion set) are left alone.
+
+        Returns the new count.
+        """
         loaded_at = now_utc().isoformat()
         with self._transaction() as db:
             before = db.total_changes
             db.executemany(
-                "INSERT OR IGNORE INTO items (item_key, prompt_id, prompt_json, completions_json, gold_json, loaded_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO items (item_key, prompt_id, prompt_json, completions_json, gold_json, loaded_at,"
+                " task) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         item.key,
@@ -201,6 +262,7 @@ class LabelStore:
                         json.dumps([c.model_dump(mode="json") for c in item.completions]),
                         item.gold.model_dump_json() if item.gold else None,
                         loaded_at,
+                        item.task,
                     )
                     for item in items
                 ],
@@ -303,12 +365,13 @@ class LabelStore:
 
     def progress(self, annotator: Annotator) -> Progress:
         with self._connect() as db:
-            done, assigned = db.execute(
-                "SELECT COUNT(l.id), COUNT(a.id) FROM assignments a LEFT JOIN labels l ON l.assignment_id = a.id"
-                " WHERE a.annotator_id = ?",
+            rows = db.execute(
+                "SELECT i.task, COUNT(l.id), COUNT(a.id) FROM assignments a JOIN items i ON i.id = a.item_id"
+                " LEFT JOIN labels l ON l.assignment_id = a.id WHERE a.annotator_id = ? GROUP BY i.task",
                 (annotator.id,),
-            ).fetchone()
-        return Progress(done, assigned)
+            ).fetchall()
+        by_task = {task: (done, assigned) for task, done, assigned in sorted(rows, key=lambda r: TASKS.index(r[0]))}
+        return Progress(sum(d for d, _ in by_task.values()), sum(a for _, a in by_task.values()), by_task)
 
     def next_assignment(self, annotator: Annotator) -> Assignment | None:
         """The annotator's next unlabelled assignment, in its shuffled order (gold items mixed in)."""
@@ -325,7 +388,7 @@ class LabelStore:
         _check_assignment_id(annotator, assignment_id)
         with self._connect() as db:
             row = db.execute(
-                "SELECT i.prompt_json, i.completions_json, l.id IS NOT NULL FROM assignments a"
+                "SELECT i.prompt_json, i.completions_json, l.id IS NOT NULL, i.task FROM assignments a"
                 " JOIN items i ON i.id = a.item_id LEFT JOIN labels l ON l.assignment_id = a.id"
                 " WHERE a.id = ? AND a.annotator_id = ?",
                 (assignment_id, annotator.id),
@@ -335,51 +398,115 @@ class LabelStore:
         completions = [Completion.model_validate(c) for c in json.loads(row[1])]
         # Shown in an order of its own per assignment, so that position bias does not line up across annotators.
         random.Random(assignment_id).shuffle(completions)
-        return Assignment(assignment_id, Prompt.model_validate_json(row[0]), tuple(completions), bool(row[2]))
+        return Assignment(assignment_id, Prompt.model_validate_json(row[0]), tuple(completions), bool(row[2]), row[3])
 
     # -- labels ---------------------------------------------------------------------------------------------------
 
     def save_label(
         self, annotator: Annotator, assignment_id: int, groups: list[list[str]] | None, flags: dict[str, str]
     ) -> None:
-        """Store a ranking (best-to-worst tie groups) or, with ``groups=None``, a skip; one transaction."""
-        _check_assignment_id(annotator, assignment_id)
+        """Store a ranking (best-to-worst tie groups) or, with ``groups=None``, a skip (of any task); one transaction."""
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT i.completions_json FROM assignments a JOIN items i ON i.id = a.item_id"
-                " WHERE a.id = ? AND a.annotator_id = ?",
-                (assignment_id, annotator.id),
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"no assignment {assignment_id} for {annotator.name}")
-            known = {c["id"] for c in json.loads(row[0])}
+            task, known = self._owned_item(db, annotator, assignment_id)
             _check_flags(flags, known)
-            ids, ranks = (None, None) if groups is None else _check_groups(groups, known)
-            try:
-                db.execute(
-                    "INSERT INTO labels (assignment_id, skipped, completion_ids_json, ranks_json, flags_json, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        assignment_id,
-                        int(groups is None),
-                        None if ids is None else json.dumps(ids),
-                        None if ranks is None else json.dumps(ranks),
-                        json.dumps(flags, sort_keys=True),
-                        now_utc().isoformat(),
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                raise AlreadyLabelled(f"assignment {assignment_id} is already labelled") from None
+            if groups is None:
+                _insert_label(db, assignment_id, skipped=1, flags=flags)
+                return
+            _check_task(task, "ranking")
+            ids, ranks = _check_groups(groups, known)
+            _insert_label(
+                db, assignment_id, flags=flags, completion_ids_json=json.dumps(ids), ranks_json=json.dumps(ranks)
+            )
+
+    def save_rating(
+        self,
+        annotator: Annotator,
+        assignment_id: int,
+        scores: dict[str, int],
+        comments: dict[str, str],
+        flags: dict[str, str],
+        max_chars: int,
+    ) -> None:
+        """Store a 1-7 score for every completion of a rating item, optional comments (blank ones dropped) and flags."""
+        with self._transaction() as db:
+            task, known = self._owned_item(db, annotator, assignment_id)
+            _check_task(task, "rating")
+            _check_flags(flags, known)
+            _check_scores(scores, known)
+            kept = _check_comments(comments, known, max_chars)
+            _insert_label(
+                db, assignment_id, flags=flags,
+                scores_json=json.dumps(scores, sort_keys=True), comments_json=json.dumps(kept, sort_keys=True),
+            )
+
+    def save_demonstration(self, annotator: Annotator, assignment_id: int, text: str, max_chars: int) -> None:
+        """Store the answer an annotator wrote (kept as written; only a blank or over-long one is refused)."""
+        with self._transaction() as db:
+            task, _ = self._owned_item(db, annotator, assignment_id)
+            _check_task(task, "demonstration")
+            if not text.strip():
+                raise InvalidLabel("the demonstration is empty")
+            if len(text) > max_chars:
+                raise InvalidLabel(f"the demonstration has {len(text)} characters, over labeling.max_text_chars={max_chars}")
+            _insert_label(db, assignment_id, flags={}, text=text)
+
+    def _owned_item(self, db: sqlite3.Connection, annotator: Annotator, assignment_id: int) -> tuple[str, set[str]]:
+        """(task, completion ids) of the item behind one of the annotator's own assignments."""
+        _check_assignment_id(annotator, assignment_id)
+        row = db.execute(
+            "SELECT i.task, i.completions_json FROM assignments a JOIN items i ON i.id = a.item_id"
+            " WHERE a.id = ? AND a.annotator_id = ?",
+            (assignment_id, annotator.id),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no assignment {assignment_id} for {annotator.name}")
+        return row[0], {c["id"] for c in json.loads(row[1])}
 
     def labels(self) -> list[LabelRow]:
-        """Every stored label (rankings and skips), oldest first, as rows the export and statistics read."""
+        """Every stored label (all tasks, skips included), oldest first, as rows the export and statistics read."""
         with self._connect() as db:
             rows = db.execute(
                 "SELECT l.id, n.name, l.created_at, l.skipped, l.flags_json, l.completion_ids_json, l.ranks_json,"
-                " i.prompt_id FROM labels l JOIN assignments a ON a.id = l.assignment_id"
+                " i.prompt_id, i.task FROM labels l JOIN assignments a ON a.id = l.assignment_id"
                 " JOIN annotators n ON n.id = a.annotator_id JOIN items i ON i.id = a.item_id ORDER BY l.id"
             ).fetchall()
         return [_label_row(*row) for row in rows]
+
+    def demonstrations(self) -> list[DemonstrationRow]:
+        """Every written demonstration (skips left out), oldest first."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT l.id, n.name, l.created_at, i.prompt_json, i.completions_json, l.text FROM labels l"
+                " JOIN assignments a ON a.id = l.assignment_id JOIN annotators n ON n.id = a.annotator_id"
+                " JOIN items i ON i.id = a.item_id WHERE i.task = 'demonstration' AND l.skipped = 0 ORDER BY l.id"
+            ).fetchall()
+        out = []
+        for label_id, name, created_at, prompt_json, drafts_json, text in rows:
+            drafts = [Completion.model_validate(c) for c in json.loads(drafts_json)]
+            out.append(DemonstrationRow(
+                label_id, name, datetime.fromisoformat(created_at), Prompt.model_validate_json(prompt_json),
+                drafts[0] if drafts else None, text,
+            ))
+        return out
+
+    def ratings(self) -> list[RatingRow]:
+        """Every stored rating (skips left out), oldest first."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT l.id, i.id, n.name, l.created_at, i.prompt_json, i.completions_json, l.scores_json,"
+                " l.comments_json, l.flags_json FROM labels l JOIN assignments a ON a.id = l.assignment_id"
+                " JOIN annotators n ON n.id = a.annotator_id JOIN items i ON i.id = a.item_id"
+                " WHERE i.task = 'rating' AND l.skipped = 0 ORDER BY l.id"
+            ).fetchall()
+        return [
+            RatingRow(
+                label_id, item_id, name, datetime.fromisoformat(created_at), Prompt.model_validate_json(prompt_json),
+                tuple(Completion.model_validate(c) for c in json.loads(completions_json)),
+                json.loads(scores_json), json.loads(comments_json), json.loads(flags_json),
+            )
+            for label_id, item_id, name, created_at, prompt_json, completions_json, scores_json, comments_json, flags_json
+            in rows
+        ]
 
     def gold_rankings(self) -> dict[str, Ranking]:
         with self._connect() as db:
@@ -387,11 +514,12 @@ class LabelStore:
         return {prompt_id: Ranking.model_validate_json(gold) for prompt_id, gold in rows}
 
     def labelled_items(self) -> list[tuple[Prompt, list[Completion]]]:
-        """Prompt and completions of every item that has at least one ranking (not only skips)."""
+        """Prompt and completions of every ranking item that has at least one ranking (not only skips)."""
         with self._connect() as db:
             rows = db.execute(
-                "SELECT i.prompt_json, i.completions_json FROM items i WHERE EXISTS (SELECT 1 FROM assignments a"
-                " JOIN labels l ON l.assignment_id = a.id WHERE a.item_id = i.id AND l.skipped = 0) ORDER BY i.id"
+                "SELECT i.prompt_json, i.completions_json FROM items i WHERE i.task = 'ranking' AND EXISTS"
+                " (SELECT 1 FROM assignments a JOIN labels l ON l.assignment_id = a.id"
+                " WHERE a.item_id = i.id AND l.skipped = 0) ORDER BY i.id"
             ).fetchall()
         return [
             (Prompt.model_validate_json(p), [Completion.model_validate(c) for c in json.loads(cs)]) for p, cs in rows
@@ -410,6 +538,11 @@ class LabelStore:
         """(items, of which gold)."""
         with self._connect() as db:
             return db.execute("SELECT COUNT(*), COUNT(gold_json) FROM items").fetchone()
+
+    def items_by_task(self) -> dict[str, int]:
+        """Task -> number of items, for the tasks that have any."""
+        with self._connect() as db:
+            return dict(db.execute("SELECT task, COUNT(*) FROM items GROUP BY task").fetchall())
 
 
 def _top_up_regular(holders: dict[int, set[int]], gold: set[int], pool: list[int], per_item: int) -> list[tuple[int, int]]:
@@ -482,6 +615,42 @@ def _check_assignment_id(annotator: Annotator, assignment_id: int) -> None:
         raise NotFound(f"no assignment {assignment_id} for {annotator.name}")
 
 
+def _check_task(task: str, expected: str) -> None:
+    if task != expected:
+        raise InvalidLabel(f"this item is a {task} task, not a {expected} task")
+
+
+def _check_scores(scores: dict[str, int], known: set[str]) -> None:
+    low, high = LIKERT
+    if set(scores) != known:
+        raise InvalidLabel("the rating must score every completion of the item exactly once")
+    for completion_id, score in scores.items():
+        if isinstance(score, bool) or not isinstance(score, int) or not low <= score <= high:
+            raise InvalidLabel(f"score of {completion_id!r} must be a whole number from {low} to {high}, got {score!r}")
+
+
+def _check_comments(comments: dict[str, str], known: set[str], max_chars: int) -> dict[str, str]:
+    kept = {}
+    for completion_id, comment in comments.items():
+        if completion_id not in known:
+            raise InvalidLabel(f"comment on unknown completion {completion_id!r}")
+        if len(comment) > max_chars:
+            raise InvalidLabel(f"comment on {completion_id!r} is over labeling.max_text_chars={max_chars} characters")
+        if comment.strip():
+            kept[completion_id] = comment.strip()
+    return kept
+
+
+def _insert_label(db: sqlite3.Connection, assignment_id: int, *, flags: dict[str, str], skipped: int = 0, **columns) -> None:
+    """Insert one label row; ``columns`` are the task's own columns (names from this module only)."""
+    names = ["assignment_id", "skipped", "flags_json", "created_at", *columns]
+    values = [assignment_id, skipped, json.dumps(flags, sort_keys=True), now_utc().isoformat(), *columns.values()]
+    try:
+        db.execute(f"INSERT INTO labels ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", values)
+    except sqlite3.IntegrityError:
+        raise AlreadyLabelled(f"assignment {assignment_id} is already labelled") from None
+
+
 def _check_flags(flags: dict[str, str], known: set[str]) -> None:
     for completion_id, flag in flags.items():
         if completion_id not in known:
@@ -503,12 +672,12 @@ def _check_groups(groups: list[list[str]], known: set[str]) -> tuple[list[str], 
 
 def _label_row(
     label_id: int, annotator: str, created_at: str, skipped: int, flags_json: str,
-    ids_json: str | None, ranks_json: str | None, prompt_id: str,
+    ids_json: str | None, ranks_json: str | None, prompt_id: str, task: str,
 ) -> LabelRow:
     created = datetime.fromisoformat(created_at)
     flags = json.loads(flags_json)
     ranking = None
-    if not skipped:
+    if not skipped and task == "ranking":
         ranking = Ranking(
             id=f"label-{label_id}",
             prompt_id=prompt_id,
@@ -519,4 +688,4 @@ def _label_row(
             source="human",
             flags=flags,
         )
-    return LabelRow(annotator, created, bool(skipped), flags, ranking)
+    return LabelRow(annotator, created, bool(skipped), flags, ranking, task)
