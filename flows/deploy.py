@@ -2,7 +2,7 @@
 
     rlhf schedule                         # cron from params.yaml (orchestration.schedule_cron)
     rlhf schedule --interval 3600 --stages base_model prompts
-    rlhf schedule --set ppo.updates=40    # params.yaml overrides applied at the start of each run
+    rlhf schedule --set ppo.kl.beta=0.1   # params overrides (dotted keys at any depth) for each run
 
 ``serve`` registers the deployment with the Prefect server named by
 ``PREFECT_API_URL`` and executes its scheduled runs in this process (the worker
@@ -27,25 +27,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="retraining", help="deployment name (default: %(default)s)")
     parser.add_argument("--stages", nargs="+", help="run only these stages")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="params.yaml override applied at the start of every run (repeatable)")
+                        help="params override for every run, dotted key at any depth, YAML value (repeatable)")
     parser.add_argument("--from-base", action="store_true",
                         help="start each run from the base model instead of the current champion")
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from rlhf_core.config import load_params
+    from rlhf_core.config import load_params, with_overrides
 
-    if not os.environ.get("PREFECT_API_URL"):
-        raise RLHFError("scheduling needs a Prefect server: run `make serve`, or start one with "
-                        "`prefect server start --host 127.0.0.1` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
     overrides = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
-        if not sep or "." not in key:
+        if not sep or not key:
             raise RLHFError(f"--set {item!r}: expected section.key=value")
-        overrides[key] = value
-    params = load_params(args.params)
+        overrides[key.strip()] = value
+    # A mistyped key or value fails here, once, rather than in every scheduled run (and before any server is asked).
+    params = with_overrides(load_params(args.params), overrides)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise RLHFError("scheduling needs a Prefect server: run `make serve`, or start one with "
+                        "`prefect server start --host 127.0.0.1` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
     root = Path(args.params).resolve().parent
     from flows.pipeline import rlhf_pipeline
 

@@ -8,17 +8,24 @@ problem that names the file, the line and the key.
 
 from __future__ import annotations
 
+import codecs
+import difflib
+import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from rlhf_core.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No tunable value here means anything as infinity or NaN (rates, coefficients, thresholds), and a .inf that
+    # slipped in would train a model full of NaN rather than fail.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PathsConfig(Section):
@@ -77,11 +84,11 @@ class CandidatesConfig(Section):
         "rlhf-policy (the retraining flow sets it).",
     )
     k: int = Field(4, ge=2, description="Completions per prompt.")
-    max_prompts: int | None = Field(None, gt=0, description="Use only the first N training prompts.")
-    max_new_tokens: int = Field(48, gt=0)
+    max_prompts: int | None = Field(128, gt=0, description="Use only the first N training prompts.")
+    max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(128, gt=0)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0
 
@@ -100,7 +107,7 @@ class LabelingConfig(Section):
     bias_scale: float = Field(
         0.1, ge=0, description="Std of each simulated annotator's length preference (utility per std of log length)."
     )
-    overlap_fraction: float = Field(0.5, ge=0, le=1, description="Share of prompts ranked by several simulated annotators.")
+    overlap_fraction: float = Field(1.0, ge=0, le=1, description="Share of prompts ranked by several simulated annotators.")
     annotators_per_overlap: int = Field(2, ge=2, description="Simulated annotators per overlapping prompt.")
     assignments_per_item: int = Field(1, gt=0, description="Annotators per item in the labelling app.")
     gold_item_fraction: float = Field(
@@ -153,7 +160,7 @@ class RewardConfig(Section):
     finetune: Literal["full", "freeze", "lora"] = Field(
         "freeze", description="full; freeze (embeddings and the lower freeze_layers layers); lora (adapters + head)."
     )
-    freeze_layers: int = Field(0, ge=0, description="Lower layers kept frozen when finetune='freeze'.")
+    freeze_layers: int = Field(24, ge=0, description="Lower layers kept frozen when finetune='freeze'.")
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
     head_init: Literal["random", "probe"] = Field(
@@ -179,7 +186,11 @@ class RewardConfig(Section):
         "by stopping (the PPO stage's missing_eos_penalty is the separate, explicit push to finish).",
     )
     champion_min_accuracy: float = Field(
-        0.6, ge=0, le=1, description="Held-out pairwise accuracy a new version needs to become the registry's champion."
+        0.55,
+        gt=0.5,
+        le=1,
+        description="Held-out pairwise accuracy a new version needs to become the registry's champion; above chance (0.5), "
+        "or a model that learnt nothing could become champion.",
     )
     seed: int = Field(0, description="Seeds the head, the train/validation split and the data order.")
 
@@ -190,9 +201,9 @@ class KLConfig(Section):
     controller: Literal["fixed", "adaptive"] = Field(
         "adaptive", description="'fixed' beta, or the adaptive controller that steers the KL towards `target`."
     )
-    beta: float = Field(0.05, ge=0, description="Initial (or fixed) KL coefficient.")
-    target: float = Field(6.0, gt=0, description="Target KL in nats per response (adaptive controller).")
-    horizon: int = Field(10000, gt=0, description="Horizon in episodes of the adaptive controller.")
+    beta: float = Field(0.2, ge=0, description="Initial (or fixed) KL coefficient.")
+    target: float = Field(2.0, gt=0, description="Target KL in nats per response (adaptive controller).")
+    horizon: int = Field(64, gt=0, description="Horizon in episodes of the adaptive controller.")
     estimator: Literal["k1", "k3"] = Field(
         "k1", description="Per-token KL estimator in the reward: k1 = log p - log q, k3 = (q/p - 1) - log(q/p) >= 0."
     )
@@ -202,14 +213,14 @@ class PPOConfig(Section):
     """PPO fine-tuning of the policy against the reward model (stage ppo; see rlhf_core/ppo)."""
 
     init_policy: str = Field("base", description="'base', 'champion' or a version of rlhf-policy to start from.")
-    updates: int = Field(20, gt=0, description="PPO updates (rollout + optimisation) in the run.")
-    batch_size: int = Field(8, gt=0, description="Prompts (episodes) per update, over all processes.")
+    updates: int = Field(8, gt=0, description="PPO updates (rollout + optimisation) in the run.")
+    batch_size: int = Field(16, gt=0, description="Prompts (episodes) per update, over all processes.")
     max_new_tokens: int = Field(32, gt=0, description="Longest response sampled.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same one.")
     ppo_epochs: int = Field(2, gt=0, description="Passes over each batch of rollouts.")
-    minibatches: int = Field(1, gt=0, description="Optimiser steps per epoch (the batch is split into this many).")
+    minibatches: int = Field(2, gt=0, description="Optimiser steps per epoch (the batch is split into this many).")
     gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per minibatch (same result, less memory).")
-    learning_rate: float = Field(1e-5, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
     adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon; 1e-5 as in lm-human-preferences (TF default).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping by global norm.")
     gamma: float = Field(1.0, gt=0, le=1, description="Discount over response tokens.")
@@ -219,7 +230,7 @@ class PPOConfig(Section):
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     whiten_rewards: bool = Field(False, description="Scale per-token rewards to unit variance (mean kept).")
     missing_eos_penalty: float | None = Field(
-        None, description="Score that replaces the reward model's for a response that never emits the stop token "
+        -1.0, description="Score that replaces the reward model's for a response that never emits the stop token "
         "(the EOS trick); null turns it off."
     )
     kl: KLConfig = KLConfig()
@@ -227,7 +238,7 @@ class PPOConfig(Section):
         "freeze", description="What trains: every weight, the layers above `freeze_layers`, or LoRA adapters on them."
     )
     freeze_layers: int = Field(
-        0, ge=0, description="Lower decoder layers kept frozen and shared with the reference (modes freeze and lora)."
+        24, ge=0, description="Lower decoder layers kept frozen and shared with the reference (modes freeze and lora)."
     )
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
@@ -237,8 +248,8 @@ class PPOConfig(Section):
     bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="bf16 autocast; 'auto' where the hardware is fast at it (CUDA, AVX-512 BF16 or AMX CPUs)."
     )
-    checkpoint_every: int = Field(5, gt=0, description="Updates between resumable checkpoints (and one at the end).")
-    gold_eval_every: int = Field(5, gt=0, description="Updates between gold evaluations of the held-out slice.")
+    checkpoint_every: int = Field(2, gt=0, description="Updates between resumable checkpoints (and one at the end).")
+    gold_eval_every: int = Field(4, gt=0, description="Updates between gold evaluations of the held-out slice.")
     gold_eval_prompts: int = Field(16, ge=0, description="Eval prompts in that fixed slice (0 turns it off).")
     seed: int = 0
 
@@ -259,17 +270,17 @@ class PPOConfig(Section):
 class EvaluateConfig(Section):
     """Held-out evaluation of the candidate policy against the reference (base) and the champion."""
 
-    num_prompts: int = Field(32, gt=0, description="First N prompts of the eval split.")
+    num_prompts: int = Field(128, gt=0, description="First N prompts of the eval split.")
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of every policy (and of its log-probs).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Sampling dtype; 'auto' is bf16 where the hardware is fast at it."
     )
-    best_of_n: list[int] = Field([1, 2, 4, 8], description="n of the best-of-n frontier from the reference.")
+    best_of_n: list[int] = Field([1, 2, 4, 8, 16], description="n of the best-of-n frontier from the reference.")
     best_of_n_prompts: int = Field(
-        4, gt=0, description="First N eval prompts that get a pool of max(best_of_n) samples (the pool dominates the cost)."
+        16, gt=0, description="First N eval prompts that get a pool of max(best_of_n) samples (the pool dominates the cost)."
     )
-    batch_size: int = Field(32, gt=0, description="Sequences per sampling or scoring batch.")
+    batch_size: int = Field(128, gt=0, description="Sequences per sampling or scoring batch.")
     repetition_ngram: int = Field(4, gt=0, description="n of the repetition rate seq-rep-n (Welleck et al. 2020).")
     human_eval: Literal["auto", "always", "never"] = Field(
         "auto", description="Export a blind side-by-side labelling task: 'auto' when there is no gold function."
@@ -299,7 +310,7 @@ class GatesConfig(Section):
     min_gold_win_rate_vs_champion: float = Field(
         0.45, ge=0, le=1, description="Lower 95% bound of the win rate vs the champion (gold, else human labels)."
     )
-    max_kl: float = Field(10.0, gt=0, description="KL(candidate || reference) in nats per response.")
+    max_kl: float = Field(5.0, gt=0, description="KL(candidate || reference) in nats per response.")
     min_length_ratio: float = Field(0.5, gt=0, description="Mean response length over the reference's.")
     max_length_ratio: float = Field(2.0, gt=0)
     min_distinct_2: float = Field(0.3, ge=0, le=1, description="Distinct token bigrams over all bigrams (Li et al. 2016).")
@@ -308,7 +319,9 @@ class GatesConfig(Section):
     gold_drop_tolerance: float = Field(
         0.05, ge=0, description="Fall of gold from its peak along the PPO run that counts as over-optimisation."
     )
-    min_reward_accuracy: float = Field(0.6, ge=0, le=1, description="Held-out pairwise accuracy of the reward model.")
+    min_reward_accuracy: float = Field(
+        0.55, gt=0.5, le=1, description="Held-out pairwise accuracy of the reward model; above chance (0.5)."
+    )
 
     @model_validator(mode="after")
     def _length_bounds(self) -> "GatesConfig":
@@ -341,22 +354,147 @@ class Params(Section):
     orchestration: OrchestrationConfig
 
 
-def _yaml_line(text: str, keys: tuple) -> int | None:
-    """1-based line of the deepest existing key along ``keys`` in a YAML document."""
+#: Values a document may expand to through YAML aliases.  params.yaml holds about 200; a "billion laughs" alias bomb
+#: holds 10^9 and would take minutes and gigabytes to validate, so expansion stops long before.
+MAX_YAML_VALUES = 10_000
+#: params.yaml is a few KiB; anything far larger is not a params file.
+MAX_PARAMS_BYTES = 1 << 20
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # before UTF-16: UTF-32 LE's BOM starts with it
+    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader whose unreadable scalars (a 5,000-digit integer, a 13th month) are YAML errors with a line."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            problem = f"unreadable value {str(node.value)[:40]!r} ({str(exc).split(';')[0]})"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+def _read_text(path: Path) -> str:
     try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for key in keys:
-        if not isinstance(node, yaml.MappingNode):
-            break
+        with path.open("rb") as handle:
+            data = handle.read(MAX_PARAMS_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_PARAMS_BYTES >> 20} MiB, not a params file")
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            raise ConfigError(f"{path}: encoded as {name}; save it as UTF-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save it as UTF-8") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise ConfigError(f"{path}:{line}: contains NUL bytes (UTF-16 or UTF-32 without a byte-order mark?)")
+    return text
+
+
+def _yaml_error(source: str, exc: yaml.YAMLError) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark else source
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "'\\t'" in problem:
+        problem += "; indent with spaces, YAML forbids tabs"
+    return ConfigError(f"{where}: not valid YAML ({problem})")
+
+
+def _key_text(node: yaml.Node) -> str:
+    return node.value if isinstance(node, yaml.ScalarNode) else f"<{node.id} key>"
+
+
+def _check_tree(root: yaml.Node, source: str) -> None:
+    """Refuse duplicate keys (naming both lines) and alias expansion beyond MAX_YAML_VALUES, before anything is built."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def visit(node: yaml.Node, dotted: str) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise ConfigError(f"{source}:{node.start_mark.line + 1}: {dotted}: recursive YAML alias")
+        active.add(id(node))
+        size = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                name = _key_text(key)
+                child = f"{dotted}.{name}" if dotted else name
+                ident = (key.tag, name)
+                if ident in seen and name != "<<":  # a merge key may repeat; explicit keys override merged ones
+                    raise ConfigError(
+                        f"{source}:{key.start_mark.line + 1}: duplicate key {child} (first at line {seen[ident]})"
+                    )
+                seen[ident] = key.start_mark.line + 1
+                size += visit(key, child) + visit(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            size += sum(visit(item, f"{dotted}[{index}]") for index, item in enumerate(node.value))
+        if size > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{source}:{node.start_mark.line + 1}: {dotted or '<top>'}: YAML aliases expand to more than "
+                f"{MAX_YAML_VALUES} values (an alias bomb?)"
+            )
+        active.discard(id(node))
+        sizes[id(node)] = size
+        return size
+
+    visit(root, "")
+
+
+def _compose(text: str, source: str) -> yaml.Node | None:
+    """The checked node tree of one YAML document (None when it is empty)."""
+    try:
+        root = yaml.compose(text, Loader=_StrictLoader)
+        if root is not None:
+            _check_tree(root, source)
+        return root
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
+    except yaml.YAMLError as exc:
+        raise _yaml_error(source, exc) from None
+
+
+def _construct(root: yaml.Node, source: str):
+    loader = _StrictLoader("")
+    try:
+        return loader.construct_document(root)
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
+    except yaml.YAMLError as exc:
+        raise _yaml_error(source, exc) from None
+    finally:
+        loader.dispose()
+
+
+def _child(node: yaml.Node | None, key) -> tuple[yaml.Node, yaml.Node] | None:
+    """(key node, value node) of ``key`` in a mapping node, else None."""
+    if isinstance(node, yaml.MappingNode):
         for k_node, v_node in node.value:
-            if k_node.value == str(key):
-                line, node = k_node.start_mark.line + 1, v_node
-                break
-        else:
+            if isinstance(k_node, yaml.ScalarNode) and k_node.value == str(key):
+                return k_node, v_node
+    return None
+
+
+def _line_of(root: yaml.Node | None, keys: tuple) -> int | None:
+    """1-based line of the deepest key along ``keys`` that the document holds."""
+    line, node = None, root
+    for key in keys:
+        if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+            continue
+        found = _child(node, key)
+        if found is None:
             break
+        line, node = found[0].start_mark.line + 1, found[1]
     return line
 
 
@@ -369,61 +507,224 @@ def _describe(error: dict) -> str:
     return f"{msg} (got {error.get('input')!r})" if "input" in error and not isinstance(error["input"], dict) else msg
 
 
+def _error_lines(exc: ValidationError, source: str, root: yaml.Node | None) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        keys = tuple(k for k in error["loc"] if not str(k).startswith("function-after"))
+        line = _line_of(root, keys)
+        where = f"{source}:{line}: " if line else f"{source}: " if source else ""
+        lines.append(f"{where}{'.'.join(map(str, keys)) or '<top>'}: {_describe(error)}")
+    return lines
+
+
+def _parse(text: str, source: str) -> tuple[Params, yaml.Node]:
+    root = _compose(text, source)
+    if root is None:
+        raise ConfigError(f"{source}: empty (expected the sections {', '.join(Params.model_fields)})")
+    raw = _construct(root, source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw), root
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_error_lines(exc, source, root))) from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml``; raise :class:`ConfigError` with one line per problem."""
     path = Path(path)
+    return _parse(_read_text(path), str(path))[0]
+
+
+# --- overrides: ``section.key=value`` validated against the model before anything is written ---------------------
+
+
+def _leaf_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every settable dotted key of the params model, at any depth."""
+    keys = []
+    for name, field in (model or Params).model_fields.items():
+        if _is_section(field.annotation):
+            keys += _leaf_keys(field.annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _is_section(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Section)
+
+
+def _suggestion(dotted: str) -> str:
+    """' (did you mean X?)' for the existing key a mistyped or misplaced one most likely meant."""
+    keys = _leaf_keys()
+    parts = dotted.split(".")
+    same_name = [key for key in keys if key.split(".")[-1] == parts[-1]]
+    same_section = [key for key in same_name if key.split(".")[0] == parts[0]]
+    pool = same_section or same_name or keys
+    match = difflib.get_close_matches(dotted, pool, n=1, cutoff=0.0 if same_name else 0.6)
+    if match:
+        return f" (did you mean {match[0]}?)"
+    return "" if parts[0] in Params.model_fields else f" (the sections are {', '.join(Params.model_fields)})"
+
+
+def _field(dotted: str):
+    """The pydantic field a dotted key names; ConfigError naming the existing key when it names none."""
+    model: type[BaseModel] = Params
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        here = ".".join(parts[: depth + 1])
+        if field is None:
+            raise ConfigError(f"no key {dotted} in the params{_suggestion(dotted)}")
+        last = depth == len(parts) - 1
+        if _is_section(field.annotation):
+            if last:
+                raise ConfigError(f"{dotted} is a section, not a value; set one of its keys, such as "
+                                  f"{_leaf_keys(field.annotation, here + '.')[0]}")
+            model = field.annotation
+        elif not last:
+            raise ConfigError(f"no key {dotted} in the params: {here} is a value, not a section")
+    return field
+
+
+def _typed_value(dotted: str, text: str):
+    """``text`` read as YAML and validated by the type of the field ``dotted`` names."""
+    field = _field(dotted)
+    source = f"{dotted}={text}"
+    root = _compose(text, source)
+    value = None if root is None else _construct(root, source)
+    annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    adapter = TypeAdapter(annotation, config=ConfigDict(allow_inf_nan=False))
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    try:
-        return Params.model_validate(raw)
+        return adapter.validate_python(value)
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            keys = tuple(k for k in error["loc"] if not str(k).startswith("function-after"))
-            line = _yaml_line(text, keys)
-            where = f"{path}:{line}" if line else str(path)
-            lines.append(f"{where}: {'.'.join(map(str, keys)) or '<top>'}: {_describe(error)}")
-        raise ConfigError("\n".join(lines)) from None
-
-
-def set_param(path: str | Path, dotted_key: str, value: str) -> bool:
-    """Set a scalar ``section.key`` in a params file in place, keeping comments and layout.
-
-    Returns True if the file changed.  The result is validated before it is written.
-    """
-    import re
-
-    path = Path(path)
-    section, key = dotted_key.split(".", 1)
-    lines = path.read_text().splitlines(keepends=True)
-    in_section = False
-    for index, line in enumerate(lines):
-        if re.match(rf"^{re.escape(section)}:\s*(#.*)?$", line):
-            in_section = True
-            continue
-        if in_section and re.match(r"^\S", line):
-            break
-        match = re.match(rf"^(\s+{re.escape(key)}:\s*)([^#\n]*?)(\s*#.*)?(\n?)$", line) if in_section else None
-        if match:
-            if match.group(2).strip() == value:
-                return False
-            padding = match.group(3) or ""
-            lines[index] = f"{match.group(1)}{value}{padding}{match.group(4)}"
-            text = "".join(lines)
+        # Versions and ids look like numbers to YAML; where the field is text, the text is what was meant.
+        if isinstance(value, (bool, int, float)):
             try:
-                Params.model_validate(yaml.safe_load(text))
-            except ValidationError as exc:
-                raise ConfigError(f"{path}: {dotted_key}={value!r} is invalid: {exc.errors()[0]['msg']}") from None
-            path.write_text(text)
-            return True
-    raise ConfigError(f"{path}: no key {dotted_key}")
+                return adapter.validate_python(text.strip())
+            except ValidationError:
+                pass
+        raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
+
+
+def _with_values(params: Params, values: Mapping[str, object], source: str) -> Params:
+    data = params.model_dump()
+    for dotted, value in values.items():
+        *sections, name = dotted.split(".")
+        target = data
+        for section in sections:
+            target = target[section]
+        target[name] = value
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_error_lines(exc, source, None))
+        raise ConfigError(f"with {', '.join(values)} overridden: {problems}") from None
+
+
+def with_overrides(params: Params, overrides: Mapping[str, str]) -> Params:
+    """``params`` with each ``dotted.key -> YAML value`` override applied and validated; no file is touched."""
+    return _with_values(params, {key: _typed_value(key, text) for key, text in overrides.items()}, "")
+
+
+def _yaml_text(value) -> str:
+    """``value`` as one line of flow-style YAML that reads back as the same value."""
+    return yaml.safe_dump([value], default_flow_style=True, width=10**9).strip()[1:-1]
+
+
+def _edit_value(text: str, root: yaml.Node, dotted: str, rendered: str, source: str) -> str:
+    """``text`` with the value of the key at ``dotted`` replaced by ``rendered``, everything else as it was."""
+    *sections, name = dotted.split(".")
+    node = root
+    for section in sections:
+        found = _child(node, section)
+        if found is None or not isinstance(found[1], yaml.MappingNode):
+            raise ConfigError(f"{source}: cannot set {dotted}: the file has no section {section} to hold it")
+        node = found[1]
+    found = _child(node, name)
+    if found is None:
+        if node.flow_style or not node.value:
+            raise ConfigError(f"{source}: cannot set {dotted}: add the key to the file first")
+        last_key, last_value = node.value[-1]
+        end = last_value.end_mark.index
+        if not isinstance(last_value, yaml.ScalarNode) and not last_value.flow_style:
+            end -= last_value.end_mark.column + 1  # a block collection ends on the next key's line
+        end = text.find("\n", end)
+        end = len(text) if end < 0 else end
+        indent = " " * last_key.start_mark.column
+        return f"{text[:end]}\n{indent}{name}: {rendered}{text[end:]}"
+    key, value = found
+    if _references(root, value) > 1:
+        raise ConfigError(f"{source}: cannot set {dotted} in place without changing other values: "
+                          "its value is a YAML anchor that other keys share")
+    start, end = value.start_mark.index, value.end_mark.index
+    if isinstance(value, yaml.ScalarNode) or value.flow_style:
+        rest = text[end:]
+        gap = len(rest) - len(rest.lstrip(" "))
+        if rest[gap : gap + 1] == "#":  # keep a trailing comment in its column where the new value leaves room
+            rest = " " * max(1, gap - (len(rendered) - (end - start))) + rest[gap:]
+        return f"{text[:start]}{'' if end > start else ' '}{rendered}{rest}"
+    # a block collection runs from the line after the key to the indentation of the next key
+    return f"{text[:key.end_mark.index]}: {rendered}\n{' ' * value.end_mark.column}{text[end:]}"
+
+
+def _references(root: yaml.Node, target: yaml.Node) -> int:
+    """How many places of the document hold ``target`` (more than one: an anchor and its aliases)."""
+    count, stack, seen = 0, [root], set()
+    while stack:
+        node = stack.pop()
+        count += node is target
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(child for pair in node.value for child in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return count
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def set_params(path: str | Path, overrides: Mapping[str, str]) -> list[str]:
+    """Write ``dotted.key -> YAML value`` overrides into a params file in place, keeping its comments and layout.
+
+    Every value is validated against the model before anything is written, the edited file must read back as
+    exactly the overridden params, and the file is replaced atomically.  Returns the keys whose value changed.
+    """
+    path = Path(path)
+    source = str(path)
+    text = _read_text(path)
+    params, root = _parse(text, source)
+    values = {key: _typed_value(key, raw) for key, raw in overrides.items()}
+    expected = _with_values(params, values, source).model_dump()
+    current = params.model_dump()
+    changed = []
+    for dotted, value in values.items():
+        *sections, name = dotted.split(".")
+        holder = current
+        for section in sections:
+            holder = holder[section]
+        if holder.get(name) == value:
+            continue
+        text = _edit_value(text, root, dotted, _yaml_text(value), source)
+        root = _compose(text, source)
+        changed.append(dotted)
+    if not changed:
+        return []
+    edited, _ = _parse(text, source)
+    if edited.model_dump() != expected:  # an anchor shared with another key, or a layout the edit cannot handle
+        raise ConfigError(f"{source}: cannot set {', '.join(changed)} in place without changing other values")
+    _atomic_write(path, text)
+    return changed
+

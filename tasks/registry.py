@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import task
 
 from rlhf_core import runtime
-from rlhf_core.config import set_param
+from rlhf_core.config import set_params
 from rlhf_core.tracking import alias_snapshot, model_by_alias, restore_aliases
 
 REGISTERED_MODELS = ("rlhf-reward-model", "rlhf-policy")
@@ -27,8 +27,11 @@ def restore_registry(root: Path, snapshot: dict[str, dict[str, str]]) -> list[st
 
 @task(name="apply-overrides")
 def apply_overrides(root: Path, overrides: dict[str, str]) -> list[str]:
-    """Write scheduled-run overrides (``section.key -> value``) into params.yaml; DVC reruns what they affect."""
-    return [key for key, value in overrides.items() if set_param(root / "params.yaml", key, value)]
+    """Write overrides (``dotted.key -> YAML value``, any depth) into params.yaml; DVC reruns what they affect.
+
+    Every value is validated against the params model before the file is touched; returns the keys that changed.
+    """
+    return set_params(root / "params.yaml", overrides)
 
 
 @task(name="start-from-champion")
@@ -37,6 +40,5 @@ def start_from_champion(root: Path) -> str:
     runtime.configure(root)
     champion = model_by_alias("rlhf-policy", "champion")
     version = champion.version if champion else "base"
-    for key in ("candidates.policy", "ppo.init_policy"):
-        set_param(root / "params.yaml", key, version)
+    set_params(root / "params.yaml", {"candidates.policy": version, "ppo.init_policy": version})
     return version

@@ -1,13 +1,15 @@
 """Gates on measured evidence: a healthy candidate passes, degenerate ones fail with reasons."""
 
-from rlhf_core.config import GatesConfig
+from rlhf_core.config import load_params
 from rlhf_core.evaluation.gates import Evidence, Judged, all_passed, apply_gates, failure_reasons, gate_metrics
 from rlhf_core.evaluation.metrics import WinRate, win_rate
 from rlhf_core.evaluation.overoptimisation import OverOptimisation, assess, paired_gain
 from rlhf_core.evaluation.report import Responses, length_ratio, policy_metrics
 from rlhf_core.gold import gold_score
 
-CFG = GatesConfig()
+from .conftest import REPO
+
+CFG = load_params(REPO / "params.yaml").gates  # the thresholds the pipeline runs with
 PROMPTS = [f"Give me one tip about {topic}." for topic in ("sleep", "cooking", "running", "saving money", "reading", "gardening")]
 GOOD = [
     "Keep a regular schedule: go to bed and wake up at the same time every day, even on weekends.",

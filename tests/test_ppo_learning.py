@@ -45,7 +45,7 @@ def run_ppo(model_path, kl: KLConfig) -> list[dict]:
     from rlhf_core.ppo.trainer import build_trainer
 
     cfg = PPOConfig(
-        batch_size=8, max_new_tokens=NEW_TOKENS, mode="freeze", freeze_layers=1, learning_rate=3e-3,
+        batch_size=8, minibatches=1, max_new_tokens=NEW_TOKENS, mode="freeze", freeze_layers=1, learning_rate=3e-3,
         missing_eos_penalty=None, bf16="off", kl=kl,
     )  # fmt: skip
     trainer = build_trainer(cfg, model_path, favourite_share, [f"Tell me about topic {i}" for i in range(32)])

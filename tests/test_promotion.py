@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from rlhf_core import cli, tracking
-from rlhf_core.config import GatesConfig, load_params
+from rlhf_core.config import load_params
 from rlhf_core.evaluation.best_of_n import frontier
 from rlhf_core.evaluation.gates import Evidence, Judged, apply_gates
 from rlhf_core.evaluation.metrics import WinRate, distinct_n, repetition_rate
@@ -16,7 +16,11 @@ from rlhf_core.evaluation.summary import EvaluationSummary
 from rlhf_core.promotion import decide, rollback
 from rlhf_core.errors import RLHFError
 
+from .conftest import REPO
+
 MODEL = tracking.POLICY_MODEL
+#: the thresholds the pipeline runs with
+GATES = load_params(REPO / "params.yaml").gates
 LINEAGE = {"preference_data_hash": "abc123", "reward_model_version": "4", "ppo_run_id": "run-1"}
 
 
@@ -32,7 +36,7 @@ def _gates(token_ids, win=WinRate(30, 0, 2)):
         overoptimisation=OverOptimisation(False, ()),
         reward_accuracy=0.72,
     )
-    return apply_gates(evidence, GatesConfig())
+    return apply_gates(evidence, GATES)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,7 @@ def test_better_candidates_are_promoted_degenerate_rejected_and_rollback_restore
     assert (_alias(client, "champion"), _alias(client, "previous")) == (second, first)
     tags = client.get_model_version(MODEL, second).tags
     assert tags["status"] == "champion" and tags["gates.all_passed"] == "true"
-    assert tags["gate.distinct_2.passed"] == "true" and tags["gate.kl.threshold"] == "<= 10.0"
+    assert tags["gate.distinct_2.passed"] == "true" and tags["gate.kl.threshold"] == f"<= {GATES.max_kl}"
     assert tags["lineage.preference_data_hash"] == "abc123" and tags["lineage.ppo_run_id"] == "run-1"
 
     degenerate = _register(registry)

@@ -9,9 +9,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import BIN
-
-pytestmark = pytest.mark.slow
+from .conftest import BIN, rlhf
 
 
 def _free_port() -> int:
@@ -39,6 +37,29 @@ def _stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize(("override", "expected"), [
+    ("ppo.beta=0.1", "no key ppo.beta in the params (did you mean ppo.kl.beta?)"),
+    ("base_model.seed=7", "did you mean base_model.tiny.seed?"),
+    ("ppo.kl.beta=-1", "ppo.kl.beta=-1: Input should be greater than or equal to 0"),
+    ("ppo.kl.beta", "expected section.key=value"),
+])
+def test_bad_override_is_one_line_before_any_server_is_asked(work_env, monkeypatch, override, expected):
+    with socket.socket() as server:  # a "Prefect server" that records whether anyone connected
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{server.getsockname()[1]}/api")
+        before = (work_env / "params.yaml").read_bytes()
+        done = rlhf("schedule", "--interval", "60", "--set", "ppo.kl.target=3", "--set", override, cwd=work_env, check=False)
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert (work_env / "params.yaml").read_bytes() == before
+
+
+@pytest.mark.slow
 def test_interval_schedule_creates_and_completes_a_run(tiny_project, monkeypatch):
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     monkeypatch.setenv("DO_NOT_TRACK", "true")
@@ -81,3 +102,18 @@ def _completed_runs(api: str) -> list[dict]:
     except httpx.HTTPError:
         return []
     return [run for run in response.json() if run.get("deployment_id")] if response.status_code == 200 else []
+
+
+def test_flow_overrides_edit_nested_keys_and_refuse_a_wrong_one(work_env):
+    from rlhf_core.config import load_params
+    from rlhf_core.errors import ConfigError
+    from tasks.registry import apply_overrides
+
+    path = work_env / "params.yaml"
+    assert apply_overrides.fn(work_env, {"ppo.kl.beta": "0.3", "candidates.policy": "4"}) == ["ppo.kl.beta", "candidates.policy"]
+    params = load_params(path)
+    assert (params.ppo.kl.beta, params.candidates.policy) == (0.3, "4")
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match=r"did you mean ppo\.kl\.beta\?"):
+        apply_overrides.fn(work_env, {"ppo.beta": "0.1"})
+    assert path.read_bytes() == before
