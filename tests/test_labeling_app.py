@@ -453,3 +453,168 @@ def test_a_real_server_refuses_a_50_mb_body_without_waiting_for_it(work_env):
         assert answer.startswith(b"HTTP/1.1 413 ")
         assert sent < 16 * 2**20  # the limit plus what the kernel's socket buffers hold
         assert httpx.get(f"{url}/api/progress", headers=bearer(tokens["ann"])).json() == {"done": 0, "assigned": 1}
+
+
+# -- rating and demonstration tasks ----------------------------------------------------------------------------
+
+END_TEXTAREA = "</textarea><script>alert(2)</script>"
+
+
+def write_prompts(folder: Path, prompts: int, *, drafts: bool) -> Path:
+    """Prompts for demonstrations (one carrying markup that would end a textarea), with a model draft each if asked."""
+    bundle = PreferenceBundle()
+    for p in range(prompts):
+        bundle.prompts.append(Prompt(id=f"d{p}", text=f"Explain {END_TEXTAREA} in one paragraph ({p})."))
+        if drafts:
+            text = f"{END_TEXTAREA} Draft {p}: a first try." if p == 0 else f"Draft {p}: a first try."
+            bundle.completions.append(Completion(id=f"d{p}-draft", prompt_id=f"d{p}", text=text, policy_version="v0"))
+    bundle.write(folder)
+    return folder
+
+
+def set_up_tasks(
+    root: Path, annotators: list[str], *, per_item: int = 1, tasks: tuple[str, ...] = ("rating", "demonstration")
+) -> dict[str, str]:
+    """Rating items (2 prompts x 3 completions, one with a script) and demonstration items (2 prompts with drafts),
+    loaded through the CLI; returns name -> token (plus an admin)."""
+    write_params(root, {"labeling": {"assignments_per_item": per_item}})
+    if "rating" in tasks:
+        rlhf_in_process("label", "load", str(write_candidates(root / "rate", 2, k=3, xss=True)), "--task", "rating")
+    if "demonstration" in tasks:
+        rlhf_in_process("label", "load", str(write_prompts(root / "write", 2, drafts=True)), "--task", "demonstration")
+    tokens = {name: rlhf_in_process("label", "add-annotator", name).splitlines()[0] for name in annotators}
+    tokens["admin"] = rlhf_in_process("label", "add-annotator", "admin", "--admin").splitlines()[0]
+    return tokens
+
+
+@pytest.fixture
+def task_project(work_env):
+    tokens = set_up_tasks(work_env, ["ann", "bob"], per_item=2)
+    client = TestClient(create_app(open_store(work_env), load_params("params.yaml").labeling), follow_redirects=False)
+    return client, tokens
+
+
+def next_of_task(client: TestClient, headers: dict, task: str) -> dict:
+    """The annotator's next item, skipping items of other tasks on the way."""
+    while (item := client.get("/api/next", headers=headers).json()["assignment"])["task"] != task:
+        assert client.post(f"/api/assignments/{item['id']}/skip", headers=headers, json={}).status_code == 200
+    return item
+
+
+def test_load_takes_a_task_and_refuses_gold_for_other_tasks(work_env, capsys):
+    write_params(work_env)
+    out = rlhf_in_process("label", "load", str(write_prompts(work_env / "bare", 3, drafts=False)), "--task", "demonstration")
+    assert "3 new demonstration items (0 already loaded)" in out
+    assert "2 new rating items" in rlhf_in_process("label", "load", str(write_candidates(work_env / "c", 2)), "--task", "rating")
+    assert "2 new ranking items" in rlhf_in_process("label", "load", str(work_env / "c"))  # same candidates, other task
+    assert rlhf_main(["label", "load", str(work_env / "c"), "--task", "rating", "--gold"]) == 2
+    assert "--gold loads known rankings: it goes with --task ranking" in capsys.readouterr().err
+
+
+def test_rating_api_checks_scores_and_keeps_annotators_apart(task_project):
+    client, tokens = task_project
+    ann, bob = bearer(tokens["ann"]), bearer(tokens["bob"])
+    item = next_of_task(client, ann, "rating")
+    assert item["scale"] == [1, 7] and len(item["completions"]) == 3
+    url = f"/api/assignments/{item['id']}/rating"
+    scores = {c["id"]: 5 for c in item["completions"]}
+    first = item["completions"][0]["id"]
+    for bad in ({**scores, first: True}, {**scores, first: 4.5}, {**scores, first: "5"}, {**scores, first: 0},
+                {first: 5}, {}):
+        assert client.post(url, headers=ann, json={"scores": bad}).status_code == 422, bad
+    assert client.post(url, headers=ann, json={"scores": scores, "extra": 1}).status_code == 422
+    assert client.post(url, headers=bob, json={"scores": scores}).status_code == 404
+    assert client.post(url.replace("rating", "label"), headers=ann, json={"ranking": [[i] for i in scores]}).status_code == 422
+    assert client.post(url.replace("rating", "demonstration"), headers=ann, json={"text": "hi"}).status_code == 422
+    done = client.post(url, headers=ann, json={"scores": scores, "comments": {first: "Too short."}, "flags": {first: "nonsense"}})
+    assert done.status_code == 200
+    assert client.post(url, headers=ann, json={"scores": scores}).status_code == 409
+    tasks = client.get("/api/next", headers=ann).json()["tasks"]
+    assert tasks["rating"] == {"done": 1, "assigned": 2} and tasks["demonstration"]["assigned"] == 2
+
+
+def test_demonstration_api_takes_the_text_as_written_within_limits(task_project, work_env):
+    client, tokens = task_project
+    ann = bearer(tokens["ann"])
+    item = next_of_task(client, ann, "demonstration")
+    assert item["words"] == [15, 60] and item["max_chars"] == 8000 and len(item["completions"]) == 1
+    url = f"/api/assignments/{item['id']}/demonstration"
+    assert client.post(url, headers=ann, json={"text": " \n "}).status_code == 422
+    assert "over labeling.max_text_chars=8000" in client.post(url, headers=ann, json={"text": "w " * 4001}).json()["detail"]
+    assert client.post(url, headers=ann, json={"text": 5}).status_code == 422
+    assert client.post(url, headers=bearer(tokens["bob"]), json={"text": "mine"}).status_code == 404
+    text = "  Line one.\n\nLine two, <b>kept</b> as typed.  "
+    assert client.post(url, headers=ann, json={"text": text}).status_code == 200
+    assert client.post(url, headers=ann, json={"text": text}).status_code == 409
+    [row] = open_store(work_env).demonstrations()
+    assert row.text == text and row.draft.id == item["completions"][0]["id"] and row.annotator == "ann"
+
+
+def test_a_huge_demonstration_is_refused_by_the_size_limit_and_nothing_is_stored(task_project, work_env):
+    client, tokens = task_project
+    headers = {**bearer(tokens["ann"]), "Content-Type": "application/json"}
+    item = next_of_task(client, headers, "demonstration")
+    huge = json.dumps({"text": "word " * (MAX_BODY_BYTES // 5 + 10)}).encode()
+    response = client.post(f"/api/assignments/{item['id']}/demonstration", content=huge, headers=headers)
+    assert response.status_code == 413 and response.headers["content-security-policy"].startswith("default-src 'none'")
+    assert open_store(work_env).demonstrations() == []
+    # The largest text the store accepts, every character escaped by JSON, still fits under the body limit.
+    widest = json.dumps({"text": "\U0001f600" * 8000}).encode()
+    assert len(widest) < MAX_BODY_BYTES
+    assert client.post(f"/api/assignments/{item['id']}/demonstration", content=widest, headers=headers).status_code == 200
+
+
+def test_rating_and_demonstration_pages_escape_prompts_drafts_and_completions(task_project):
+    client, tokens = task_project
+    client.post("/signin", data={"token": tokens["ann"]})
+    seen = set()
+    while (item := client.get("/api/next").json()["assignment"]) is not None:
+        page = client.get("/label")
+        assert page.status_code == 200 and "unsafe-inline" not in page.headers["content-security-policy"]
+        body = page.text
+        for tag in ('<script src="/static/submit.js" defer></script>', f'<script src="/static/{item["task"]}.js" defer></script>'):
+            body = body.replace(tag, "")
+        assert "<script" not in body and "</textarea><script>" not in body
+        if item["task"] == "demonstration":
+            assert "Explain &lt;/textarea&gt;&lt;script&gt;alert(2)&lt;/script&gt; in one paragraph" in page.text
+            assert 'data-min-words="15" data-max-words="60"' in page.text and "Aim for 15–60 words" in page.text
+            # The draft shows beside the prompt and starts the answer box, escaped both times.
+            draft = item["completions"][0]["text"].replace("<", "&lt;").replace(">", "&gt;")
+            assert page.text.count(draft) == 2 and 'id="restore"' in page.text
+        else:
+            assert "&lt;script&gt;alert(1)&lt;/script&gt; answer 0" in page.text or item["prompt"]["id"] != "p0"
+            assert page.text.count('type="radio"') == 3 * 7
+        assert "rating 0/2, demonstration 0/2" in page.text or seen  # per-task progress in the top bar
+        seen.add(item["task"])
+        client.post(f"/api/assignments/{item['id']}/skip", json={})
+    assert seen == {"rating", "demonstration"}
+
+
+def test_admin_stats_report_each_task(work_env):
+    tokens = set_up_tasks(work_env, ["ann", "bob"], per_item=2)
+    client = TestClient(create_app(open_store(work_env), load_params("params.yaml").labeling), follow_redirects=False)
+    for name in ("ann", "bob"):
+        headers = bearer(tokens[name])
+        while (item := client.get("/api/next", headers=headers).json()["assignment"]) is not None:
+            if item["task"] == "rating":
+                scores = {c["id"]: 6 if c["id"].endswith("c0") else 2 for c in item["completions"]}
+                if name == "bob" and item["prompt"]["id"] == "p1":
+                    scores["p1-c1"] = 3
+                client.post(f"/api/assignments/{item['id']}/rating", headers=headers, json={"scores": scores})
+            else:
+                draft = item["completions"][0]["text"]
+                text = draft if name == "ann" else draft + " " + " ".join(["more"] * 20)
+                client.post(f"/api/assignments/{item['id']}/demonstration", headers=headers, json={"text": text})
+    stats = client.get("/api/admin/stats", headers=bearer(tokens["admin"])).json()
+    assert [(t["task"], t["items"], t["labels"]) for t in stats["tasks"]] == [("rating", 2, 4), ("demonstration", 2, 4)]
+    assert stats["rating"]["pairable_units"] == 6 and 0 < stats["rating"]["krippendorff_alpha_interval"] < 1
+    demo = stats["demonstration"]
+    assert (demo["demonstrations"], demo["with_draft"], demo["unchanged_drafts"], demo["mean_edit_distance"]) == (4, 4, 2, 10)
+    client.post("/signin", data={"token": tokens["admin"]})
+    page = client.get("/admin").text
+    assert f'<dd id="rating-alpha">{stats["rating"]["krippendorff_alpha_interval"]:.3f}</dd>' in page
+    assert '<dd id="edit-distance">10.0 words</dd>' in page and "Within 15–60 words" in page
+    printed = rlhf_in_process("label", "stats")
+    assert "rating: 2 items, 4 labels (0 skipped)" in printed and "demonstration: 2 items, 4 labels" in printed
+    assert f"Krippendorff's alpha (interval) {stats['rating']['krippendorff_alpha_interval']:.3f} over 6 completions" in printed
+    assert "4 from a draft (2 unchanged), edit distance 10.0 words" in printed
