@@ -103,12 +103,20 @@ def read_jsonl(path: str | Path, model: type[T]) -> list[T]:
 
 
 def _atomic_write(path: Path, lines: Iterable[str]) -> None:
+    _atomic_replace(path, lambda handle: handle.writelines((line + "\n").encode("utf-8") for line in lines))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one rename (a figure, say: a kill leaves the old file or the new one)."""
+    _atomic_replace(Path(path), lambda handle: handle.write(data))
+
+
+def _atomic_replace(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for line in lines:
-                handle.write(line + "\n")
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary shared files
@@ -146,5 +154,5 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename (a kill leaves the old file or the new one)."""
-    _atomic_write(Path(path), text.splitlines())
+    """Replace ``path`` with ``text``, as is, in one rename (a kill leaves the old file or the new one)."""
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -17,7 +17,7 @@ from rlhf_core import base_model
 from rlhf_core.base_model import clean_leftovers, exchange_paths, save_model_folder
 from rlhf_core.errors import RLHFError
 
-from .conftest import REPO
+from .conftest import REPO, rlhf, write_params
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "normalization.json")
 
@@ -266,3 +266,48 @@ def test_pickled_weights_are_refused_with_the_way_to_convert_them(pickled_model,
     assert not (tmp_path / "base").exists()
     with pytest.raises(RLHFError, match="no safetensors weights"):
         load_causal_lm(pickled_model)
+
+
+@pytest.mark.slow
+def test_base_model_stage_refuses_a_pickled_source_with_exit_2(pickled_model, work_env):
+    write_params(work_env, {"base_model": {"source": str(pickled_model)}})
+    done = rlhf("base-model", cwd=work_env, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "unexpected error" not in done.stderr
+    assert f"base_model.source '{pickled_model}': no safetensors weights" in done.stderr
+    assert not (work_env / "models" / "base").exists()
+
+
+# --------------------------------------------------------------------------- stage outputs replaced atomically
+
+
+def test_stage_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that dies before its rename (here: the disk fills at fsync) leaves the previous file as it was."""
+    from rlhf_core import records
+    from rlhf_core.evaluation import plots
+    from rlhf_core.evaluation.best_of_n import FrontierPoint
+    from rlhf_core.stages.train_reward import write_loss_curve
+
+    curve, table, figure = tmp_path / "reward_loss.csv", tmp_path / "plots" / "best_of_n.csv", tmp_path / "plots" / "kl.png"
+    write_loss_curve(curve, [(1, 0.69), (2, 0.5)])
+    assert curve.read_text() == "step,loss\n1,0.69\n2,0.5\n"
+    for path in (table, figure):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("previous")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(records.os, "fsync", disk_full)
+    import matplotlib.pyplot as plt
+
+    writes = {
+        curve: lambda: write_loss_curve(curve, [(1, 9.0)]),
+        table: lambda: plots.write_plot_data(tmp_path / "plots", [FrontierPoint(1, 0.0, 0.1, 0.2, 4)], [], {}),
+        figure: lambda: plots._save(plt.figure(), figure),
+    }
+    for path, write in writes.items():
+        before = path.read_bytes()
+        with pytest.raises(OSError, match="No space"):
+            write()
+        assert path.read_bytes() == before, path
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["best_of_n.csv", "kl.png"]  # no temp files left

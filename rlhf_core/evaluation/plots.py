@@ -31,10 +31,15 @@ def _pyplot():
 
 
 def _save(fig, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    import io
+
+    from rlhf_core.records import atomic_write_bytes
+
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format=out.suffix.lstrip(".") or "png")
     _pyplot().close(fig)
+    atomic_write_bytes(out, image.getvalue())
     return out
 
 
@@ -119,18 +124,21 @@ def write_plot_data(
 ) -> list[Path]:
     """The numbers behind the figures as CSV: best_of_n.csv, policies.csv, lengths.csv."""
     import csv
+    import io
+
+    from rlhf_core.records import atomic_write_text
 
     tables = {
         "best_of_n.csv": [{"n": p.n, "kl": p.kl, "proxy": p.proxy, "gold": p.gold, "prompts": p.prompts} for p in frontier],
         "policies.csv": [{"policy": p.name, "kl": p.kl, "proxy": p.proxy, "gold": p.gold} for p in points],
         "lengths.csv": [{"policy": name, "tokens": n} for name, values in lengths.items() for n in values],
     }
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, rows in tables.items():
-        with (folder / name).open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(folder / name, text.getvalue())
         written.append(folder / name)
     return written

@@ -81,7 +81,7 @@ def noise_ceiling(metrics_dir: str | Path, validation: list[PromptComparisons]) 
 
 def write_loss_curve(path: str | Path, losses: list[tuple[int, float]]) -> None:
     """``plots/reward_loss.csv`` with columns step, loss (the DVC plot of this stage), replaced atomically."""
-    atomic_write_text(path, "\n".join(["step,loss", *(f"{step},{loss!r}" for step, loss in losses)]))
+    atomic_write_text(path, "".join(f"{step},{loss}\n" for step, loss in [("step", "loss"), *losses]))
 
 
 def register(stage: tracking.StageRun, folder: str | Path, accuracy: float, min_accuracy: float) -> tuple[str, bool]:
@@ -164,4 +164,3 @@ def run(params: Params) -> dict:
         summary = stage.finish({f"reward/{k}": v for k, v in metrics.items() if v is not None})
         version, champion = register(stage, paths.reward_model, metrics["accuracy"], cfg.champion_min_accuracy)
         return stage.finish({**summary, "reward/registered_version": int(version), "reward/champion": champion})
-
