@@ -629,7 +629,8 @@ def with_overrides(params: Params, overrides: Mapping[str, str]) -> Params:
 
 def _yaml_text(value) -> str:
     """``value`` as one line of flow-style YAML that reads back as the same value."""
-    return yaml.safe_dump([value], default_flow_style=True, width=10**9).strip()[1:-1]
+    plain = list(value) if isinstance(value, tuple) else value  # a fixed-length field (a range) validates to a tuple
+    return yaml.safe_dump([plain], default_flow_style=True, width=10**9).strip()[1:-1]
 
 
 def _edit_value(text: str, root: yaml.Node, dotted: str, rendered: str, source: str) -> str:

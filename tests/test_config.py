@@ -300,18 +300,19 @@ def test_set_params_edits_exactly_the_key_and_keeps_comments_and_layout(tmp_path
     path = tmp_path / "params.yaml"
     original = (REPO / "params.yaml").read_text()
     path.write_text(original)
-    changed = set_params(path, {"ppo.kl.beta": "0.3", "base_model.tiny.seed": "7", "candidates.policy": "3",
-                                "evaluate.best_of_n": "[1, 4]", "ppo.updates": str(REPO_PARAMS.ppo.updates)})
-    assert changed == ["ppo.kl.beta", "base_model.tiny.seed", "candidates.policy", "evaluate.best_of_n"]
+    overrides = {"ppo.kl.beta": "0.3", "base_model.tiny.seed": "7", "candidates.policy": "3",
+                 "labeling.demonstration_words": "[10, 50]", "evaluate.best_of_n": "[1, 4]"}
+    changed = set_params(path, {**overrides, "ppo.updates": str(REPO_PARAMS.ppo.updates)})
+    assert changed == list(overrides)
     before, after = original.splitlines(), path.read_text().splitlines()
     assert len(before) == len(after)
     edited = [(old, new) for old, new in zip(before, after) if old != new]
-    assert [new.split("#")[0].strip() for _, new in edited] == ["seed: 7", "policy: '3'", "beta: 0.3", "best_of_n: [1, 4]"]
+    assert [new.split("#")[0].strip() for _, new in edited] == [
+        "seed: 7", "policy: '3'", "demonstration_words: [10, 50]", "beta: 0.3", "best_of_n: [1, 4]"
+    ]
     for old, new in edited:  # the comment stays, in its column
         assert ("#" in old) == ("#" in new) and (old.find("#") == new.find("#") or "#" not in old)
-    params = load_params(path)
-    assert params == with_overrides(REPO_PARAMS, {"ppo.kl.beta": "0.3", "base_model.tiny.seed": "7",
-                                                  "candidates.policy": "3", "evaluate.best_of_n": "[1, 4]"})
+    assert load_params(path) == with_overrides(REPO_PARAMS, overrides)
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]  # no temporary file left behind
 
 
