@@ -95,23 +95,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def sample_preferences(args: argparse.Namespace, params, base_model: Path, work: Path) -> Path:
     """Candidates from the base model for the training prompts, ranked by the simulated annotators."""
-    from rlhf_core.errors import DataError
-    from rlhf_core.preferences import BUNDLE_FILES, bundle_pairs
-    from rlhf_core.records import read_jsonl, write_jsonl
-    from rlhf_core.schemas import Prompt
+    from rlhf_core.artifacts import BundleFolder, Layout
+    from rlhf_core.preferences import bundle_pairs
     from rlhf_core.stages.collect_preferences import simulated_bundle, write_outputs
     from rlhf_core.stages.generate_candidates import generate
 
-    train_file = Path(params.paths.prompts) / "train.jsonl"
-    if not train_file.exists():
-        raise DataError(f"{train_file}: not found (run `rlhf prompts` first, or pass --preferences)")
-    prompts = read_jsonl(train_file, Prompt)[: args.prompts]
+    prompts = Layout(params.paths).prompts.read_train()[: args.prompts]
     cfg = params.candidates.model_copy(update={"k": args.k})
     completions, stats = generate(cfg, prompts, base_model, "base")
     print(f"sampled {len(completions)} candidates ({stats.tokens_per_second:.0f} tokens/s)")
     candidates = work / "candidates"
-    write_jsonl(candidates / BUNDLE_FILES["prompts"], prompts)
-    write_jsonl(candidates / BUNDLE_FILES["completions"], completions)
+    BundleFolder(candidates).write_candidates(prompts, completions)
     bundle = simulated_bundle(candidates, params.labeling)
     preferences = work / "preferences"
     write_outputs(preferences, bundle, bundle_pairs(bundle))
@@ -196,6 +190,7 @@ def fit_head(features, rows: list[tuple[int, int, float]], l2: float):
 def measure(args: argparse.Namespace, params, sizes: list[int | None], train_ks: list[int], methods: list[str]) -> int:
     import torch
 
+    from rlhf_core.artifacts import ModelFolder
     from rlhf_core.gold import gold_components
     from rlhf_core.preferences import PreferenceBundle
     from rlhf_core.reward.data import load_prompt_comparisons, split_by_prompt
@@ -204,12 +199,13 @@ def measure(args: argparse.Namespace, params, sizes: list[int | None], train_ks:
 
     torch.set_num_threads(args.threads)
     cfg = params.reward
-    base_model = Path(args.base_model or params.paths.base_model)
-    if not (base_model / "config.json").exists():
+    model = ModelFolder(Path(args.base_model or params.paths.base_model), "base_model")
+    if not model.exists():
         from rlhf_core.errors import RLHFError
 
-        raise RLHFError(f"{base_model}: no base model there (run `rlhf base-model` first, or pass --base-model)")
-    layers = json.loads((base_model / "config.json").read_text()).get("num_hidden_layers", cfg.freeze_layers + 1)
+        raise RLHFError(f"{model.folder}: no base model there (run `rlhf base-model` first, or pass --base-model)")
+    base_model = model.folder
+    layers = json.loads(model.config.read_text()).get("num_hidden_layers", cfg.freeze_layers + 1)
     cfg = cfg.model_copy(update={"freeze_layers": min(cfg.freeze_layers, layers - 1)})
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

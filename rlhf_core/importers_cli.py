@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-REJECTS_FILE = "rejects.jsonl"
+from rlhf_core.artifacts import REJECTS_FILE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_core.artifacts import MODEL_CONFIG_FILE
 from rlhf_core.config import EvaluateConfig
 from rlhf_core.errors import RLHFError
 from rlhf_core.evaluation.likelihood import response_logprobs
@@ -97,7 +98,7 @@ def sample_policies(
 ) -> EvalSamples:
     """Everything the evaluation samples; models are loaded one after the other and released."""
     for name, path in (("candidate policy", candidate_path), ("reference model", reference_path), ("champion", champion_path)):
-        if path is not None and not (Path(path) / "config.json").exists():
+        if path is not None and not (Path(path) / MODEL_CONFIG_FILE).exists():
             raise RLHFError(f"{path}: no {name} there")
     candidate, candidate_logprob, vocab = _candidate(Path(candidate_path), prompts, cfg)
     gc.collect()

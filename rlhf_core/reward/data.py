@@ -15,13 +15,11 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_core.artifacts import PreferenceFolder
 from rlhf_core.errors import DataError
 from rlhf_core.preferences import PreferenceBundle
 from rlhf_core.records import read_jsonl
 from rlhf_core.schemas import PreferencePair, Ranking
-
-PAIRS_FILE = "pairs.jsonl"
-
 
 @dataclass(frozen=True)
 class Comparison:
@@ -73,14 +71,14 @@ def rating_gap(pair: PreferencePair, ranking: Ranking | None) -> float | None:
 
 
 def load_prompt_comparisons(folder: str | Path, margin: str) -> list[PromptComparisons]:
-    """The pairs of ``folder/pairs.jsonl`` grouped by prompt, with margins per ``reward.margin``.
+    """The pairs of a preferences folder grouped by prompt, with margins per ``reward.margin``.
 
     ``margin``: ``none``; ``rank_distance`` (from the ranking); ``rating_gap``
     (from the ranking's ratings; pairs of rankings without ratings get 0).
     Completions count as finished unless the bundle's ``completions.jsonl`` says otherwise.
     """
     folder = Path(folder)
-    pairs_file = folder / PAIRS_FILE
+    pairs_file = PreferenceFolder(folder).pairs
     if not pairs_file.exists():
         raise DataError(f"{pairs_file}: not found (run `rlhf collect-preferences` first)")
     pairs = read_jsonl(pairs_file, PreferencePair)
@@ -90,7 +88,7 @@ def load_prompt_comparisons(folder: str | Path, margin: str) -> list[PromptCompa
     finished = {c.id: c.finished is not False for c in bundle.completions}
     rankings = {r.id: r for r in bundle.rankings}
     if margin == "rating_gap" and not any(rating_gap(p, rankings.get(p.ranking_id)) is not None for p in pairs):
-        raise DataError(f"reward.margin is rating_gap, but no ranking in {folder / 'rankings.jsonl'} has ratings")
+        raise DataError(f"reward.margin is rating_gap, but no ranking in {PreferenceFolder(folder).rankings} has ratings")
 
     groups: dict[str, PromptComparisons] = {}
     for pair in pairs:

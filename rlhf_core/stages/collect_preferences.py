@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rlhf_core.agreement import krippendorff_alpha, pairwise_agreement
 from rlhf_core.annotators import simulate_rankings
+from rlhf_core.artifacts import Layout, PreferenceFolder
 from rlhf_core.config import LabelingConfig, Params
 from rlhf_core.errors import DataError
 from rlhf_core.gold import gold_accuracy, gold_score
@@ -30,7 +31,6 @@ from rlhf_core.preferences import (
     tie_rate,
     validate_bundle,
 )
-from rlhf_core.records import write_jsonl, write_rejects
 from rlhf_core.schemas import PreferencePair, Ranking, utc_now
 from rlhf_core.tracking import stage_run
 
@@ -145,13 +145,12 @@ def preference_metrics(bundle: PreferenceBundle, pairs: list[PreferencePair], si
 
 def write_outputs(out: Path, bundle: PreferenceBundle, pairs: list[PreferencePair]) -> None:
     bundle.write(out)
-    write_jsonl(out / "pairs.jsonl", pairs)
-    write_rejects(out / "rejects.jsonl", bundle.rejects)
+    PreferenceFolder(out).write_pairs(pairs, bundle.rejects)
 
 
 def run(params: Params) -> dict:
     paths, cfg = params.paths, params.labeling
-    out = Path(paths.preferences)
+    out = Layout(paths).preferences
     inputs = {"simulated": [paths.candidates], "human": [paths.label_export], "import": [paths.preference_import]}
     with stage_run(
         "collect_preferences", metrics_dir=paths.metrics, config_sections=[cfg], inputs=inputs[cfg.backend]
@@ -161,12 +160,12 @@ def run(params: Params) -> dict:
         bundle, held_out = without_human_eval(bundle)
         bundle = referenced(bundle)
         pairs = bundle_pairs(bundle, margin="rank_distance")
-        write_outputs(out, bundle, pairs)
-        stage.log_artifact(out / "rejects.jsonl")
+        write_outputs(out.folder, bundle, pairs)
+        stage.log_artifact(out.rejects)
         if not pairs:
             kept = f"{len(bundle.rankings)} rankings kept, all ties" if bundle.rankings else "no ranking kept"
             raise DataError(
-                f"{source}: nothing usable: {kept}, {len(bundle.rejects)} records rejected (see {out / 'rejects.jsonl'})"
+                f"{source}: nothing usable: {kept}, {len(bundle.rejects)} records rejected (see {out.rejects})"
             )
         metrics = {"preferences/backend": cfg.backend, **preference_metrics(bundle, pairs, cfg.backend == "simulated")}
         if held_out:

@@ -3,30 +3,27 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
+from rlhf_core.artifacts import Layout
 from rlhf_core.base_model import load_tokenizer
 from rlhf_core.config import Params
 from rlhf_core.errors import DataError
 from rlhf_core.prompts import import_prompts, split_prompts
-from rlhf_core.records import write_jsonl, write_rejects
 from rlhf_core.tracking import stage_run
 
 
 def run(params: Params) -> dict:
     paths, cfg = params.paths, params.prompts
-    out = Path(paths.prompts)
+    out = Layout(paths).prompts
     with stage_run("prompts", metrics_dir=paths.metrics, config_sections=[cfg], inputs=[paths.prompt_source]) as stage:
         tokenizer = load_tokenizer(paths.base_model)
         imported = import_prompts(
             paths.prompt_source, cfg.format, cfg.text_field, lambda text: len(tokenizer(text).input_ids), cfg.max_tokens
         )
-        write_rejects(out / "rejects.jsonl", imported.rejects)
-        if not imported.prompts:
-            raise DataError(f"{paths.prompt_source}: no usable prompts ({len(imported.rejects)} rejected, see {out / 'rejects.jsonl'})")
         train, evaluation = split_prompts(imported.prompts, cfg.eval_fraction, cfg.seed)
-        write_jsonl(out / "train.jsonl", train)
-        write_jsonl(out / "eval.jsonl", evaluation)
+        out.write(train, evaluation, imported.rejects)
+        if not imported.prompts:
+            raise DataError(f"{paths.prompt_source}: no usable prompts ({len(imported.rejects)} rejected, see {out.rejects})")
         reasons = Counter(r.kind for r in imported.rejects)
         metrics = {
             "prompts/total": len(imported.prompts) + len(imported.rejects),
@@ -36,5 +33,5 @@ def run(params: Params) -> dict:
             "prompts/rejected": len(imported.rejects),
             **{f"prompts/rejected_{kind}": n for kind, n in sorted(reasons.items())},
         }
-        stage.log_artifact(out / "rejects.jsonl")
+        stage.log_artifact(out.rejects)
         return stage.finish(metrics)
