@@ -2,7 +2,7 @@
 
 1. sampling   - K candidates per prompt through ``sample_completions`` (the ``generate_candidates`` path);
 2. reward     - simulated rankings of them (``collect_preferences``' annotators), then ``fit_reward_model``
-                (TRL's RewardTrainer, bf16 where the device has it) and scoring through ``RewardModel.score``;
+                (TRL's RewardTrainer, in ``reward.dtype``) and scoring through ``RewardModel.score``;
 3. PPO        - ``build_trainer`` + ``step()`` against that reward model (the ``ppo`` stage's engine).
 
 Settings come from params.yaml (``candidates``, ``labeling``, ``reward``, ``ppo``); only sizes are overridden here.
@@ -75,15 +75,15 @@ def check(args: argparse.Namespace, params, work: Path) -> int:
     from rlhf_core.base_model import build_tiny
     from rlhf_core.config import TinyModelConfig
     from rlhf_core.evaluation.likelihood import response_logprobs
-    from rlhf_core.generation import default_device, load_policy, sample_completions
-    from rlhf_core.ppo.policy import resolve_bf16
+    from rlhf_core.generation import load_policy, sample_completions
+    from rlhf_core.precision import default_device
     from rlhf_core.ppo.trainer import build_trainer
     from rlhf_core.preferences import bundle_pairs
     from rlhf_core.prompts import import_prompts
     from rlhf_core.records import write_jsonl
     from rlhf_core.reward import RewardModel
     from rlhf_core.reward.data import load_prompt_comparisons, num_pairs
-    from rlhf_core.reward.trainer import fit_reward_model, use_bf16
+    from rlhf_core.reward.trainer import fit_reward_model
     from rlhf_core.stages.collect_preferences import simulated_bundle, write_outputs
     from rlhf_core.stages.generate_candidates import to_completions
 
@@ -155,11 +155,11 @@ def check(args: argparse.Namespace, params, work: Path) -> int:
     write_outputs(preferences, bundle, bundle_pairs(bundle, margin="rank_distance"))
     groups = load_prompt_comparisons(preferences, reward_cfg.margin)
     fit, row = timed("reward_training", lambda: fit_reward_model(model_dir, reward_cfg, groups, work / "reward-trainer"))
-    row.update(pairs=num_pairs(groups), steps=fit.steps, bf16=use_bf16(reward_cfg.bf16),
+    row.update(pairs=num_pairs(groups), steps=fit.steps, dtype=reward_cfg.dtype,
                train_loss_last=fit.losses[-1][1] if fit.losses else None)  # fmt: skip
-    reward = RewardModel(fit.model, fit.tokenizer, reads_stop_token=reward_cfg.read_stop_token)
+    reward = RewardModel(fit.model, fit.tokenizer, reads_stop_token=reward_cfg.read_stop_token, dtype=reward_cfg.dtype)
     reward.save(work / "reward")
-    reward = RewardModel.load(work / "reward", dtype="bfloat16" if resolve_bf16(ppo_cfg.bf16, device) else None)
+    reward = RewardModel.load(work / "reward")
     texts = [s.text for s in samples]
     owners = [prompts[s.prompt_index].text for s in samples]
     done = [s.finished for s in samples]
@@ -171,7 +171,7 @@ def check(args: argparse.Namespace, params, work: Path) -> int:
         return reward.score(p, r, f, batch_size=ppo_cfg.batch_size)
 
     trainer, row = timed("ppo_build", lambda: build_trainer(ppo_cfg, model_dir, score_fn, [p.text for p in prompts]))
-    row["bf16"] = resolve_bf16(ppo_cfg.bf16, device)
+    row["dtype"] = ppo_cfg.dtype
     times, peaks, kls = [], [], []
     for _ in range(args.updates):
         metrics, row = timed("ppo_update", trainer.step)

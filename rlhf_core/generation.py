@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from rlhf_core.base_model import load_tokenizer
+from rlhf_core.precision import default_device
 
 
 @dataclass(frozen=True)
@@ -49,34 +49,14 @@ class Rollout:
     finished: torch.Tensor  # (B,) bool: the stop token was emitted
 
 
-@lru_cache(maxsize=1)
-def cpu_supports_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls are then about 2.4x faster than fp32 here (STACK.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def load_policy(path: str | Path, dtype: str):
+    """A causal LM with weights in ``dtype``, ready for sampling (eval mode, on the default device), and its tokenizer.
 
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """'auto' picks bf16 where the hardware has fast bf16 (CUDA with bf16, or a bf16-capable CPU)."""
-    if dtype == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_policy(path: str | Path, dtype: str = "auto"):
-    """A causal LM ready for sampling (eval mode, on the default device) and its left-padding tokenizer."""
+    ``dtype`` is a stage's ``dtype`` knob (:mod:`rlhf_core.precision`); the tokenizer pads on the left.
+    """
     from rlhf_core.base_model import load_causal_lm
 
-    model = load_causal_lm(path, dtype=str(resolve_dtype(dtype)).removeprefix("torch."))
+    model = load_causal_lm(path, dtype=dtype)
     return model.to(default_device()).eval(), load_tokenizer(path)
 
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from rlhf_core.config import load_params
+from rlhf_core.precision import default_device
 from rlhf_core.records import read_jsonl
 from rlhf_core.schemas import Completion, PreferencePair, Ranking
 
@@ -71,6 +72,7 @@ def test_generate_candidates_writes_k_completions_per_prompt(project):
     assert metrics["candidates/prompts"] == prompts and metrics["candidates/completions"] == prompts * K == len(completions)
     assert metrics["candidates/tokens_per_second"] > 0 and metrics["candidates/tokens"] > 0
     assert metrics["candidates/policy_version"].startswith("base:")
+    assert (metrics["candidates/dtype"], metrics["candidates/device"]) == ("float32", default_device().type)
     assert not (folder / "rankings.jsonl").exists()
     assert len({c.id for c in completions}) == len(completions)
     max_new = TINY_OVERRIDES["candidates"]["max_new_tokens"]

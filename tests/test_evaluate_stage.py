@@ -118,11 +118,17 @@ def test_evaluate_measures_gates_plots_and_promote_acts_on_it(work_env, models):
     assert tags["lineage.reward_model_version"] == "3" and tags["lineage.ppo_run_id"]
 
 
-def test_a_candidate_equal_to_the_reference_ties_everywhere_with_zero_kl(work_env, models):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # both numeric paths, whatever the host CPU
+def test_a_candidate_equal_to_the_reference_ties_everywhere_with_zero_kl(work_env, models, dtype):
+    from rlhf_core.precision import default_device
     from rlhf_core.stages import evaluate
 
-    params = _project(work_env, models, policy="base", evaluate={"human_eval": "never"})
+    params = _project(work_env, models, policy="base", evaluate={"human_eval": "never", "dtype": dtype})
     saved = evaluate.run(params)
+    # the policies ran in evaluate.dtype; the reward model in the dtype its folder records (fp32 here)
+    assert (saved["eval/dtype"], saved["eval/device"], saved["eval/reward_dtype"]) == (dtype, default_device().type, "float32")
+    run = MlflowClient().search_runs([tracking.experiment_id()], "tags.stage = 'evaluate'")[0]
+    assert run.data.params["eval/dtype"] == dtype and run.data.params["eval/device"] == saved["eval/device"]
     assert saved["eval/candidate_version"] is None and saved["eval/champion_version"] is None
     assert saved["eval/kl"] == 0.0 and saved["eval/length_ratio"] == 1.0  # same seed, same model: same samples
     assert saved["eval/gold_win_rate_vs_reference"] == 0.5 and saved["eval/proxy_win_rate_vs_reference"] == 0.5

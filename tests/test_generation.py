@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from rlhf_core.base_model import load_causal_lm, load_tokenizer
-from rlhf_core.generation import encode_queries, sample_completions, sample_tokens
+from rlhf_core.generation import encode_queries, load_policy, sample_completions, sample_tokens
 
 PROMPTS = ["Hi", "Explain how tides work in two sentences, please.", "List three fruits."]
 
@@ -13,8 +14,14 @@ def _greedy_reference(model, tokenizer, steps):
     return ids, mask, out[:, ids.shape[1]:]
 
 
-def test_near_zero_temperature_matches_greedy_decoding_with_left_padding(tiny_base_model):
-    model, tokenizer = load_causal_lm(tiny_base_model).eval(), load_tokenizer(tiny_base_model)
+#: both numeric paths on any host (bf16 weights load and run on every x86 CPU)
+DTYPES = pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+
+
+@DTYPES
+def test_near_zero_temperature_matches_greedy_decoding_with_left_padding(tiny_base_model, dtype):
+    model, tokenizer = load_policy(tiny_base_model, dtype)
+    assert model.dtype == getattr(torch, dtype)
     ids, mask, greedy = _greedy_reference(model, tokenizer, 6)
     rollout = sample_tokens(model, ids, mask, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
                             max_new_tokens=6, temperature=1e-4, generator=torch.Generator().manual_seed(0))
@@ -34,8 +41,9 @@ def test_stop_token_ends_a_row_and_masks_the_rest(tiny_base_model):
     assert (rollout.response_ids[0, first_stop + 1:] == tokenizer.pad_token_id).all()
 
 
-def test_sample_completions_is_deterministic_per_seed(tiny_base_model):
-    model, tokenizer = load_causal_lm(tiny_base_model).eval(), load_tokenizer(tiny_base_model)
+@DTYPES
+def test_sample_completions_is_deterministic_per_seed(tiny_base_model, dtype):
+    model, tokenizer = load_policy(tiny_base_model, dtype)
     kwargs = dict(num_samples=2, max_new_tokens=5, batch_size=4)
     first, stats = sample_completions(model, tokenizer, PROMPTS, seed=3, **kwargs)
     again, _ = sample_completions(model, tokenizer, PROMPTS, seed=3, **kwargs)

@@ -210,7 +210,7 @@ def test_training_pass_matches_sampling_and_reference_starts_equal(tiny_base_mod
     from rlhf_core.ppo.policy import build_actor_critic
 
     torch.manual_seed(0)
-    model = build_actor_critic(tiny_base_model, PPOConfig(mode=mode, freeze_layers=1, value_model=value_model), torch.device("cpu"), False)
+    model = build_actor_critic(tiny_base_model, PPOConfig(mode=mode, freeze_layers=1, value_model=value_model), torch.device("cpu"))
     rollout = _rollout(model, queries)
     mask = rollout.response_mask.bool()
     out = model(rollout.input_ids, rollout.attention_mask, rollout.trunk_hidden, rollout.n_response)
@@ -226,7 +226,7 @@ def test_training_pass_matches_sampling_and_reference_starts_equal(tiny_base_mod
 def test_frozen_trunk_states_from_sampling_equal_a_fresh_pass(tiny_base_model, queries):
     from rlhf_core.ppo.policy import build_actor_critic
 
-    model = build_actor_critic(tiny_base_model, PPOConfig(mode="freeze", freeze_layers=1), torch.device("cpu"), False)
+    model = build_actor_critic(tiny_base_model, PPOConfig(mode="freeze", freeze_layers=1), torch.device("cpu"))
     rollout = _rollout(model, queries)
     reused = model(rollout.input_ids, rollout.attention_mask, rollout.trunk_hidden, rollout.n_response).logits
     fresh = model(rollout.input_ids, rollout.attention_mask, None, rollout.n_response).logits
@@ -238,7 +238,7 @@ def test_frozen_trunk_states_from_sampling_equal_a_fresh_pass(tiny_base_model, q
 def test_what_trains_in_each_mode_and_the_reference_stays_put(tiny_base_model, queries, mode):
     from rlhf_core.ppo.policy import build_actor_critic
 
-    model = build_actor_critic(tiny_base_model, PPOConfig(mode=mode, freeze_layers=1), torch.device("cpu"), False)
+    model = build_actor_critic(tiny_base_model, PPOConfig(mode=mode, freeze_layers=1), torch.device("cpu"))
     names = set(model.trainable_state())
     assert "value_head.linear.weight" in names
     assert not any("embed_tokens" in n or "layers.0." in n for n in names)  # the trunk is frozen
@@ -255,12 +255,25 @@ def test_what_trains_in_each_mode_and_the_reference_stays_put(tiny_base_model, q
     assert torch.equal(model.reference_logits(*args), before)  # the reference did not
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_passes_run_in_ppo_dtype_with_fp32_weights_and_fp32_decode_steps_on_cpu(tiny_base_model, dtype):
+    from rlhf_core.ppo.policy import build_actor_critic
+
+    model = build_actor_critic(tiny_base_model, PPOConfig(mode="freeze", freeze_layers=1, dtype=dtype), torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # mixed precision: the weights stay fp32
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    with model.autocast(tokens_per_row=8):
+        assert (a @ b).dtype == getattr(torch, dtype)
+    with model.autocast(tokens_per_row=1):
+        assert (a @ b).dtype == torch.float32
+
+
 def test_freeze_layers_must_leave_a_trainable_layer(tiny_base_model):
     from rlhf_core.errors import RLHFError
     from rlhf_core.ppo.policy import build_actor_critic
 
     with pytest.raises(RLHFError, match="freeze_layers"):
-        build_actor_critic(tiny_base_model, PPOConfig(mode="freeze", freeze_layers=2), torch.device("cpu"), False)
+        build_actor_critic(tiny_base_model, PPOConfig(mode="freeze", freeze_layers=2), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("mode", ["lora", "freeze"])
@@ -269,7 +282,7 @@ def test_exported_policy_is_the_trained_policy(tiny_base_model, queries, tmp_pat
     from rlhf_core.ppo.policy import build_actor_critic, export_policy
 
     cfg = PPOConfig(mode=mode, freeze_layers=1)
-    model = build_actor_critic(tiny_base_model, cfg, torch.device("cpu"), False)
+    model = build_actor_critic(tiny_base_model, cfg, torch.device("cpu"))
     with torch.no_grad():  # move the trained weights away from the start
         for p in model.parameters():
             if p.requires_grad:

@@ -22,7 +22,7 @@ from rlhf_core.ppo.trainer import build_trainer
 
 model_path, out = sys.argv[1:3]
 accelerator = Accelerator()
-cfg = PPOConfig(batch_size=4, max_new_tokens=5, freeze_layers=1, learning_rate=1e-3, missing_eos_penalty=None, bf16="off")
+cfg = PPOConfig(batch_size=4, max_new_tokens=5, freeze_layers=1, learning_rate=1e-3, missing_eos_penalty=None, dtype="float32")
 seen = []
 
 def score(prompts, responses, finished):

@@ -41,12 +41,12 @@ def favourite_share(prompts, responses, finished):
     return torch.tensor([r.count(FAVOURITE) / NEW_TOKENS for r in responses])
 
 
-def run_ppo(model_path, kl: KLConfig) -> list[dict]:
+def run_ppo(model_path, kl: KLConfig, dtype: str = "float32") -> list[dict]:
     from rlhf_core.ppo.trainer import build_trainer
 
     cfg = PPOConfig(
         batch_size=8, minibatches=1, max_new_tokens=NEW_TOKENS, mode="freeze", freeze_layers=1, learning_rate=3e-3,
-        missing_eos_penalty=None, bf16="off", kl=kl,
+        missing_eos_penalty=None, dtype=dtype, kl=kl,
     )  # fmt: skip
     trainer = build_trainer(cfg, model_path, favourite_share, [f"Tell me about topic {i}" for i in range(32)])
     return [trainer.step() for _ in range(UPDATES)]
@@ -59,8 +59,9 @@ def _assert_learned(history: list[dict], target: float) -> None:
     assert history[-1]["ppo/kl"] > 0.3  # it got there by moving away from the reference
 
 
-def test_ppo_raises_the_reward_with_a_fixed_beta(favourite_token_model):
-    history = run_ppo(favourite_token_model, KLConfig(controller="fixed", beta=0.05, target=4.0))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # both numeric paths, whatever the host CPU
+def test_ppo_raises_the_reward_with_a_fixed_beta(favourite_token_model, dtype):
+    history = run_ppo(favourite_token_model, KLConfig(controller="fixed", beta=0.05, target=4.0), dtype)
     _assert_learned(history, target=4.0)
     assert {m["ppo/beta"] for m in history} == {0.05}
 
@@ -77,7 +78,7 @@ def test_minibatches_and_gradient_accumulation_take_several_steps_per_epoch(favo
     from rlhf_core.ppo.trainer import build_trainer
 
     cfg = PPOConfig(batch_size=8, max_new_tokens=4, freeze_layers=1, minibatches=2, gradient_accumulation=2, ppo_epochs=2,
-                    missing_eos_penalty=None, bf16="off")  # fmt: skip
+                    missing_eos_penalty=None, dtype="float32")  # fmt: skip
     trainer = build_trainer(cfg, favourite_token_model, favourite_share, ["a", "b", "c", "d", "e", "f", "g", "h"])
     before = {k: v.clone() for k, v in trainer.policy.trainable_state().items()}
     metrics = trainer.step()

@@ -21,7 +21,7 @@ from rlhf_core.ppo.trainer import build_trainer
 torch.set_num_threads(1)
 model_path, checkpoints, out = sys.argv[1:4]
 cfg = PPOConfig(updates=8, batch_size=4, max_new_tokens=6, freeze_layers=1, learning_rate=1e-3, checkpoint_every=2,
-                missing_eos_penalty=None, bf16="off")
+                missing_eos_penalty=None, dtype="float32")
 
 def score(prompts, responses, finished):
     return torch.tensor([len(r) / 40 for r in responses])
@@ -101,7 +101,7 @@ def test_non_finite_loss_stops_with_one_line_naming_the_update_and_keeps_the_che
         calls.append(1)
         return torch.full((len(prompts),), float("nan") if len(calls) == 3 else 0.5)
 
-    cfg = PPOConfig(updates=5, batch_size=2, max_new_tokens=4, freeze_layers=1, checkpoint_every=1, missing_eos_penalty=None, bf16="off")
+    cfg = PPOConfig(updates=5, batch_size=2, max_new_tokens=4, freeze_layers=1, checkpoint_every=1, missing_eos_penalty=None, dtype="float32")
     trainer = build_trainer(cfg, tiny_base_model, score, ["a", "b", "c"])
     with pytest.raises(RLHFError) as failure:
         train(trainer, updates=5, checkpoint_dir=tmp_path, checkpoint_every=1, fingerprint="x", history=[])

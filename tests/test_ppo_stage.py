@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 
 from rlhf_core import tracking
 from rlhf_core.config import load_params
+from rlhf_core.precision import default_device
 from rlhf_core.records import write_jsonl
 from rlhf_core.schemas import Prompt
 
@@ -59,6 +60,8 @@ def test_ppo_stage_trains_logs_every_update_saves_registers_and_resumes(project)
     for key in ("final_kl", "final_score", "gold_start", "gold_end", "seconds_per_update_median"):
         assert isinstance(metrics[f"ppo/{key}"], float)
     assert metrics["ppo/reward_model_version"] == reward_version
+    numeric_path = {"ppo/dtype": "float32", "ppo/device": default_device().type, "ppo/reward_dtype": "float32"}
+    assert {k: metrics[k] for k in numeric_path} == numeric_path
 
     with (project / "plots/ppo_curve.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -77,6 +80,7 @@ def test_ppo_stage_trains_logs_every_update_saves_registers_and_resumes(project)
     client = MlflowClient()
     run = client.get_run(version.run_id)
     assert run.data.tags["stage"] == "ppo" and run.info.status == "FINISHED"
+    assert {k: run.data.params[k] for k in numeric_path} == numeric_path
     for name in ("ppo/kl", "ppo/beta", "ppo/score", "ppo/rlhf_reward", "ppo/entropy", "ppo/approx_kl", "ppo/clipfrac",
                  "ppo/value_clipfrac", "ppo/policy_loss", "ppo/value_loss", "ppo/response_length",
                  "ppo/tokens_per_second", "ppo/seconds_per_update"):  # fmt: skip

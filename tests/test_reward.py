@@ -230,8 +230,9 @@ def test_head_init_and_freezing(tiny_base_model, tokenizer):
     assert peft_config.r == 4 and peft_config.task_type == "SEQ_CLS"
 
 
-def test_save_load_round_trip_and_normalisation(tiny_base_model, tokenizer, tmp_path):
-    model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_save_load_round_trip_and_normalisation(tiny_base_model, tokenizer, tmp_path, dtype):
+    model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer, dtype=dtype)
     init_reward_head(model.model, seed=1)
     prompts, responses = ["Hi?"] * 5 + ["Why?"] * 3, ["a", "b c", "d e f.", "no", "yes", "because.", "so", "hm"]
     raw = model.raw_scores(prompts, responses)
@@ -245,10 +246,14 @@ def test_save_load_round_trip_and_normalisation(tiny_base_model, tokenizer, tmp_
         "config.json", "model.safetensors", "normalization.json", "tokenizer.json", "tokenizer_config.json"
     ]
     loaded = RewardModel.load(tmp_path / "rm")
+    # Reloaded, it scores in the path its normalisation was fitted in: fp32 weights, bf16 autocast for bfloat16.
+    assert loaded.dtype == dtype and loaded.model.dtype == torch.float32
     assert (loaded.shift, loaded.scale) == (model.shift, model.scale)
     assert torch.allclose(loaded.score(prompts, responses), normalised, atol=1e-5)
     assert loaded.tokenizer.pad_token_id == tokenizer.pad_token_id and loaded.tokenizer.model_max_length == 48
-    assert RewardModel.load(tmp_path / "rm", dtype="bfloat16").model.dtype == torch.bfloat16
+    other = "float32" if dtype == "bfloat16" else "bfloat16"
+    in_other_path = RewardModel(loaded.model, loaded.tokenizer, loaded.shift, loaded.scale, dtype=other)
+    assert not torch.allclose(in_other_path.raw_scores(prompts, responses), raw, atol=1e-4)
     with pytest.raises(RLHFError, match="not a reward model folder"):
         RewardModel.load(tiny_base_model)
 

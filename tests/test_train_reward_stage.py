@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from rlhf_core.config import load_params
+from rlhf_core.precision import default_device
 from rlhf_core.preferences import PreferenceBundle, bundle_pairs
 from rlhf_core.records import write_json, write_jsonl
 from rlhf_core.schemas import Completion, Prompt, Ranking
@@ -71,9 +72,10 @@ def reward_project(root: Path, base_model: Path, overrides: dict | None = None) 
     return root
 
 
-@pytest.fixture
-def project(work_env, tiny_base_model):
-    root = reward_project(work_env, tiny_base_model, LEARNABLE)
+@pytest.fixture(params=["float32", "bfloat16"])
+def project(request, work_env, tiny_base_model):
+    """Both numeric paths on any host: bf16 (mixed precision) runs on every x86 CPU, fast or not."""
+    root = reward_project(work_env, tiny_base_model, deep_update(LEARNABLE, {"reward": {"dtype": request.param}}))
     write_preferences(root, marker_bundle(30))
     return root
 
@@ -95,6 +97,7 @@ def test_learnable_preference_reaches_high_heldout_accuracy_and_registers_champi
     assert metrics["reward/pairs_per_second"] > 0 and metrics["reward/train_seconds"] > 0
     assert metrics["reward/normalization_source"] == "candidates" and metrics["reward/normalization_samples"] == 120
     assert metrics["reward/champion"] is True and metrics["reward/registered_version"] == 1
+    assert metrics["reward/dtype"] == params.reward.dtype and metrics["reward/device"] == default_device().type
     assert json.loads((project / "metrics" / "train_reward.json").read_text()) == metrics
 
     curve = (project / "plots" / "reward_loss.csv").read_text().splitlines()
@@ -105,10 +108,11 @@ def test_learnable_preference_reaches_high_heldout_accuracy_and_registers_champi
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
     assert not list(project.glob("checkpoint-*")) and not list((project / ".work").rglob("checkpoint-*"))
 
-    # Normalisation: the base model's own completions score mean 0, std 1.
+    # Normalisation: reloaded (in the dtype it was trained in), the base model's own completions score mean 0, std 1.
     from rlhf_core.reward import RewardModel
 
     model = RewardModel.load(folder)
+    assert model.dtype == params.reward.dtype
     base = marker_bundle(30)
     prompts = {p.id: p.text for p in base.prompts}
     scores = model.score([prompts[c.prompt_id] for c in base.completions], [c.text for c in base.completions],
@@ -129,8 +133,27 @@ def test_learnable_preference_reaches_high_heldout_accuracy_and_registers_champi
     run = mlflow.get_run(version.run_id)
     assert run.data.tags["stage"] == "train_reward" and run.info.status == "FINISHED"
     assert run.data.metrics["reward/accuracy"] == metrics["reward/accuracy"]
+    assert run.data.params["reward/dtype"] == params.reward.dtype and run.data.params["reward/device"] == metrics["reward/device"]
     history = mlflow.MlflowClient().get_metric_history(version.run_id, "reward/train_loss")
     assert len(history) == metrics["reward/train_steps"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_normalisation_from_the_frozen_trunk_cache_holds_when_reloaded(work_env, tiny_base_model, dtype):
+    """With finetune: freeze the stage scores from cached trunk states; a reload runs whole passes in the saved dtype."""
+    from rlhf_core.reward import RewardModel
+    from rlhf_core.stages import train_reward
+
+    root = reward_project(work_env, tiny_base_model, {"reward": {"finetune": "freeze", "epochs": 0.5, "dtype": dtype}})
+    write_preferences(root, marker_bundle(12))
+    params = load_params(root / "params.yaml")
+    assert train_reward.run(params)["reward/dtype"] == dtype
+    model = RewardModel.load(root / params.paths.reward_model)
+    base = marker_bundle(12)
+    prompts = {p.id: p.text for p in base.prompts}
+    scores = model.score([prompts[c.prompt_id] for c in base.completions], [c.text for c in base.completions],
+                         [c.finished for c in base.completions])  # fmt: skip
+    assert abs(float(scores.mean())) < 1e-3 and float(scores.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_inaccurate_version_does_not_replace_the_champion(work_env, tiny_base_model):

@@ -11,13 +11,13 @@ from ppo_bench.flops import DecoderShape, PassSizes, ppo_training_flops
 from ppo_bench.workload import Workload, limit_threads, peak_rss_bytes
 
 
-def reward_score_fn(reward_model_path: str, bf16: bool, batch_size: int):
+def reward_score_fn(reward_model_path: str, batch_size: int):
     """``score_fn(prompts, responses, finished)`` over the benchmark's reward model, read on
-    ``rlhf_core.generation.conversation_text`` (through ``RewardModel.score``), in bf16 when the policy
-    is - as the ``ppo`` stage loads its reward model."""
+    ``rlhf_core.generation.conversation_text`` (through ``RewardModel.score``), in the dtype its folder
+    records - as the ``ppo`` stage loads its reward model."""
     from rlhf_core.reward.model import RewardModel
 
-    reward = RewardModel.load(reward_model_path, dtype="bfloat16" if bf16 else None)
+    reward = RewardModel.load(reward_model_path)
 
     def score_fn(prompts: list[str], responses: list[str], finished: list[bool]):
         return reward.score(prompts, responses, finished, batch_size=batch_size)
@@ -52,17 +52,14 @@ def engine_source_sha256() -> str:
 def run(workload: Workload) -> dict:
     """``workload.updates`` updates of our PPO; per update its wall time, the trainer's metrics and training FLOPs."""
     limit_threads(workload.threads)
-    import torch
     from tqdm.auto import tqdm
 
     from rlhf_core.config import PPOConfig
-    from rlhf_core.ppo.policy import resolve_bf16
     from rlhf_core.ppo.trainer import build_trainer
 
     source = engine_source_sha256()
     cfg = PPOConfig.model_validate(workload.ppo)
-    bf16 = resolve_bf16(cfg.bf16, torch.device("cpu"))
-    score_fn = reward_score_fn(workload.reward_model, bf16, cfg.batch_size)
+    score_fn = reward_score_fn(workload.reward_model, cfg.batch_size)
     trainer = build_trainer(cfg, workload.model, score_fn, workload.prompts)
     policy = trainer.policy
     shape = DecoderShape.of_actor_critic(policy)
@@ -91,7 +88,7 @@ def run(workload: Workload) -> dict:
         "side": workload.side,
         "updates": updates,
         "peak_rss_bytes": peak_rss_bytes(),
-        "bf16": policy.bf16,
+        "bf16": policy.dtype == "bfloat16",
         "mode": policy.mode,
         "trunk_layers": policy.trunk_layers,
         "value_model": "separate" if policy.separate_value else "head",

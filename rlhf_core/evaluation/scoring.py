@@ -11,13 +11,15 @@ from rlhf_core.gold import gold_score
 
 
 class Scorer:
-    """The reward model, loaded once in ``dtype``; ``with_gold`` adds gold scores (simulated labelling only)."""
+    """The reward model, loaded once; ``with_gold`` adds gold scores (simulated labelling only).
 
-    def __init__(self, reward_model: str | Path, *, dtype: str, with_gold: bool, batch_size: int):
-        from rlhf_core.generation import resolve_dtype
+    It scores in its own ``reward.dtype``, the path its normalisation was fitted in, not in ``evaluate.dtype``.
+    """
+
+    def __init__(self, reward_model: str | Path, *, with_gold: bool, batch_size: int):
         from rlhf_core.reward import RewardModel
 
-        self.model = RewardModel.load(reward_model, dtype=resolve_dtype(dtype))
+        self.model = RewardModel.load(reward_model)
         self.with_gold = with_gold
         self.batch_size = batch_size
 

@@ -21,11 +21,11 @@ The value function is a scalar head on the policy's last hidden state
 (``value_model: head``, one forward for both) or a model of its own
 (``separate``: a trainable copy of the layers above the trunk with a head).
 
-With bf16 on, weights stay fp32 and the passes over whole sequences (prefill,
-reference, old policy, training) run under bf16 autocast.  On a CPU the
-one-token decode steps stay fp32: at a few rows per matmul bf16 is no faster
-there (measured on an AMX Xeon), and autocast would re-cast every frozen weight
-at every step.  Log-probs and values are always computed in fp32 from the final
+With ``ppo.dtype: bfloat16`` (:mod:`rlhf_core.precision`), weights stay fp32 and
+the passes over whole sequences (prefill, reference, old policy, training) run
+under bf16 autocast.  On a CPU the one-token decode steps stay fp32: at a few
+rows per matmul bf16 is no faster there (measured on an AMX Xeon), and autocast
+would re-cast every frozen weight at every step.  Log-probs and values are always computed in fp32 from the final
 hidden states.
 """
 
@@ -41,6 +41,7 @@ from torch import nn
 
 from rlhf_core.config import PPOConfig
 from rlhf_core.errors import RLHFError
+from rlhf_core import precision
 
 #: Linear layers of a Llama-style decoder layer that LoRA adapts.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -147,9 +148,9 @@ class ActorCritic(nn.Module):
     :meth:`trainable_state` is all a checkpoint needs besides the base model.
     """
 
-    def __init__(self, lm, cfg: PPOConfig, bf16: bool):
+    def __init__(self, lm, cfg: PPOConfig):
         super().__init__()
-        self.mode, self.bf16 = cfg.mode, bf16
+        self.mode, self.dtype = cfg.mode, cfg.dtype
         parts = decoder_parts(lm)
         num_layers = len(parts.layers)
         self.trunk_layers = 0 if cfg.mode == "full" else cfg.freeze_layers
@@ -201,11 +202,11 @@ class ActorCritic(nn.Module):
         return copy.deepcopy(nn.ModuleDict(modules))
 
     def autocast(self, tokens_per_row: int = 2):
-        """bf16 autocast when bf16 is on, except for one-token decode steps on a CPU (see the module's docstring)."""
+        """``ppo.dtype``'s autocast, except that one-token decode steps on a CPU stay fp32 (see the module's docstring)."""
         device = next(self.parameters()).device
-        if not self.bf16 or (tokens_per_row == 1 and device.type == "cpu"):
+        if tokens_per_row == 1 and device.type == "cpu":
             return nullcontext()
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return precision.autocast(self.dtype, device)
 
     # ----------------------------------------------------------------- passes
 
@@ -300,23 +301,12 @@ def _with_lora(lm, cfg: PPOConfig, layers: range):
     return get_peft_model(lm, config)
 
 
-def resolve_bf16(setting: str, device: torch.device) -> bool:
-    """'auto': bf16 where the hardware is fast at it (CUDA with bf16, or a CPU with AVX-512 BF16 / AMX)."""
-    if setting != "auto":
-        return setting == "on"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    from rlhf_core.generation import cpu_supports_bf16
-
-    return cpu_supports_bf16()
-
-
-def build_actor_critic(path, cfg: PPOConfig, device: torch.device, bf16: bool) -> ActorCritic:
+def build_actor_critic(path, cfg: PPOConfig, device: torch.device) -> ActorCritic:
     """Load the policy's starting weights (safetensors, fp32) and wrap them for PPO."""
     from rlhf_core.base_model import load_causal_lm
 
     lm = load_causal_lm(path, dtype="float32")
-    return ActorCritic(lm, cfg, bf16).to(device)
+    return ActorCritic(lm, cfg).to(device)
 
 
 

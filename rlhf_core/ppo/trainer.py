@@ -39,7 +39,7 @@ from rlhf_core.config import PPOConfig
 from rlhf_core.errors import RLHFError
 from rlhf_core.ppo import core
 from rlhf_core.ppo.kl import make_kl_controller
-from rlhf_core.ppo.policy import ActorCritic, PassOutput, build_actor_critic, resolve_bf16
+from rlhf_core.ppo.policy import ActorCritic, PassOutput, build_actor_critic
 from rlhf_core.ppo.rollout import Rollout, sample_rollout
 
 #: score_fn(prompts, responses, finished) -> scores (B,): any reward, a reward model or a hand-made rule.
@@ -337,7 +337,7 @@ def build_trainer(
 
     accelerator = accelerator or Accelerator()
     seed_everything(cfg.seed)
-    model = build_actor_critic(policy_path, cfg, accelerator.device, resolve_bf16(cfg.bf16, accelerator.device))
+    model = build_actor_critic(policy_path, cfg, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -29,7 +29,10 @@ Two details make that text work:
 Scores are normalised so that the base model's own completions on the training
 prompts score mean 0 and std 1 (Ziegler et al. 2019, OpenAI lm-human-preferences;
 "N implementation details of RLHF with PPO", Huang et al. 2024); the constants
-live in ``normalization.json`` beside the weights.
+live in ``normalization.json`` beside the weights, with the dtype (``reward.dtype``)
+the model was trained and normalised in: every stage scores it in that numeric
+path (:mod:`rlhf_core.precision`), so the base completions score mean 0 / std 1
+there too, whatever the stage's own dtype.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pathlib import Path
 import torch
 
 from rlhf_core.errors import RLHFError
+from rlhf_core.precision import autocast, default_device, torch_dtype
 
 NORMALIZATION_FILE = "normalization.json"
 #: Pad tokens to try, in order, when the tokenizer's own pad token is its stop token.
@@ -139,37 +143,33 @@ def scores_in_length_order(
     return scores
 
 
-def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise RLHFError(f"unknown dtype {dtype!r}; expected float32, bfloat16 or float16") from None
-
-
 class RewardModel:
     """A trained reward model: ``.model`` (sequence classification, one label), ``.tokenizer``, ``.shift``, ``.scale``.
 
     :meth:`score` returns ``(raw - shift) / scale``; :meth:`raw_scores` the head's output.
     ``reads_stop_token`` says whether the text it scores ends with the stop
-    token of finished responses (``reward.read_stop_token``); it is saved with
-    the normalisation, so every stage reads conversations the way training did.
+    token of finished responses (``reward.read_stop_token``); ``dtype`` is the
+    numeric path it scores in (fp32 weights, bf16 autocast for ``bfloat16``).
+    Both are saved with the normalisation, so every stage reads conversations
+    the way training did, in the path the normalisation was fitted in.
     """
 
-    def __init__(self, model, tokenizer, shift: float = 0.0, scale: float = 1.0, reads_stop_token: bool = False):
+    def __init__(
+        self, model, tokenizer, shift: float = 0.0, scale: float = 1.0, reads_stop_token: bool = False,
+        dtype: str = "float32",
+    ):  # fmt: skip
+        torch_dtype(dtype)  # a misspelt dtype fails here, not at the first score
         self.model = model
         self.tokenizer = tokenizer
         self.shift = float(shift)
         self.scale = float(scale)
         self.reads_stop_token = bool(reads_stop_token)
+        self.dtype = dtype
 
     @classmethod
-    def load(cls, path: str | Path, dtype: str | torch.dtype | None = None) -> "RewardModel":
-        """Load a saved reward model (safetensors only) onto the default device, in eval mode."""
+    def load(cls, path: str | Path) -> "RewardModel":
+        """Load a saved reward model (safetensors only, fp32 weights) onto the default device, in eval mode."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from rlhf_core.generation import default_device
 
         path = Path(path)
         norm_file = path / NORMALIZATION_FILE
@@ -178,21 +178,18 @@ class RewardModel:
         from rlhf_core.base_model import refuse_pickled_weights
 
         refuse_pickled_weights(path, "reward model folder")
-        kwargs = {"use_safetensors": True}
-        if dtype is not None:
-            kwargs["dtype"] = _torch_dtype(dtype)
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
         norm = json.loads(norm_file.read_text())
-        # Folders written before the setting existed read the stop token.
-        reads = norm.get("reads_stop_token", True)
-        return cls(model.to(default_device()).eval(), tokenizer, norm["shift"], norm["scale"], reads)
+        # Folders written before these settings existed read the stop token and scored in fp32.
+        reads, dtype = norm.get("reads_stop_token", True), norm.get("dtype", "float32")
+        return cls(model.to(default_device()).eval(), tokenizer, norm["shift"], norm["scale"], reads, dtype)
 
     def save(self, path: str | Path) -> None:
-        """Write safetensors weights, tokenizer and normalisation to ``path`` (replaced atomically)."""
+        """Write safetensors weights, tokenizer, normalisation and scoring dtype to ``path`` (replaced atomically)."""
         from rlhf_core.base_model import save_model_folder
 
-        norm = {"shift": self.shift, "scale": self.scale, "reads_stop_token": self.reads_stop_token}
+        norm = {"shift": self.shift, "scale": self.scale, "reads_stop_token": self.reads_stop_token, "dtype": self.dtype}
         norm = json.dumps(norm, indent=2) + "\n"
         save_model_folder(self.model, self.tokenizer, path, {NORMALIZATION_FILE: norm})
 
@@ -213,7 +210,8 @@ class RewardModel:
             input_ids, attention_mask = pad_right([sequences[i] for i in rows], self.tokenizer.pad_token_id)
             return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-        return scores_in_length_order(self.model, [len(s) for s in sequences], batch, batch_size, desc)
+        with autocast(self.dtype, next(self.model.parameters()).device):
+            return scores_in_length_order(self.model, [len(s) for s in sequences], batch, batch_size, desc)
 
     def score(
         self,

@@ -29,6 +29,7 @@ from trl import RewardTrainer
 
 from rlhf_core.config import RewardConfig
 from rlhf_core.errors import ConfigError, DataError
+from rlhf_core.precision import autocast
 from rlhf_core.reward.build import build_reward_model, reward_head, trainable_parameters
 from rlhf_core.reward.data import PromptComparisons, encode_groups, num_pairs
 from rlhf_core.reward.model import RewardModel, pad_right, reward_tokenizer
@@ -39,15 +40,6 @@ from rlhf_core.reward.trunk import CachedTrunkScorer, FrozenTrunk, pad_left_stat
 def is_main_process() -> bool:
     """True unless this is a secondary process of a distributed launch (``accelerate launch``, ``torchrun``)."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def use_bf16(setting: str) -> bool:
-    """``reward.bf16``: 'auto' means bf16 where the hardware is fast at it (see rlhf_core.generation.resolve_dtype)."""
-    from rlhf_core.generation import resolve_dtype
-
-    if setting == "auto":
-        return resolve_dtype("auto") == torch.bfloat16
-    return setting == "on"
 
 
 def ranking_loss(
@@ -204,8 +196,8 @@ def trainer_args(cfg: RewardConfig, output_dir: Path) -> TRLRewardConfig:
     """TRL settings from ``params.yaml``'s ``reward`` section.
 
     TRL turns bf16 and gradient (activation) checkpointing on by default: bf16
-    comes from our params instead (a CPU without bf16 instructions runs it
-    slower than fp32), and checkpointing stays off - it would spend a second
+    comes from ``reward.dtype`` instead (one numeric path on every CPU, see
+    :mod:`rlhf_core.precision`), and checkpointing stays off - it would spend a second
     forward pass to save memory that a reward model this size does not need.
     Nothing is saved by the trainer: the stage saves the final model itself.
     """
@@ -215,7 +207,7 @@ def trainer_args(cfg: RewardConfig, output_dir: Path) -> TRLRewardConfig:
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
         center_rewards_coefficient=cfg.center_rewards_coefficient,
-        bf16=use_bf16(cfg.bf16),
+        bf16=cfg.dtype == "bfloat16",
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=False,  # TRL's gradient_checkpointing=True, under its new name
         max_length=None,  # sequences are truncated (from the left) when tokenised
@@ -287,10 +279,12 @@ def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[Pro
     # Without frozen layers the trunk is the embeddings alone: states for the probe, not for training.
     trunk = FrozenTrunk(model, cfg.freeze_layers if frozen else 0)
     states = None
-    if frozen or cfg.head_init == "probe":
-        states = trunk.states(sequences, tokenizer.pad_token_id, batch, desc="frozen layers")
-    if cfg.head_init == "probe":
-        init_head_as_probe(model, trunk.final_features(states, batch), examples, cfg.probe_l2)
+    # The trainer autocasts its own passes; these run before it, in the same path, so cached states match a full pass.
+    with autocast(cfg.dtype, args.device):
+        if frozen or cfg.head_init == "probe":
+            states = trunk.states(sequences, tokenizer.pad_token_id, batch, desc="frozen layers")
+        if cfg.head_init == "probe":
+            init_head_as_probe(model, trunk.final_features(states, batch), examples, cfg.probe_l2)
     trainer = RankingRewardTrainer(
         model=model,
         args=args,
@@ -311,7 +305,7 @@ def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[Pro
         cache = {tuple(seq): state for seq, state in zip(sequences, states)}
         scorer = CachedTrunkScorer(trunk, tokenizer, cache, cfg.read_stop_token)
     else:
-        scorer = RewardModel(model, tokenizer, reads_stop_token=cfg.read_stop_token)
+        scorer = RewardModel(model, tokenizer, reads_stop_token=cfg.read_stop_token, dtype=cfg.dtype)
     losses = [(int(row["step"]), float(row["loss"])) for row in trainer.state.log_history if "loss" in row]
     return FitResult(
         model=model,

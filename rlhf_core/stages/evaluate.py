@@ -22,7 +22,7 @@ import math
 import statistics
 from pathlib import Path
 
-from rlhf_core import tracking
+from rlhf_core import precision, tracking
 from rlhf_core.config import EvaluateConfig, Params
 from rlhf_core.errors import DataError
 from rlhf_core.evaluation.best_of_n import FrontierPoint, frontier
@@ -236,7 +236,11 @@ def run(params: Params) -> dict:
         sampled = sample_policies(texts, Path(paths.policy), Path(paths.base_model), champion_ref and champion_ref.path, cfg)
 
         with_gold = params.labeling.backend == "simulated"
-        scorer = Scorer(paths.reward_model, dtype=cfg.dtype, with_gold=with_gold, batch_size=cfg.batch_size)
+        scorer = Scorer(paths.reward_model, with_gold=with_gold, batch_size=cfg.batch_size)
+        numeric_path = {
+            **precision.record("eval", cfg.dtype, precision.default_device()), "eval/reward_dtype": scorer.model.dtype
+        }
+        stage.log_params(numeric_path)
         candidate, reference, champion, proxy_pools, gold_pools = _scored(scorer, texts, sampled)
         policies = [r for r in (candidate, reference, champion) if r is not None]
         points = frontier(proxy_pools, gold_pools, cfg.best_of_n)
@@ -251,6 +255,7 @@ def run(params: Params) -> dict:
             "eval/champion_version": champion_ref.version if champion_ref else None,
             "eval/num_prompts": len(prompts),
             "eval/tokens_per_second": sampled.tokens / max(sampled.seconds, 1e-9),
+            **numeric_path,
             **sample_metrics(sampled, policies, cfg.repetition_ngram),
             **frontier_metrics(points),
             **overopt,

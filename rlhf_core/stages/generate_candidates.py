@@ -11,6 +11,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
+from rlhf_core import precision
 from rlhf_core.config import CandidatesConfig, Params
 from rlhf_core.errors import DataError
 from rlhf_core.generation import GenerationStats, Sample, load_policy, sample_completions
@@ -87,9 +88,12 @@ def run(params: Params) -> dict:
         if not prompts:
             raise DataError(f"{train_file}: no training prompts")
         policy, policy_version = resolve_policy(cfg.policy, paths.base_model)
-        stage.log_params({**cfg.model_dump(), "policy_version": policy_version})
+        numeric_path = precision.record("candidates", cfg.dtype, precision.default_device())
+        stage.log_params({**cfg.model_dump(), "policy_version": policy_version, **numeric_path})
         completions, stats = generate(cfg, prompts, policy, policy_version)
         shutil.rmtree(out, ignore_errors=True)
         write_jsonl(out / BUNDLE_FILES["prompts"], prompts)
         write_jsonl(out / BUNDLE_FILES["completions"], completions)
-        return stage.finish({**candidate_metrics(completions, prompts, stats), "candidates/policy_version": policy_version})
+        return stage.finish(
+            {**candidate_metrics(completions, prompts, stats), "candidates/policy_version": policy_version, **numeric_path}
+        )

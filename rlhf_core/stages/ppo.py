@@ -22,7 +22,7 @@ import csv
 import statistics
 from pathlib import Path
 
-from rlhf_core import tracking
+from rlhf_core import precision, tracking
 from rlhf_core.config import Params
 from rlhf_core.errors import DataError, RLHFError
 from rlhf_core.records import read_jsonl
@@ -98,7 +98,7 @@ def run(params: Params) -> dict:
 
     from rlhf_core.gold import gold_score
     from rlhf_core.ppo.loop import GoldProbe, resume, run_fingerprint, train
-    from rlhf_core.ppo.policy import export_policy, resolve_bf16
+    from rlhf_core.ppo.policy import export_policy
     from rlhf_core.ppo.trainer import build_trainer
     from rlhf_core.reward import RewardModel
 
@@ -111,7 +111,7 @@ def run(params: Params) -> dict:
 
     # ---- models: the reward model scores on every process; the trainer wraps the policy for accelerate
     accelerator = Accelerator()
-    reward = RewardModel.load(reward_ref.path, dtype="bfloat16" if resolve_bf16(cfg.bf16, accelerator.device) else None)
+    reward = RewardModel.load(reward_ref.path)  # scored in its own reward.dtype, the path its normalisation holds in
     reward.model.to(accelerator.device)
 
     def score_fn(prompts: list[str], responses: list[str], finished: list[bool]):
@@ -137,7 +137,8 @@ def run(params: Params) -> dict:
 
     # ---- main process: MLflow run, curve, policy, registry
     with tracking.stage_run("ppo", metrics_dir=paths.metrics, config_sections=[cfg], inputs=[train_file]) as stage:
-        stage.log_params(cfg.model_dump())
+        numeric_path = {**precision.record("ppo", cfg.dtype, accelerator.device), "ppo/reward_dtype": reward.dtype}
+        stage.log_params({**cfg.model_dump(), **numeric_path})
         stage.set_tags({"reward_model_version": reward_ref.version, "init_policy": start_label, "run_fingerprint": fingerprint})
         for row in history:  # a resumed run repeats the curve so far, so that this MLflow run shows all of it
             stage.log_step(_step_metrics(row), step=row["update"])
@@ -160,7 +161,7 @@ def run(params: Params) -> dict:
             **summary(history),
             "ppo/resumed_from_update": int(resumed_from.name.split("-")[-1]) if resumed_from else 0,
             "ppo/trainable_parameters": sum(t.numel() for t in trainer.policy.trainable_state().values()),
-            "ppo/bf16": trainer.policy.bf16,
+            **numeric_path,
             "ppo/reward_model_version": reward_ref.version,
             "ppo/init_policy": start_label,
         }

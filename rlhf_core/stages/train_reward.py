@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core import tracking
+from rlhf_core import precision, tracking
 from rlhf_core.config import Params
 from rlhf_core.errors import RLHFError
 from rlhf_core.records import atomic_write_text, read_jsonl
@@ -121,13 +121,17 @@ def run(params: Params) -> dict:
         start = time.perf_counter()
         stage.log_params(cfg.model_dump())
         fit = fit_reward_model(paths.base_model, cfg, train, output_dir)
-        reward_model = RewardModel(fit.model, fit.tokenizer, reads_stop_token=cfg.read_stop_token)
+        reward_model = RewardModel(fit.model, fit.tokenizer, reads_stop_token=cfg.read_stop_token, dtype=cfg.dtype)
+        device = next(fit.model.parameters()).device
+        numeric_path = precision.record("reward", cfg.dtype, device)
+        stage.log_params(numeric_path)
 
         # One pass scores both the normalisation set and the held-out completions (in round 1 they overlap).
         base = normalization_completions(params, train)
         base_items = list(zip(base.prompts, base.responses, base.finished))
         heldout_items = conversations(validation)
-        scores = score_conversations(fit.scorer, base_items + heldout_items, cfg.score_batch_size, desc="scoring")
+        with precision.autocast(cfg.dtype, device):  # the path every later stage scores this model in
+            scores = score_conversations(fit.scorer, base_items + heldout_items, cfg.score_batch_size, desc="scoring")
         heldout_scores = torch.tensor([scores[item] for item in heldout_items])
         check_scores(torch.tensor(list(scores.values())), heldout_scores, cfg.learning_rate)
         reward_model.fit_normalization(torch.tensor([scores[item] for item in base_items]))
@@ -161,6 +165,6 @@ def run(params: Params) -> dict:
         )
         # Registered only once the folder, the curve and the metrics are complete: a kill before this
         # line leaves no version, one after it a version whose outputs are all there.
-        summary = stage.finish({f"reward/{k}": v for k, v in metrics.items() if v is not None})
+        summary = stage.finish({**{f"reward/{k}": v for k, v in metrics.items() if v is not None}, **numeric_path})
         version, champion = register(stage, paths.reward_model, metrics["accuracy"], cfg.champion_min_accuracy)
         return stage.finish({**summary, "reward/registered_version": int(version), "reward/champion": champion})
