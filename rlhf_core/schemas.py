@@ -90,3 +90,30 @@ class PreferencePair(Record):
     annotator_id: str
     margin: float = Field(0.0, ge=0, description="Rank distance or rating gap, per the reward.margin setting.")
     weight: float = Field(1.0, gt=0, description="1/C(K,2): the pairs of one ranking count as one example.")
+
+
+class ChatTurn(Record):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class Demonstration(Record):
+    """An answer written for a prompt, for supervised fine-tuning: the loss falls on ``completion`` only.
+
+    One row is TRL's prompt-completion form (``prompt``, ``completion``) with the
+    prompt's id and provenance beside it.
+    """
+
+    id: str = Field(min_length=1)
+    prompt_id: str = Field(min_length=1)
+    prompt: str = Field(max_length=MAX_TEXT_CHARS)
+    completion: str = Field(max_length=MAX_TEXT_CHARS)
+    prompt_messages: list[ChatTurn] | None = Field(
+        None,
+        description="The conversation before the answer when it is more than one user turn (a system turn, earlier "
+        "exchanges); ``prompt`` is then its Human:/Assistant: rendering (rlhf_core/importers/dialogue.py).",
+    )
+    source: str = Field("import", description="Who wrote it: written (shipped), human (labelling app), a file name.")
+    annotator_id: str | None = None
+
+    _texts_not_blank = field_validator("prompt", "completion")(_not_blank)
