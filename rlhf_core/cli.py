@@ -37,6 +37,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "schedule": ("flows.deploy", "serve the pipeline as a scheduled retraining deployment (needs a Prefect server)"),
     "label": ("rlhf_core.labeling.commands", "human labelling app: serve, add-annotator, load, export, stats"),
     "preferences": ("rlhf_core.importers_cli", "import public preference data into a bundle, export a bundle to TRL"),
+    "demonstrations": ("rlhf_core.demonstrations_cli", "import and clean SFT demonstrations, export them to TRL"),
     "rollback": ("rlhf_core.rollback_cli", "move the champion alias of rlhf-policy back to the previous version"),
 }
 
