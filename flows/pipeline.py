@@ -20,22 +20,14 @@ from prefect.runtime import flow_run
 
 from flows.summary import render_summary
 from rlhf_core import runtime
+from rlhf_core.artifacts import pipeline_stages
 from rlhf_core.config import load_params
 from tasks.experiments import record_experiment
 from tasks.registry import apply_overrides, restore_registry, snapshot_registry, start_from_champion
 from tasks.stages import GPU_STAGES, ensure_concurrency_limit, stage_task
 
-#: the stages in pipeline order (names as in dvc.yaml)
-STAGES = [
-    "base_model",
-    "prompts",
-    "generate_candidates",
-    "collect_preferences",
-    "train_reward",
-    "ppo",
-    "evaluate",
-    "promote",
-]
+#: the stages in pipeline order: dvc.yaml's
+STAGES = list(pipeline_stages())
 
 
 @flow(name="rlhf-pipeline", log_prints=True)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rlhf_core import tracking
 from rlhf_core.config import Params
 
-#: the figures worth a glance, per stage (metric name -> label)
+#: where `make ui` serves the MLflow UI
+MLFLOW_UI = "http://127.0.0.1:5000"
+
+#: the figures worth a glance, per stage of dvc.yaml (metric name -> label); tests/test_layout.py checks the stages
 HEADLINES = {
     "base_model": {"base_model/source": "source", "base_model/parameters": "parameters"},
     "prompts": {"prompts/train": "train prompts", "prompts/eval": "eval prompts", "prompts/rejected": "rejected"},
@@ -43,7 +47,8 @@ def render_summary(root: Path, params: Params, results: dict[str, dict], gpu_sta
         "Where to look:",
         "  metrics      dvc metrics show   |   dvc exp show",
         f"  plots        {root / params.paths.plots}",
-        "  MLflow UI    make ui  ->  http://127.0.0.1:5000  (experiment 'rlhf', models rlhf-policy / rlhf-reward-model)",
+        f"  MLflow UI    make ui  ->  {tracking.ui_url(MLFLOW_UI)}",
+        "               (experiment 'rlhf', models rlhf-policy / rlhf-reward-model)",
         "  Prefect UI   make serve  ->  http://127.0.0.1:4200",
         "=" * 72,
     ]

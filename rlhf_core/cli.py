@@ -1,4 +1,4 @@
-"""The ``rlhf`` command: one subcommand per pipeline stage plus tools around it.
+"""The ``rlhf`` command: one subcommand per stage of ``dvc.yaml`` plus tools around it.
 
 Every stage reads ``params.yaml`` (``--params`` to use another file) and writes
 ``metrics/<stage>.json``.  Errors in input or configuration print one line and
@@ -14,27 +14,14 @@ import sys
 import traceback
 from pathlib import Path
 
-#: subcommand -> (module exposing ``run(params)``, help).  Modules are imported lazily so ``--help`` is instant.
-STAGES: dict[str, tuple[str, str]] = {
-    "base-model": ("rlhf_core.stages.base_model", "fetch and convert the pretrained base model (stage base_model)"),
-    "prompts": ("rlhf_core.stages.prompts", "import, clean and split the prompt set (stage prompts)"),
-    "generate-candidates": (
-        "rlhf_core.stages.generate_candidates",
-        "sample K completions per training prompt from the current policy (stage generate_candidates)",
-    ),
-    "collect-preferences": (
-        "rlhf_core.stages.collect_preferences",
-        "rank candidates (simulated, human export or import), validate, expand to pairs (stage collect_preferences)",
-    ),
-    "train-reward": ("rlhf_core.stages.train_reward", "train, normalise and register the reward model (stage train_reward)"),
-    "ppo": ("rlhf_core.stages.ppo", "fine-tune the policy with PPO against the reward model (stage ppo)"),
-    "evaluate": ("rlhf_core.stages.evaluate", "evaluate the candidate policy and apply the gates (stage evaluate)"),
-    "promote": ("rlhf_core.stages.promote", "move the champion alias if every gate passed (stage promote)"),
-}
+from rlhf_core.artifacts import pipeline_stages, stage_command
 
-#: subcommand -> (module exposing ``add_arguments(parser)`` and ``main(args)``, help) for tools that are not stages.
+#: the group of entry points (pyproject.toml) that add commands from outside the library, e.g. ``schedule``
+#: from the orchestration layer: each names a module exposing ``add_arguments(parser)`` and ``main(args)``.
+COMMAND_ENTRY_POINTS = "rlhf.commands"
+
+#: subcommand -> (module exposing ``add_arguments(parser)`` and ``main(args)``, help) for the library's own tools.
 TOOLS: dict[str, tuple[str, str]] = {
-    "schedule": ("flows.deploy", "serve the pipeline as a scheduled retraining deployment (needs a Prefect server)"),
     "label": ("rlhf_core.labeling.commands", "human labelling app: serve, add-annotator, load, export, stats"),
     "preferences": ("rlhf_core.importers_cli", "import public preference data into a bundle, export a bundle to TRL"),
     "demonstrations": ("rlhf_core.demonstrations_cli", "import and clean SFT demonstrations, export them to TRL"),
@@ -42,7 +29,29 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def stages() -> dict[str, tuple[str, str]]:
+    """subcommand -> (module exposing ``run(params)``, help), one per stage of ``dvc.yaml`` in its order.
+
+    The help is the stage's ``desc``; modules are imported lazily so that ``--help`` is instant.
+    """
+    return {
+        stage_command(name): (f"rlhf_core.stages.{name}", f"{stage.get('desc', name)} (stage {name})")
+        for name, stage in pipeline_stages().items()
+    }
+
+
+def tools() -> dict[str, tuple[str, str]]:
+    """The library's tools plus the commands installed under :data:`COMMAND_ENTRY_POINTS`."""
+    from importlib.metadata import entry_points
+
+    found = dict(TOOLS)
+    for entry in entry_points(group=COMMAND_ENTRY_POINTS):
+        module = importlib.import_module(entry.value)
+        found[entry.name] = (entry.value, (module.__doc__ or entry.name).strip().splitlines()[0].rstrip("."))
+    return found
+
+
+def _parser(stage_commands: dict[str, tuple[str, str]], tool_commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf",
         description="RLHF pipeline: base model -> preferences -> reward model -> PPO -> evaluation and promotion.",
@@ -51,10 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     check = sub.add_parser("check-params", help="validate params.yaml and exit")
     check.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    for name, (_, help_text) in STAGES.items():
+    for name, (_, help_text) in stage_commands.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    for name, (module, help_text) in TOOLS.items():
+    for name, (module, help_text) in tool_commands.items():
         tool = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(tool)
     return parser
@@ -70,14 +79,20 @@ def _report_unexpected(exc: BaseException) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     from rlhf_core import runtime
     from rlhf_core.errors import RLHFError
 
+    try:
+        stage_commands, tool_commands = stages(), tools()
+    except RLHFError as exc:
+        print(f"rlhf: error: {exc}", file=sys.stderr)
+        return 2
+    args = _parser(stage_commands, tool_commands).parse_args(argv)
+
     runtime.configure()
     try:
-        if args.command in TOOLS:
-            return int(importlib.import_module(TOOLS[args.command][0]).main(args) or 0)
+        if args.command in tool_commands:
+            return int(importlib.import_module(tool_commands[args.command][0]).main(args) or 0)
         from rlhf_core.config import load_params
 
         params = load_params(Path(args.params))
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         status = relaunch_if_distributed(args.command, args.params, params.orchestration)
         if status is not None:
             return status
-        metrics = importlib.import_module(STAGES[args.command][0]).run(params)
+        metrics = importlib.import_module(stage_commands[args.command][0]).run(params)
         print(f"{args.command}: done ({len(metrics or {})} metrics)")
         return 0
     except RLHFError as exc:

@@ -77,21 +77,33 @@ def hash_config(*sections) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+#: The experiment type MLflow records for model training (``mlflow.experimentKind``), set on new and existing
+#: experiments.  MLflow 3.17's UI does not read it to pick the view: that follows ``?workflowType=`` in the
+#: link, then the browser's last choice (GenAI by default), so links to the UI carry :data:`UI_VIEW_QUERY`.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_VIEW_QUERY = "workflowType=machine_learning"
+
+
 def experiment_id(name: str = EXPERIMENT) -> str:
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = runtime.mlflow_artifact_root() / name
-    location.mkdir(parents=True, exist_ok=True)
-    try:
-        # The kind tag opens the UI on runs, metrics and models rather than on GenAI traces.
-        return client.create_experiment(
-            name, artifact_location=location.as_uri(), tags={"mlflow.experimentKind": "custom_model_development"}
-        )
-    except Exception:  # created concurrently by another process
-        return client.get_experiment_by_name(name).experiment_id
+    if found is None:
+        location = runtime.mlflow_artifact_root() / name
+        location.mkdir(parents=True, exist_ok=True)
+        try:
+            return client.create_experiment(name, artifact_location=location.as_uri(), tags=EXPERIMENT_KIND)
+        except Exception:  # created concurrently by another process
+            found = client.get_experiment_by_name(name)
+    for key, value in EXPERIMENT_KIND.items():
+        if found.tags.get(key) != value:  # made before the tag was set, or switched in the UI
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
+def ui_url(base: str, experiment: str | None = None) -> str:
+    """The MLflow UI's page of the experiment's runs, in the model-training view."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment or experiment_id()}/runs?{UI_VIEW_QUERY}"
 
 
 def flatten(metrics: Mapping, prefix: str = "") -> dict:

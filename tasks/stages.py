@@ -8,7 +8,6 @@ only other failures are retried.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -19,11 +18,13 @@ from pathlib import Path
 from prefect import task
 
 from rlhf_core import runtime
+from rlhf_core.artifacts import MetricsFolder, pipeline_stages
 from rlhf_core.config import load_params
 from rlhf_core.tracking import FLOW_RUN_ENV, FLOW_RUN_NAME_ENV
 
-#: stages whose work benefits from an accelerator; their tasks carry the ``gpu`` tag (see the concurrency limit).
-GPU_STAGES = {"generate_candidates", "train_reward", "ppo", "evaluate"}
+#: stages whose work benefits from an accelerator (``meta: {gpu: true}`` in dvc.yaml); their tasks carry the
+#: ``gpu`` tag (see the concurrency limit).
+GPU_STAGES = {name for name, stage in pipeline_stages().items() if (stage.get("meta") or {}).get("gpu")}
 _TAIL_LINES = 15
 
 
@@ -89,8 +90,7 @@ def repro(stage: str, root: Path) -> dict:
         returncode, output = _run_streaming(cmd, root)
     if returncode != 0:
         raise StageFailed(stage, returncode, "\n".join(output.strip().splitlines()[-_TAIL_LINES:]))
-    metrics_file = root / load_params(root / "params.yaml").paths.metrics / f"{stage}.json"
-    return json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    return MetricsFolder(root / load_params(root / "params.yaml").paths.metrics).read(stage)
 
 
 def _is_transient(task, task_run, state) -> bool:
