@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 def check(args: argparse.Namespace, params, work: Path) -> int:
     import torch
 
+    from rlhf_core.artifacts import BundleFolder
     from rlhf_core.base_model import build_tiny
     from rlhf_core.config import TinyModelConfig
     from rlhf_core.evaluation.likelihood import response_logprobs
@@ -80,7 +81,6 @@ def check(args: argparse.Namespace, params, work: Path) -> int:
     from rlhf_core.ppo.trainer import build_trainer
     from rlhf_core.preferences import bundle_pairs
     from rlhf_core.prompts import import_prompts
-    from rlhf_core.records import write_jsonl
     from rlhf_core.reward import RewardModel
     from rlhf_core.reward.data import load_prompt_comparisons, num_pairs
     from rlhf_core.reward.trainer import fit_reward_model
@@ -148,8 +148,7 @@ def check(args: argparse.Namespace, params, work: Path) -> int:
 
     # 2. Rankings from the simulated annotators, then the reward model.
     candidates = work / "candidates"
-    write_jsonl(candidates / "prompts.jsonl", prompts)
-    write_jsonl(candidates / "completions.jsonl", to_completions(prompts, samples, "device-check", cand.seed))
+    BundleFolder(candidates).write_candidates(prompts, to_completions(prompts, samples, "device-check", cand.seed))
     bundle = simulated_bundle(candidates, params.labeling)
     preferences = work / "preferences"
     write_outputs(preferences, bundle, bundle_pairs(bundle, margin="rank_distance"))

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 from ppo_bench import summary  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
 from ppo_bench.baseline import TRL_VERSION  # noqa: E402
 from ppo_bench.workload import Workload, first_prompts  # noqa: E402
+from rlhf_core.artifacts import ModelFolder  # noqa: E402
 from rlhf_core.errors import RLHFError  # noqa: E402
 
 #: The sides, in the order they alternate, with their changes to params.yaml's ``ppo:`` section.  Full fine-tuning
@@ -129,7 +130,7 @@ def ensure_trl(trl_dir: Path) -> None:
 
 def base_model_path(model: str | None, params) -> Path:
     path = Path(model) if model else REPO / params.paths.base_model
-    if not (path / "config.json").exists():
+    if not ModelFolder(path, "base_model").exists():
         raise RLHFError(
             f"{path}: no base model there; run `rlhf base-model` (or `dvc repro base_model`) first, or pass --model PATH"
         )

@@ -12,11 +12,9 @@ import shutil
 from pathlib import Path
 
 from rlhf_core import precision
+from rlhf_core.artifacts import Layout
 from rlhf_core.config import CandidatesConfig, Params
-from rlhf_core.errors import DataError
 from rlhf_core.generation import GenerationStats, Sample, load_policy, sample_completions
-from rlhf_core.preferences import BUNDLE_FILES
-from rlhf_core.records import read_jsonl, write_jsonl
 from rlhf_core.schemas import Completion, Prompt
 from rlhf_core.tracking import resolve_policy, stage_run
 
@@ -77,23 +75,18 @@ def candidate_metrics(completions: list[Completion], prompts: list[Prompt], stat
 
 def run(params: Params) -> dict:
     paths, cfg = params.paths, params.candidates
-    train_file = Path(paths.prompts) / "train.jsonl"
-    out = Path(paths.candidates)
+    layout = Layout(paths)
+    train_file, out = layout.prompts.train, layout.candidates
     with stage_run(
         "generate_candidates", metrics_dir=paths.metrics, config_sections=[cfg], inputs=[train_file]
     ) as stage:
-        if not train_file.exists():
-            raise DataError(f"{train_file}: not found (run `rlhf prompts` first)")
-        prompts = read_jsonl(train_file, Prompt)[: cfg.max_prompts]
-        if not prompts:
-            raise DataError(f"{train_file}: no training prompts")
+        prompts = layout.prompts.read_train()[: cfg.max_prompts]
         policy, policy_version = resolve_policy(cfg.policy, paths.base_model)
         numeric_path = precision.record("candidates", cfg.dtype, precision.default_device())
         stage.log_params({**cfg.model_dump(), "policy_version": policy_version, **numeric_path})
         completions, stats = generate(cfg, prompts, policy, policy_version)
-        shutil.rmtree(out, ignore_errors=True)
-        write_jsonl(out / BUNDLE_FILES["prompts"], prompts)
-        write_jsonl(out / BUNDLE_FILES["completions"], completions)
+        shutil.rmtree(out.folder, ignore_errors=True)
+        out.write_candidates(prompts, completions)
         return stage.finish(
             {**candidate_metrics(completions, prompts, stats), "candidates/policy_version": policy_version, **numeric_path}
         )

@@ -19,15 +19,14 @@ trains; only the main one writes files, MLflow runs and registry entries.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from rlhf_core import precision, tracking
+from rlhf_core.artifacts import Layout, MetricsFolder
 from rlhf_core.config import Params
-from rlhf_core.errors import RLHFError
 from rlhf_core.records import atomic_write_text, read_jsonl
 from rlhf_core.reward import RewardModel
 from rlhf_core.reward.data import PromptComparisons, load_prompt_comparisons, num_pairs, split_by_prompt
@@ -52,7 +51,8 @@ def normalization_completions(params: Params, train: list[PromptComparisons]) ->
 
 def training_prompts(params: Params, train: list[PromptComparisons]) -> list[str]:
     """The prompts PPO trains on (the prompts stage's train split), else those of the preference data."""
-    for path in (Path(params.paths.candidates) / "prompts.jsonl", Path(params.paths.prompts) / "train.jsonl"):
+    layout = Layout(params.paths)
+    for path in (layout.candidates.prompts, layout.prompts.train):
         if path.exists():
             prompts = [p.text for p in read_jsonl(path, Prompt)]
             if prompts:
@@ -67,8 +67,7 @@ def noise_ceiling(metrics_dir: str | Path, validation: list[PromptComparisons]) 
     (simulated labels only): how often the gold score that generated the labels
     agrees with them on the same held-out pairs - the best any model can do there.
     """
-    path = Path(metrics_dir) / "collect_preferences.json"
-    collected = json.loads(path.read_text()) if path.exists() else {}
+    collected = MetricsFolder(Path(metrics_dir)).read("collect_preferences")
     ceiling = {}
     if collected.get("preferences/agreement") is not None:
         ceiling["agreement"] = float(collected["preferences/agreement"])
@@ -105,8 +104,7 @@ def register(stage: tracking.StageRun, folder: str | Path, accuracy: float, min_
 
 def run(params: Params) -> dict:
     paths, cfg = params.paths, params.reward
-    if not (Path(paths.base_model) / "config.json").exists():
-        raise RLHFError(f"{paths.base_model}: no base model there (run `rlhf base-model` first)")
+    Layout(paths).base_model.require()
     groups = load_prompt_comparisons(paths.preferences, cfg.margin)
     train, validation = split_by_prompt(groups, cfg.validation_fraction, cfg.seed)
     output_dir = Path(paths.checkpoints) / "reward"
@@ -138,7 +136,7 @@ def run(params: Params) -> dict:
         normalised = (heldout_scores - reward_model.shift) / reward_model.scale
         metrics = {**heldout_metrics(validation, scores), **noise_ceiling(paths.metrics, validation)}
         reward_model.save(paths.reward_model)
-        write_loss_curve(Path(paths.plots) / "reward_loss.csv", fit.losses)
+        write_loss_curve(Layout(paths).reward_loss.path, fit.losses)
         stage.log_curve("reward/train_loss", [loss for _, loss in fit.losses], start=1)
         metrics.update(
             {
