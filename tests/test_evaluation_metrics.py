@@ -17,7 +17,7 @@ from rlhf_core.evaluation.metrics import (
     wilson_interval,
     win_rate,
 )
-from rlhf_core.evaluation.overoptimisation import Gain, assess, gold_trend, paired_gain, read_ppo_curve
+from rlhf_core.evaluation.overoptimisation import Gain, assess, gold_trend, paired_gain
 from rlhf_core.schemas import Prompt, Ranking
 
 
@@ -118,14 +118,6 @@ def test_eval_level_overoptimisation_needs_both_moves_to_be_significant():
     verdict = assess(proxy_up, gold_down, None, tolerance=0.05)
     assert verdict.flagged and "proxy rose" in verdict.reasons[0]
     assert not assess(proxy_up, paired_gain([0.5, 0.4], [0.5, 0.4]), None, 0.05).flagged
-
-
-def test_read_ppo_curve_keeps_empty_cells_as_none(tmp_path):
-    path = tmp_path / "ppo_curve.csv"
-    path.write_text("update,kl,score,gold,gold_proxy\n0,0.0,0.1,,\n1,0.5,0.3,0.2,0.4\n")
-    rows = read_ppo_curve(path)
-    assert rows[0]["gold"] is None and rows[1]["gold"] == 0.2
-    assert read_ppo_curve(tmp_path / "missing.csv") == []
 
 
 def test_blind_task_hides_the_policies_and_scores_returned_rankings(tmp_path):

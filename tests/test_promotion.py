@@ -7,6 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from rlhf_core import cli, tracking
+from rlhf_core.artifacts import Layout
 from rlhf_core.config import load_params
 from rlhf_core.evaluation.best_of_n import frontier
 from rlhf_core.evaluation.gates import Evidence, Judged, apply_gates
@@ -143,7 +144,7 @@ def test_promote_stage_records_the_decision_and_logs_a_model_card(registry, monk
     from rlhf_core.stages import promote
 
     version = _register(registry)
-    _summary(version, _gates(HEALTHY)).write(registry / params.paths.evaluation)
+    _summary(version, _gates(HEALTHY)).write(Layout(params.paths).evaluation.summary)
     metrics = promote.run(params)
     saved = json.loads((registry / params.paths.metrics / "promote.json").read_text())
     assert saved["promote/promoted"] is True and saved["promote/version"] == version == metrics["promote/champion"]
@@ -154,7 +155,7 @@ def test_promote_stage_records_the_decision_and_logs_a_model_card(registry, monk
     assert "0.9 (95% CI 0.8–0.97, n=32)" in card
 
     rejected = _register(registry)
-    _summary(rejected, _gates(REPEATS_ONE_TOKEN), champion=version).write(registry / params.paths.evaluation)
+    _summary(rejected, _gates(REPEATS_ONE_TOKEN), champion=version).write(Layout(params.paths).evaluation.summary)
     metrics = promote.run(params)
     assert metrics["promote/promoted"] is False and metrics["promote/champion"] == version
     assert "repetition_rate" in metrics["promote/reasons"] and "promote/model_card" not in metrics

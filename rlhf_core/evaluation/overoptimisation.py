@@ -11,28 +11,10 @@ Two views of the same failure:
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from rlhf_core.errors import DataError
 from rlhf_core.evaluation.metrics import mean_interval
-
-
-def read_ppo_curve(path: str | Path) -> list[dict[str, float | None]]:
-    """Rows of the PPO stage's per-update CSV (empty cells become None); no file gives no rows."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    with path.open(newline="") as handle:
-        for line, row in enumerate(csv.DictReader(handle), start=2):
-            try:
-                rows.append({k: (float(v) if v not in ("", None) else None) for k, v in row.items() if k})
-            except ValueError as exc:
-                raise DataError(f"{path}:{line}: not a number ({exc})") from None
-    return rows
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The evaluate stage's verdict as one validated file, ``<paths.evaluation>/summary.json``, read by ``promote``."""
+"""The evaluate stage's verdict as one validated file, read by ``promote`` (path: ``Layout.evaluation.summary``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ from rlhf_core.errors import DataError
 from rlhf_core.evaluation.best_of_n import FrontierPoint
 from rlhf_core.evaluation.gates import GateResult
 from rlhf_core.records import write_json
-
-SUMMARY_FILE = "summary.json"
-
 
 class EvaluationSummary(BaseModel):
     """Which version was judged against which champion, every gate's verdict, the lineage and the metrics."""
@@ -30,14 +27,14 @@ class EvaluationSummary(BaseModel):
     def all_passed(self) -> bool:
         return all(gate.passed for gate in self.gates)
 
-    def write(self, folder: str | Path) -> Path:
-        path = Path(folder) / SUMMARY_FILE
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
         write_json(path, self.model_dump(mode="json"))
         return path
 
     @classmethod
-    def read(cls, folder: str | Path) -> "EvaluationSummary":
-        path = Path(folder) / SUMMARY_FILE
+    def read(cls, path: str | Path) -> "EvaluationSummary":
+        path = Path(path)
         try:
             return cls.model_validate_json(path.read_text())
         except OSError:

@@ -17,19 +17,19 @@ the gold function, and writes:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import statistics
 from pathlib import Path
 
 from rlhf_core import precision, tracking
+from rlhf_core.artifacts import EVALUATION_PLOTS, EvaluationFolder, Layout
 from rlhf_core.config import EvaluateConfig, Params
 from rlhf_core.errors import DataError
 from rlhf_core.evaluation.best_of_n import FrontierPoint, frontier
 from rlhf_core.evaluation.gates import Evidence, Judged, apply_gates, gate_metrics
 from rlhf_core.evaluation.human_eval import blind_task, human_win_rates, write_task
 from rlhf_core.evaluation.metrics import WinRate, perplexity, win_rate
-from rlhf_core.evaluation.overoptimisation import assess, gold_trend, paired_gain, read_ppo_curve
+from rlhf_core.evaluation.overoptimisation import assess, gold_trend, paired_gain
 from rlhf_core.evaluation.plots import PolicyPoint, plot_lengths, plot_ppo_curves, plot_reward_vs_kl, write_plot_data
 from rlhf_core.evaluation.report import Responses, length_ratio, policy_metrics, win_rate_metrics
 from rlhf_core.evaluation.sampling import EvalSamples, sample_policies
@@ -39,25 +39,12 @@ from rlhf_core.preferences import PreferenceBundle
 from rlhf_core.records import read_jsonl, write_jsonl
 from rlhf_core.schemas import Prompt
 
-PLOTS = {"reward_vs_kl": "gold_vs_kl.png", "ppo": "ppo_curves.png", "lengths": "lengths.png"}
-
-
 def load_eval_prompts(path: Path, limit: int) -> list[Prompt]:
     """The first ``limit`` held-out prompts (the split is fixed by the prompts stage's seed)."""
     prompts = read_jsonl(path, Prompt)[:limit]
     if not prompts:
         raise DataError(f"{path}: no eval prompts (run `rlhf prompts` first)")
     return prompts
-
-
-def read_stage_metrics(path: Path) -> dict:
-    """Another stage's ``metrics/<stage>.json`` ({} if it has not run)."""
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
 
 
 def candidate_version(ppo_metrics: dict) -> str | None:
@@ -167,7 +154,7 @@ def human_evaluation(cfg: EvaluateConfig, params: Params, prompts: list[Prompt],
     if cfg.human_eval == "never" or (cfg.human_eval == "auto" and with_gold):
         return {}, {}
     task = blind_task(prompts, {r.name: r.texts for r in policies}, salt=salt, seed=cfg.seed)
-    folder = write_task(task, Path(params.paths.evaluation) / "human_eval")
+    folder = write_task(task, Layout(params.paths).evaluation.human_eval)
     rankings = PreferenceBundle.read(params.paths.label_export).rankings
     rates = human_win_rates(rankings, task.key)
     metrics: dict[str, object] = {"eval/human/task": str(folder), "eval/human/items": len(prompts)}
@@ -209,11 +196,11 @@ def draw(plots: Path, out: Path, points: list[FrontierPoint], policies: list[Res
         for r in policies
     ]
     lengths = {r.name: r.lengths for r in policies}
-    write_plot_data(out / "plot_data", points, policy_points, lengths)
+    write_plot_data(EvaluationFolder(out).plot_data, points, policy_points, lengths)
     return [
-        plot_reward_vs_kl(points, policy_points, ppo_rows, plots / PLOTS["reward_vs_kl"]),
-        plot_ppo_curves(ppo_rows, plots / PLOTS["ppo"]),
-        plot_lengths(lengths, max_new_tokens, plots / PLOTS["lengths"]),
+        plot_reward_vs_kl(points, policy_points, ppo_rows, plots / EVALUATION_PLOTS["reward_vs_kl"]),
+        plot_ppo_curves(ppo_rows, plots / EVALUATION_PLOTS["ppo"]),
+        plot_lengths(lengths, max_new_tokens, plots / EVALUATION_PLOTS["lengths"]),
     ]
 
 
@@ -224,14 +211,15 @@ def _finite(metrics: dict) -> dict:
 
 def run(params: Params) -> dict:
     paths, cfg = params.paths, params.evaluate
-    out, metrics_dir = Path(paths.evaluation), Path(paths.metrics)
-    eval_file = Path(paths.prompts) / "eval.jsonl"
-    inputs = [eval_file, metrics_dir / "ppo.json", metrics_dir / "train_reward.json"]
+    layout = Layout(paths)
+    out = layout.evaluation
+    eval_file = layout.prompts.eval
+    inputs = [eval_file, layout.metrics.path("ppo"), layout.metrics.path("train_reward")]
     with tracking.stage_run("evaluate", metrics_dir=paths.metrics, config_sections=[cfg, params.gates], inputs=inputs) as stage:
         stage.log_params({"evaluate": cfg.model_dump(), "gates": params.gates.model_dump()})
         prompts = load_eval_prompts(eval_file, cfg.num_prompts)
         texts = [p.text for p in prompts]
-        version = candidate_version(read_stage_metrics(metrics_dir / "ppo.json"))
+        version = candidate_version(layout.metrics.read("ppo"))
         champion_ref = current_champion(version)
         sampled = sample_policies(texts, Path(paths.policy), Path(paths.base_model), champion_ref and champion_ref.path, cfg)
 
@@ -244,11 +232,11 @@ def run(params: Params) -> dict:
         candidate, reference, champion, proxy_pools, gold_pools = _scored(scorer, texts, sampled)
         policies = [r for r in (candidate, reference, champion) if r is not None]
         points = frontier(proxy_pools, gold_pools, cfg.best_of_n)
-        ppo_rows = read_ppo_curve(Path(paths.plots) / "ppo_curve.csv")
+        ppo_rows = layout.ppo_curve.read()
         overopt, verdict = overoptimisation_metrics(candidate, reference, ppo_rows, params.gates.gold_drop_tolerance)
         salt = hashlib.sha256(f"{version}|{cfg.seed}|{candidate.texts}".encode()).hexdigest()
         human, human_rates = human_evaluation(cfg, params, prompts, policies, salt)
-        train_reward = read_stage_metrics(metrics_dir / "train_reward.json")
+        train_reward = layout.metrics.read("train_reward")
 
         metrics: dict[str, object] = {
             "eval/candidate_version": version,
@@ -274,8 +262,8 @@ def run(params: Params) -> dict:
         gates = apply_gates(evidence, params.gates)
         metrics = _finite({**metrics, **gate_metrics(gates)})
 
-        write_samples(out / "samples.jsonl", prompts, sampled, policies)
-        figures = draw(Path(paths.plots), out, points, policies, metrics, ppo_rows, cfg.max_new_tokens)
+        write_samples(out.samples, prompts, sampled, policies)
+        figures = draw(Path(paths.plots), out.folder, points, policies, metrics, ppo_rows, cfg.max_new_tokens)
         EvaluationSummary(
             candidate_version=version,
             champion_version=champion_ref.version if champion_ref else None,
@@ -283,8 +271,8 @@ def run(params: Params) -> dict:
             lineage=lineage(params, version, train_reward, eval_file),
             metrics=metrics,
             frontier=points,
-        ).write(out)
+        ).write(out.summary)
         for figure in figures:
             stage.log_artifact(figure, "plots")
-        stage.log_artifact(out, "evaluation")
+        stage.log_artifact(out.folder, "evaluation")
         return stage.finish(metrics)

@@ -23,13 +23,13 @@ import statistics
 from pathlib import Path
 
 from rlhf_core import precision, tracking
+from rlhf_core.artifacts import Layout
 from rlhf_core.config import Params
 from rlhf_core.errors import DataError, RLHFError
 from rlhf_core.records import read_jsonl
 from rlhf_core.schemas import Prompt
 
 ARTIFACT_PATH = "policy"
-CURVE_FILE = "ppo_curve.csv"
 CURVE_COLUMNS = [
     "update", "kl", "beta", "score", "rlhf_reward", "entropy", "approx_kl", "clipfrac",
     "response_length", "tokens_per_second", "gold", "gold_proxy",
@@ -105,9 +105,10 @@ def run(params: Params) -> dict:
     paths, cfg = params.paths, params.ppo
     reward_ref = champion_reward_model()
     start_path, start_label = tracking.resolve_policy(cfg.init_policy, paths.base_model)
-    train_file = Path(paths.prompts) / "train.jsonl"
+    layout = Layout(paths)
+    train_file = layout.prompts.train
     train_prompts = read_prompts(train_file, required=True)
-    gold_prompts = read_prompts(Path(paths.prompts) / "eval.jsonl", required=False)[: cfg.gold_eval_prompts]
+    gold_prompts = read_prompts(layout.prompts.eval, required=False)[: cfg.gold_eval_prompts]
 
     # ---- models: the reward model scores on every process; the trainer wraps the policy for accelerate
     accelerator = Accelerator()
@@ -145,7 +146,7 @@ def run(params: Params) -> dict:
         history = train(
             trainer, history=history, on_update=lambda row: stage.log_step(_step_metrics(row), step=row["update"]), **options
         )
-        write_curve(Path(paths.plots) / CURVE_FILE, history)
+        write_curve(layout.ppo_curve.path, history)
         export_policy(trainer.policy, cfg, start_path, paths.policy, trainer.tokenizer)
         stage.log_artifact(paths.policy, ARTIFACT_PATH)
         lineage = {
@@ -154,7 +155,7 @@ def run(params: Params) -> dict:
             "init_policy": start_label,
             "prompts_hash": tracking.hash_paths([train_file]),
         }
-        pairs = Path(paths.preferences) / "pairs.jsonl"
+        pairs = layout.preferences.pairs
         if pairs.exists():
             lineage["preference_data_hash"] = tracking.hash_paths([pairs])
         metrics = {

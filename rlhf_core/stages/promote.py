@@ -14,10 +14,11 @@ import tempfile
 from pathlib import Path
 
 from rlhf_core import tracking
+from rlhf_core.artifacts import Layout
 from rlhf_core.config import Params
 from rlhf_core.errors import RLHFError
 from rlhf_core.evaluation.model_card import render_model_card
-from rlhf_core.evaluation.summary import SUMMARY_FILE, EvaluationSummary
+from rlhf_core.evaluation.summary import EvaluationSummary
 from rlhf_core.promotion import Decision, decide
 
 CARD_FILE = "MODEL_CARD.md"
@@ -42,13 +43,13 @@ def log_model_card(stage: tracking.StageRun, params: Params, summary: Evaluation
 
 def run(params: Params) -> dict:
     paths = params.paths
-    folder = Path(paths.evaluation)
+    summary_file = Layout(paths).evaluation.summary
     with tracking.stage_run(
-        "promote", metrics_dir=paths.metrics, config_sections=[params.gates], inputs=[folder / SUMMARY_FILE]
+        "promote", metrics_dir=paths.metrics, config_sections=[params.gates], inputs=[summary_file]
     ) as stage:
-        summary = EvaluationSummary.read(folder)
+        summary = EvaluationSummary.read(summary_file)
         if summary.candidate_version is None:
-            raise RLHFError(f"{folder / SUMMARY_FILE}: the evaluated policy is not a registered version (run `rlhf ppo`)")
+            raise RLHFError(f"{summary_file}: the evaluated policy is not a registered version (run `rlhf ppo`)")
         lineage = {**summary.lineage, "flow_run_id": os.environ.get(tracking.FLOW_RUN_ENV, "")}
         decision = decide(summary.candidate_version, summary.gates, lineage)
         metrics = {
