@@ -58,7 +58,7 @@ ui: setup
 	    --default-artifact-root $(WORK)/mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT) \
 	    > $(WORK)/logs/mlflow-ui.log 2>&1 & \
 	mlflow=$$!; trap "kill $$mlflow" EXIT INT TERM; \
-	echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"; \
+	echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning  (model-training view)"; \
 	echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (Ctrl+C stops both)"; \
 	prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 

@@ -1,4 +1,5 @@
-"""The MLflow UI (as `make ui` starts it) shows the PPO run and its KL curve, in real headless Chromium."""
+"""The MLflow UI (as `make ui` starts it) opens the experiment in the model-training view and shows the PPO run
+and its KL curve, in real headless Chromium."""
 
 import os
 import shutil
@@ -57,9 +58,17 @@ def test_mlflow_ui_lists_the_ppo_run_and_its_kl_metric(work_env, tmp_path):
             page = browser.new_page()
             import mlflow
 
+            from rlhf_core.tracking import ui_url
+
             experiment = mlflow.get_experiment_by_name("rlhf")
+            assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
             page.set_default_timeout(60_000)
-            page.goto(f"{base}/#/experiments/{experiment.experiment_id}/runs")
+            # MLflow 3.17 opens an experiment in the GenAI view (Overview, Traces) unless the link asks for
+            # the model-training one; the kind tag alone does not change that.
+            page.goto(ui_url(base, experiment.experiment_id))
+            page.get_by_text("matching run").first.wait_for()
+            # the model-training side bar links the model registry; the GenAI one lists judges instead
+            assert page.get_by_text("Model registry").count() > 0 and page.get_by_text("Judges").count() == 0
             page.get_by_text("ppo", exact=True).first.click()
             page.get_by_text("ppo/kl").first.wait_for()
             assert run.run_id in page.url
