@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf_core.artifacts import PreferenceFolder
 from rlhf_core.config import load_params
 from rlhf_core.precision import default_device
 from rlhf_core.records import read_jsonl
-from rlhf_core.schemas import Completion, PreferencePair, Ranking
+from rlhf_core.schemas import Completion, Ranking
 
 from .conftest import TINY_OVERRIDES, deep_update, isolate_env, make_project, rlhf
 from .test_preferences import salted_bundle
@@ -61,7 +62,7 @@ def collect(root: Path, name: str, overrides: dict) -> tuple[dict, Path]:
 
 
 def rejects_of(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "rejects.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in PreferenceFolder(folder).rejects.read_text().splitlines()]
 
 
 def test_generate_candidates_writes_k_completions_per_prompt(project):
@@ -89,8 +90,7 @@ def test_generate_candidates_writes_k_completions_per_prompt(project):
 
 def test_simulated_backend(in_project):
     metrics, out = collect(in_project, "simulated", {"labeling": {"backend": "simulated", "overlap_fraction": 0.5}})
-    rankings = read_jsonl(out / "rankings.jsonl", Ranking)
-    pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
+    rankings, pairs = PreferenceFolder(out).read_rankings(), PreferenceFolder(out).read_pairs()
     prompts = TINY_OVERRIDES["candidates"]["max_prompts"]
     assert metrics["preferences/rankings"] == len(rankings) == prompts + prompts // 2
     strict = sum(a != b for r in rankings for a, b in combinations(r.rank_of().values(), 2))
@@ -103,14 +103,14 @@ def test_simulated_backend(in_project):
     assert json.loads((in_project / "metrics" / "simulated" / "collect_preferences.json").read_text()) == metrics
     # Deterministic by seed: a second run ranks the same way.
     _, again = collect(in_project, "simulated-again", {"labeling": {"backend": "simulated", "overlap_fraction": 0.5}})
-    assert [r.completion_ids for r in read_jsonl(again / "rankings.jsonl", Ranking)] == [r.completion_ids for r in rankings]
+    assert [r.completion_ids for r in PreferenceFolder(again).read_rankings()] == [r.completion_ids for r in rankings]
 
 
 def test_human_backend_keeps_good_records_and_reports_bad_ones(in_project):
     salted_bundle(in_project / "data" / "labels-salted")
     overrides = {"paths": {"label_export": "data/labels-salted"}, "labeling": {"backend": "human", "max_text_chars": 200}}
     metrics, out = collect(in_project, "human", overrides)
-    assert [r.id for r in read_jsonl(out / "rankings.jsonl", Ranking)] == ["r1", "r2", "r10"]
+    assert [r.id for r in PreferenceFolder(out).read_rankings()] == ["r1", "r2", "r10"]
     assert metrics["preferences/pairs"] == 9 and metrics["preferences/prompts"] == 2
     assert metrics["preferences/agreement"] == 1.0  # r1 and r10: two annotators, same order
     assert "preferences/gold_accuracy" not in metrics
@@ -141,11 +141,11 @@ def test_human_backend_leaves_out_the_blind_evaluation_task(in_project):
     bundle.write(in_project / "data" / "labels-with-eval")
     overrides = {"paths": {"label_export": "data/labels-with-eval"}, "labeling": {"backend": "human"}}
     metrics, out = collect(in_project, "human-eval-left-out", overrides)
-    pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
+    pairs = PreferenceFolder(out).read_pairs()
     assert {p.prompt_id for p in pairs} == {"train-1", "train-2"} and len(pairs) == 6
     assert metrics["preferences/human_eval_rankings_left_out"] == 1
     assert metrics["preferences/prompts"] == 2 and metrics["preferences/completions"] == 6
-    assert all(c.prompt_id != "eval-1" for c in read_jsonl(out / "completions.jsonl", Completion))
+    assert all(c.prompt_id != "eval-1" for c in PreferenceFolder(out).read_completions())
 
 
 def test_import_backend_reads_trl_jsonl(in_project):
@@ -161,7 +161,7 @@ def test_import_backend_reads_trl_jsonl(in_project):
     (folder / "trl.jsonl").write_text("\n".join(rows) + "\n")
     metrics, out = collect(in_project, "import", {"labeling": {"backend": "import", "import_file": "trl.jsonl"}})
     assert metrics["preferences/rankings"] == metrics["preferences/pairs"] == 5
-    pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
+    pairs = PreferenceFolder(out).read_pairs()
     assert {p.chosen for p in pairs} == {f"A clear answer {i}." for i in range(5)}
     assert {r["line"] for r in rejects_of(out)} >= {3, 7}
 

@@ -5,6 +5,8 @@ import time
 
 import pytest
 
+from rlhf_core.artifacts import PromptSplit
+
 from .conftest import rlhf
 
 pytestmark = pytest.mark.slow
@@ -29,7 +31,7 @@ def test_base_model_and_prompts_stages(tiny_project):
     rlhf("prompts", cwd=tiny_project)
     metrics = json.loads((tiny_project / "metrics" / "prompts.json").read_text())
     assert metrics["prompts/train"] + metrics["prompts/eval"] == metrics["prompts/kept"] >= 500
-    train = (tiny_project / "data" / "prompts" / "train.jsonl").read_text().splitlines()
+    train = PromptSplit(tiny_project / "data" / "prompts").train.read_text().splitlines()
     assert len(train) == metrics["prompts/train"]
 
     import mlflow

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
+from rlhf_core.artifacts import PreferenceFolder
 from rlhf_core.config import RewardConfig
 from rlhf_core.errors import DataError, RLHFError
 from rlhf_core.preferences import PreferenceBundle, bundle_pairs
-from rlhf_core.records import write_jsonl
 from rlhf_core.reward import RewardModel
 from rlhf_core.reward.build import build_reward_model, freeze_lower_layers, init_reward_head, load_sequence_classifier
 from rlhf_core.reward.data import PromptComparisons, encode_groups, load_prompt_comparisons, split_by_prompt
@@ -78,7 +78,7 @@ def test_expected_calibration_error_by_hand():
 
 def write_bundle(folder, bundle: PreferenceBundle) -> None:
     bundle.write(folder)
-    write_jsonl(folder / "pairs.jsonl", bundle_pairs(bundle, margin="rank_distance"))
+    PreferenceFolder(folder).write_pairs(bundle_pairs(bundle, margin="rank_distance"), [])
 
 
 def full_ranking_bundle() -> PreferenceBundle:

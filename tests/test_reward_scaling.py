@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_core.artifacts import PromptSplit
 from rlhf_core.records import write_jsonl
 from rlhf_core.schemas import Prompt
 from tests.conftest import load_bench_script
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_learning_curve_on_a_tiny_model(work_env, tiny_base_model):
     rows = [json.loads(line) for line in (REPO / "data" / "prompts.jsonl").read_text().splitlines()[:15]]
     prompts = [Prompt(id=f"p{i:02d}", text=row["prompt"]) for i, row in enumerate(rows)]
-    write_jsonl(work_env / "data" / "prompts" / "train.jsonl", prompts)
+    write_jsonl(PromptSplit(work_env / "data" / "prompts").train, prompts)
     out = work_env / "curve.json"
     argv = ["--params", str(work_env / "params.yaml"), "--base-model", str(tiny_base_model), "--prompts", "15",
             "--k", "5", "--train-k", "3,5", "--sizes", "6,all", "--work", str(work_env / "scratch"),
