@@ -24,14 +24,14 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from rlhf_core.errors import ConfigError, DataError
-from rlhf_core.records import Reject, read_jsonl, write_json, write_jsonl, write_rejects
+from rlhf_core.records import Reject, read_jsonl, write_jsonl, write_rejects
 from rlhf_core.schemas import Completion, PreferencePair, Prompt, Ranking
 
 #: The pipeline definition, next to the package (as ``accelerate/`` is, see :mod:`rlhf_core.launch`).
@@ -182,9 +182,6 @@ class BundleFolder:
     def rankings(self) -> Path:
         return self.folder / BUNDLE_FILES["rankings"]
 
-    def read_prompts(self) -> list[Prompt]:
-        return read_jsonl(self.prompts, Prompt)
-
     def read_completions(self) -> list[Completion]:
         return read_jsonl(self.completions, Completion)
 
@@ -238,9 +235,6 @@ class EvaluationFolder:
     def human_eval(self) -> Path:
         return self.folder / "human_eval"
 
-    def write_samples(self, rows: Iterable[Mapping]) -> int:
-        return write_jsonl(self.samples, rows)
-
 
 @dataclass(frozen=True)
 class MetricsFolder:
@@ -250,11 +244,6 @@ class MetricsFolder:
 
     def path(self, stage: str) -> Path:
         return self.folder / f"{stage}.json"
-
-    def write(self, stage: str, metrics: Mapping) -> Path:
-        path = self.path(stage)
-        write_json(path, dict(metrics))
-        return path
 
     def read(self, stage: str) -> dict:
         """A stage's metrics ({} when it has not run)."""

@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from rlhf_core import runtime
+from rlhf_core.artifacts import MetricsFolder
 from rlhf_core.errors import RLHFError
 from rlhf_core.records import write_json
 
@@ -275,7 +276,7 @@ def stage_run(
     tags.update(process_tags())
     mark_dead_runs_killed(stage)
     run = client.create_run(experiment_id(), tags=tags, run_name=run_name or stage)
-    handle = StageRun(stage, run.info.run_id, Path(metrics_dir) / f"{stage}.json", run.info.artifact_uri)
+    handle = StageRun(stage, run.info.run_id, MetricsFolder(Path(metrics_dir)).path(stage), run.info.artifact_uri)
     try:
         yield handle
     except BaseException:
