@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     from flows.pipeline import rlhf_pipeline
 
     parameters = {"project_dir": str(root), "stages": args.stages, "from_champion": not args.from_base,
-                  "overrides": overrides}
+                  "overrides": overrides, "restore_params": True}
     schedule = {"interval": args.interval} if args.interval else {"cron": args.cron or params.orchestration.schedule_cron}
     print(f"serving deployment rlhf-pipeline/{args.name} ({schedule}); Ctrl+C stops")
     # limit=1: a retraining run never overlaps the previous one (they share the workspace and DVC's lock).

@@ -22,8 +22,9 @@ from flows.summary import render_summary
 from rlhf_core import runtime
 from rlhf_core.artifacts import pipeline_stages
 from rlhf_core.config import load_params
+from rlhf_core.records import atomic_write_text
 from tasks.experiments import record_experiment
-from tasks.registry import apply_overrides, restore_registry, snapshot_registry, start_from_champion
+from tasks.registry import apply_overrides, resolve_aliases, restore_registry, snapshot_registry
 from tasks.stages import GPU_STAGES, ensure_concurrency_limit, stage_task
 
 #: the stages in pipeline order: dvc.yaml's
@@ -37,31 +38,46 @@ def rlhf_pipeline(
     from_champion: bool = False,
     record_dvc_experiment: bool = True,
     overrides: dict[str, str] | None = None,
+    restore_params: bool = False,
 ) -> dict[str, dict]:
     """Run the pipeline's DVC stages in order; a failing stage fails the flow with its error
-    and puts the registry aliases back as they were."""
+    and puts the registry aliases back as they were.
+
+    Before any stage runs, every registry alias the run depends on is pinned to the
+    version it names now and written into params.yaml with the ``overrides``
+    (recorded in dvc.lock, the DVC experiment and each stage's MLflow params), so
+    the stages read only files and values DVC tracks.  ``restore_params`` (what
+    scheduled runs use) puts the user's params.yaml back afterwards: the run's
+    values then live in its DVC experiment (``dvc exp apply <run> && dvc repro``).
+    """
     root = Path(project_dir).resolve()
     runtime.configure(root)
-    if overrides:
-        apply_overrides(root, overrides)
-    params = load_params(root / "params.yaml")
+    params_file = root / "params.yaml"
+    user_params = params_file.read_text()
     logger = get_run_logger()
-    ensure_concurrency_limit("gpu", params.orchestration.gpu_concurrency)
-    snapshot = snapshot_registry(root)
-    if from_champion:
-        logger.info("starting from policy %s", start_from_champion(root))
-    results: dict[str, dict] = {}
     try:
-        for stage in stages or STAGES:
-            run_stage = stage_task(stage, params.orchestration.retries, params.orchestration.retry_delay_seconds)
-            results[stage] = run_stage(stage, root)
-    except BaseException:
-        changed = restore_registry(root, snapshot)
-        if changed:
-            logger.warning("registry restored after failure: %s", "; ".join(changed))
-        raise
-    if record_dvc_experiment:
-        record_experiment(root, flow_run.name or "rlhf-run")
+        pinned = resolve_aliases(root, from_champion)
+        logger.info("registry aliases pinned for this run: %s", pinned)
+        apply_overrides(root, {**(overrides or {}), **pinned})
+        params = load_params(params_file)
+        ensure_concurrency_limit("gpu", params.orchestration.gpu_concurrency)
+        snapshot = snapshot_registry(root)
+        results: dict[str, dict] = {}
+        try:
+            for stage in stages or STAGES:
+                run_stage = stage_task(stage, params.orchestration.retries, params.orchestration.retry_delay_seconds)
+                results[stage] = run_stage(stage, root)
+        except BaseException:
+            changed = restore_registry(root, snapshot)
+            if changed:
+                logger.warning("registry restored after failure: %s", "; ".join(changed))
+            raise
+        if record_dvc_experiment:
+            record_experiment(root, flow_run.name or "rlhf-run")
+    finally:
+        if restore_params and params_file.read_text() != user_params:
+            atomic_write_text(params_file, user_params)
+            logger.info("params.yaml restored; the values this run used are in its DVC experiment and MLflow runs")
     print(render_summary(root, params, results, GPU_STAGES))
     return results
 

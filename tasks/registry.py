@@ -1,4 +1,4 @@
-"""Registry guard tasks: a failed flow run leaves the MLflow model registry as it found it."""
+"""Registry tasks of the flow: pin the aliases a run depends on, and leave the registry as it was found if the run fails."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from prefect import task
 
 from rlhf_core import runtime
 from rlhf_core.config import set_params
-from rlhf_core.tracking import alias_snapshot, model_by_alias, restore_aliases
+from rlhf_core.tracking import alias_snapshot, resolved_aliases, restore_aliases
 
 REGISTERED_MODELS = ("rlhf-reward-model", "rlhf-policy")
 
@@ -34,11 +34,8 @@ def apply_overrides(root: Path, overrides: dict[str, str]) -> list[str]:
     return set_params(root / "params.yaml", overrides)
 
 
-@task(name="start-from-champion")
-def start_from_champion(root: Path) -> str:
-    """Point candidate generation and PPO at the current champion policy (or the base model if none)."""
+@task(name="resolve-aliases")
+def resolve_aliases(root: Path, from_champion: bool) -> dict[str, str]:
+    """``section.key -> version`` for every registry alias this run depends on, as it stands now."""
     runtime.configure(root)
-    champion = model_by_alias("rlhf-policy", "champion")
-    version = champion.version if champion else "base"
-    set_params(root / "params.yaml", {"candidates.policy": version, "ppo.init_policy": version})
-    return version
+    return resolved_aliases(from_champion)

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+import yaml
 
 from .conftest import BIN, rlhf
 
@@ -75,12 +76,23 @@ def test_interval_schedule_creates_and_completes_a_run(tiny_project, monkeypatch
         _wait(lambda: _healthy(api), 150, "the Prefect server")
         monkeypatch.setenv("PREFECT_API_URL", api)
         worker = subprocess.Popen(
-            [str(BIN / "rlhf"), "schedule", "--interval", "60", "--stages", "base_model", "--from-base"],
+            [str(BIN / "rlhf"), "schedule", "--interval", "60", "--stages", "base_model", "--from-base",
+             "--set", "base_model.tiny.seed=1"],
             cwd=tiny_project, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
+        user_params = (tiny_project / "params.yaml").read_bytes()
         runs = _wait(lambda: _completed_runs(api), 300, "a completed scheduled run")
         assert runs[0]["deployment_id"] is not None
         assert (tiny_project / "metrics" / "base_model.json").exists()
+        # the run's override and pinned aliases live in its DVC experiment; the user's params.yaml is as it was
+        assert (tiny_project / "params.yaml").read_bytes() == user_params
+        refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=tiny_project,
+                              capture_output=True, text=True, check=True).stdout.split()
+        assert refs, "the scheduled run was not recorded as a DVC experiment"
+        shown = subprocess.run(["git", "show", f"{refs[0]}:params.yaml"], cwd=tiny_project, capture_output=True,
+                               text=True, check=True).stdout
+        recorded = yaml.safe_load(shown)
+        assert recorded["base_model"]["tiny"]["seed"] == 1 and recorded["evaluate"]["champion"] == "none"
     finally:
         for process in (worker, server):
             if process is not None:

@@ -1,0 +1,68 @@
+"""A run reproduced from git + the DVC remote alone, on a machine without the MLflow store that made it.
+
+Every stage hands off through files DVC tracks and every registry alias is
+pinned in params, so a fresh clone that pulls the DVC cache is up to date, and
+forcing ``ppo`` and ``evaluate`` again gives the same figures.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import isolate_env
+
+pytestmark = pytest.mark.slow
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def _run(cmd, cwd: Path) -> str:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(map(str, cmd))} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def _figures(metrics_file: Path) -> dict:
+    """The stage's metrics without wall-clock figures (they differ between any two runs)."""
+    flat = {}
+
+    def walk(value, name):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, f"{name}/{key}" if name else key)
+        elif not any(word in name for word in ("second", "per_s", "tokens_s", "time", "run_id")):
+            flat[name] = value
+
+    walk(json.loads(metrics_file.read_text()), "")
+    return flat
+
+
+def test_a_fresh_clone_with_the_dvc_remote_and_no_mlflow_store_reproduces_ppo_and_evaluate(
+    tiny_project, tmp_path, monkeypatch
+):
+    remote = tmp_path / "dvc-remote"
+    _run([*DVC, "repro"], tiny_project)
+    _run([*DVC, "remote", "add", "-d", "shared", str(remote)], tiny_project)
+    _run([*DVC, "push"], tiny_project)
+    _run(["git", "add", "-A"], tiny_project)
+    _run(["git", "commit", "-q", "-m", "a pipeline run"], tiny_project)
+
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(tiny_project), str(clone)], tmp_path)
+    isolate_env(monkeypatch, clone)  # its own, empty MLflow store: nothing of the first machine's registry
+    assert not (clone / ".work" / "mlflow.db").exists()
+    _run([*DVC, "pull"], clone)
+    status = _run([*DVC, "status"], clone)
+    assert "up to date" in status, status
+    assert "didn't change" in _run([*DVC, "repro"], clone) or "up to date" in status
+
+    _run([*DVC, "repro", "--force", "--single-item", "ppo"], clone)
+    _run([*DVC, "repro", "--force", "--single-item", "evaluate"], clone)
+    for stage in ("ppo", "evaluate"):
+        original = _figures(tiny_project / "metrics" / f"{stage}.json")
+        again = _figures(clone / "metrics" / f"{stage}.json")
+        assert again == original, {k: (original.get(k), again.get(k)) for k in original.keys() | again.keys()
+                                   if original.get(k) != again.get(k)}
