@@ -38,7 +38,7 @@ from pydantic import ValidationError
 from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.importers.assemble import RecordError, content_id
 from rlhf_core.importers.dialogue import render_prompt
-from rlhf_core.prompts import iter_rows, normalise, stable_id
+from rlhf_core.prompts import blank_reason, iter_rows, normalise, stable_id
 from rlhf_core.records import Reject, preview, write_jsonl
 from rlhf_core.rowfiles import UnreadableRow, UnusableValue, decode_json, iter_raw_rows
 from rlhf_core.schemas import MAX_TEXT_CHARS, ChatTurn, Demonstration, Prompt
@@ -252,17 +252,22 @@ def _text(value: object, where: str) -> str:
         raise RecordError(where, "null, not text", "non_text")
     if not isinstance(value, str):
         raise RecordError(where, f"expected text, got {type(value).__name__}", "non_text")
-    if not value.strip():
-        raise RecordError(where, "empty text", "empty")
+    blank = blank_reason(value)
+    if blank:
+        raise RecordError(where, blank, "empty")
     if len(value) > MAX_TEXT_CHARS:
         raise RecordError(where, f"too long: {len(value)} characters > {MAX_TEXT_CHARS}", "too_long")
     return value.strip()
 
 
 def _optional_id(raw: dict, key: str) -> str | None:
+    """The row's own id as text (an integer counts), None when it gives none; a reject for an id of another
+    type, which would otherwise be replaced by a content id without a word."""
     value = raw.get(key)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if value is not None and not isinstance(value, str):
+        raise RecordError(key, f"expected text or an integer, got {type(value).__name__}")
     return _optional_text(raw, key)
 
 

@@ -10,11 +10,13 @@ file and line it came from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 
 from rlhf_core.artifacts import BUNDLE_FILES
+from rlhf_core.prompts import blank_reason
 from rlhf_core.records import Reject, read_records, write_jsonl
 from rlhf_core.rowfiles import iter_raw_rows
 from rlhf_core.schemas import Completion, PreferencePair, Prompt, Ranking
@@ -160,13 +162,25 @@ def _missing(what: str, record_id: str, rejected: set[str]) -> str:
     return f"{what} {record_id!r} was rejected" if record_id in rejected else f"unknown {what} {record_id!r}"
 
 
+#: How many missing completions a reject names; a ranking of 100,000 unknown ids gets one short line, not a megabyte.
+NAMED_MISSING = 3
+
+
+def _missing_all(what: str, record_ids: list[str], rejected: set[str]) -> str:
+    named = ", ".join(_missing(what, record_id, rejected) for record_id in record_ids[:NAMED_MISSING])
+    more = len(record_ids) - NAMED_MISSING
+    return f"{named} and {more} more" if more > 0 else named
+
+
 def validate_bundle(bundle: PreferenceBundle, *, max_text_chars: int, source: str) -> PreferenceBundle:
     """The records of ``bundle`` that are usable together, with every reject (the bundle's own and new ones).
 
-    Prompts: duplicate ids, texts over ``max_text_chars``.  Completions: duplicate
-    ids, unknown or rejected prompts, empty or over-long texts.  Rankings:
+    Prompts: duplicate ids, texts that show nothing (empty, or zero-width characters
+    only) or are over ``max_text_chars``.  Completions: duplicate ids, unknown or
+    rejected prompts, texts that show nothing or are over-long.  Rankings:
     duplicate ids, unknown or rejected prompts and completions, completions of
-    another prompt, and the same ranking given twice by one annotator.  (Fewer
+    another prompt, ratings too far apart for their difference to be a number
+    (a rating-gap margin of infinity), and the same ranking given twice by one annotator.  (Fewer
     than two completions or a repeated completion are refused by the schema when
     a ranking is read.)  The first of two records with one id is kept.
     """
@@ -176,6 +190,8 @@ def validate_bundle(bundle: PreferenceBundle, *, max_text_chars: int, source: st
     for position, prompt in enumerate(bundle.prompts, start=1):
         if prompt.id in prompts:
             check.reject("prompts", prompt, position, f"duplicate id {prompt.id!r}", "id", "duplicate")
+        elif blank_reason(prompt.text):
+            check.reject("prompts", prompt, position, blank_reason(prompt.text), "text", "empty")
         elif len(prompt.text) > max_text_chars:
             check.reject("prompts", prompt, position, f"text too long: {len(prompt.text)} > {max_text_chars} characters", "text", "too_long")
         else:
@@ -189,8 +205,8 @@ def validate_bundle(bundle: PreferenceBundle, *, max_text_chars: int, source: st
         elif completion.prompt_id not in prompts:
             reason = _missing("prompt", completion.prompt_id, rejected_prompts)
             check.reject("completions", completion, position, reason, "prompt_id", "unknown_id")
-        elif not completion.text.strip():
-            check.reject("completions", completion, position, "empty text", "text", "empty")
+        elif blank_reason(completion.text):
+            check.reject("completions", completion, position, blank_reason(completion.text), "text", "empty")
         elif len(completion.text) > max_text_chars:
             reason = f"text too long: {len(completion.text)} > {max_text_chars} characters"
             check.reject("completions", completion, position, reason, "text", "too_long")
@@ -210,12 +226,15 @@ def validate_bundle(bundle: PreferenceBundle, *, max_text_chars: int, source: st
             reason = _missing("prompt", ranking.prompt_id, rejected_prompts)
             check.reject("rankings", ranking, position, reason, "prompt_id", "unknown_id")
         elif unknown:
-            reason = ", ".join(_missing("completion", cid, rejected_completions) for cid in unknown)
+            reason = _missing_all("completion", unknown, rejected_completions)
             check.reject("rankings", ranking, position, reason, "completion_ids", "unknown_id")
         elif foreign:
             cid = foreign[0]
             reason = f"completion {cid!r} belongs to prompt {completions[cid].prompt_id!r}, not {ranking.prompt_id!r}"
             check.reject("rankings", ranking, position, reason, "completion_ids", "mismatch")
+        elif ranking.ratings and not math.isfinite(max(ranking.ratings) - min(ranking.ratings)):
+            reason = f"ratings from {min(ranking.ratings):g} to {max(ranking.ratings):g} differ by more than a number can hold"
+            check.reject("rankings", ranking, position, reason, "ratings", "not_finite")
         elif same in given:
             reason = f"same ranking as {given[same]!r} by the same annotator"
             check.reject("rankings", ranking, position, reason, None, "duplicate")

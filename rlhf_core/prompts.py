@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import unicodedata
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -52,8 +53,26 @@ def stable_id(text: str) -> str:
     return "p" + hashlib.sha256(text.strip().encode()).hexdigest()[:12]
 
 
+def visible(text: str) -> str:
+    """``text`` without its format characters (Unicode category Cf: zero-width spaces and joiners, bidi marks,
+    a stray byte-order mark), which show nothing, so that two texts that look alike compare alike."""
+    if text.isascii():
+        return text
+    return "".join(char for char in text if unicodedata.category(char) != "Cf")
+
+
+def blank_reason(text: str) -> str | None:
+    """Why ``text`` shows nothing (empty, white space or format characters only), or None when it shows something."""
+    if not text.strip():
+        return "empty text"
+    if not visible(text).strip():
+        return "no visible text (only zero-width or other format characters)"
+    return None
+
+
 def normalise(text: str) -> str:
-    return " ".join(text.lower().split())
+    """The key two texts share when a reader would call them the same (case, spacing, invisible characters)."""
+    return " ".join(visible(text).lower().split())
 
 
 @dataclass
@@ -82,8 +101,13 @@ def import_prompts(path: str | Path, fmt: str, text_field: str, count_tokens, ma
             reason = "missing" if text is None else f"expected text, got {type(text).__name__}"
             out.rejects.append(Reject(str(path), number, reason, text_field, preview(raw)))
             continue
-        if not text.strip():
-            out.rejects.append(Reject(str(path), number, "empty prompt", text_field, kind="empty"))
+        blank = blank_reason(text)
+        if blank:
+            out.rejects.append(Reject(str(path), number, blank, text_field, preview(raw), "empty"))
+            continue
+        prompt_id = _given_id(raw.get("id"))
+        if isinstance(prompt_id, Reject):
+            out.rejects.append(replace(prompt_id, file=str(path), line=number, raw=preview(raw)))
             continue
         key = normalise(text)
         if key in first_line:
@@ -93,7 +117,7 @@ def import_prompts(path: str | Path, fmt: str, text_field: str, count_tokens, ma
         if tokens > max_tokens:
             out.rejects.append(Reject(str(path), number, f"too long: {tokens} tokens > {max_tokens}", text_field, text[:500], "too_long"))
             continue
-        prompt_id = str(raw.get("id") or stable_id(text))
+        prompt_id = prompt_id or stable_id(text)
         if prompt_id in seen_ids:
             out.rejects.append(Reject(str(path), number, f"duplicate id {prompt_id!r}", "id", kind="duplicate"))
             continue
@@ -106,6 +130,18 @@ def import_prompts(path: str | Path, fmt: str, text_field: str, count_tokens, ma
         seen_ids.add(prompt_id)
         out.prompts.append(prompt)
     return out
+
+
+def _given_id(value: object) -> str | None | Reject:
+    """A row's own id as text (an integer counts: ``5`` is ``"5"``), None when it gives none, or a reject
+    (without its place) for an id of another type, which would otherwise become ``"True"`` or ``"{'a': 1}"``."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return Reject("", 0, f"expected text or an integer, got {type(value).__name__}", "id")
 
 
 def in_eval_split(prompt_id: str, eval_fraction: float, seed: int) -> bool:

@@ -59,12 +59,29 @@ def validation_rejects(exc: ValidationError, file: str, line: int, raw: object) 
     return out
 
 
+def boolean_rejects(record: BaseModel, raw: dict, file: str, line: int) -> list[Reject]:
+    """One reject per JSON ``true``/``false`` that validation turned into a number (pydantic's lax mode reads
+    ``true`` as the rank 1 or the rating 1.0), so a miswritten file is reported rather than silently converted."""
+    out = []
+    stack = [("", raw, record.model_dump())]
+    while stack:
+        where, given, kept = stack.pop()
+        if isinstance(given, bool) and not isinstance(kept, bool):
+            reason = f"expected a number, got {str(given).lower()}"
+            out.append(Reject(file, line, reason, where or None, preview(raw)))
+        elif isinstance(given, dict) and isinstance(kept, dict):
+            stack.extend((f"{where}.{key}".lstrip("."), value, kept.get(key)) for key, value in given.items())
+        elif isinstance(given, list) and isinstance(kept, list):
+            stack.extend((f"{where}.{index}", value, other) for index, (value, other) in enumerate(zip(given, kept)))
+    return sorted(out, key=lambda reject: reject.field or "")
+
+
 def read_records(path: str | Path, model: type[T], *, unique_field: str | None = "id") -> ReadResult[T]:
     """Validate every row of a JSONL(.gz)/JSON/CSV/Parquet file against ``model``.
 
     Rows that cannot be decoded (see :mod:`rlhf_core.rowfiles`), with missing or
-    ill-typed fields, or with a repeated ``unique_field`` become rejects; the rest
-    are returned in file order.
+    ill-typed fields (a boolean for a number too, see :func:`boolean_rejects`), or
+    with a repeated ``unique_field`` become rejects; the rest are returned in file order.
     """
     path = Path(path)
     result: ReadResult[T] = ReadResult()
@@ -82,6 +99,10 @@ def read_records(path: str | Path, model: type[T], *, unique_field: str | None =
             record = model.model_validate(raw)
         except ValidationError as exc:
             result.rejects.extend(validation_rejects(exc, str(path), number, raw))
+            continue
+        converted = boolean_rejects(record, raw, str(path), number)
+        if converted:
+            result.rejects.extend(converted)
             continue
         if unique_field is not None:
             key = getattr(record, unique_field)

@@ -8,13 +8,18 @@ at all (not gzip, truncated, corrupt Parquet, binary or of an unknown
 encoding) raises one :class:`~rlhf_core.errors.DataError` naming it.
 
 Text is UTF-8 unless a byte-order mark says UTF-16 or UTF-32 (the mark is
-dropped, so Excel's UTF-8 BOM does not rename the first CSV column); BOM-less
+dropped, so Excel's UTF-8 BOM does not rename the first CSV column, and so is
+one starting a later JSON line, where ``cat a.jsonl b.jsonl`` puts b's); BOM-less
 UTF-16/32 is recognised from its first bytes, as RFC 4627 section 3 does for
-JSON.  Invalid bytes reject their line with the byte named, instead of turning
+JSON.  JSON text is read as lines unless it is an array (a ``.json`` file, or
+any file whose first line is a lone ``[``) or pretty-printed objects (a first
+line that is a lone ``{``, as ``jq`` and ``json.dump(indent=...)`` write), whose
+values are read one after another.  Invalid bytes reject their line with the byte named, instead of turning
 silently into U+FFFD.  JSON values are held to limits that keep one hostile
 record from crashing the reader or a later writer: nesting depth, integer
-digits, non-finite numbers (``NaN``, ``Infinity``, ``1e999``) and lone UTF-16
-surrogates (``"\\ud800"``), which no UTF-8 file can hold.
+digits, non-finite numbers (``NaN``, ``Infinity``, ``1e999``), lone UTF-16
+surrogates (``"\\ud800"``), which no UTF-8 file can hold, and keys repeated in
+one object (JSON says nothing of which one counts; Python keeps the last).
 """
 
 from __future__ import annotations
@@ -74,20 +79,26 @@ def iter_raw_rows(path: Path, kind: str | None = None) -> Iterator[tuple[int, ob
     ``kind`` is ``jsonl``, ``csv`` or ``parquet``; None tells it from the suffix.
     Blank lines of JSON lines files are no rows.
     """
-    kind = kind or _kind_from_suffix(path)
+    kind = kind or kind_of(path)
     if kind == "parquet":
         yield from _parquet_rows(path)
         return
     text = TextFile(path)
     if kind == "csv":
         yield from _csv_rows(text)
-    elif path.suffix.lower() == ".json" and text.head().lstrip().startswith("["):
+        return
+    head = text.head().lstrip()
+    first_line = head.split("\n", 1)[0].strip()
+    if head.startswith("[") and (path.suffix.lower() == ".json" or first_line == "["):
         yield from _json_array_rows(text)
+    elif first_line == "{":  # no JSON line is a lone brace: pretty-printed objects
+        yield from _json_value_rows(text)
     else:
         yield from _json_line_rows(text)
 
 
-def _kind_from_suffix(path: Path) -> str:
+def kind_of(path: Path) -> str:
+    """``jsonl``, ``csv`` or ``parquet``, from the file's name (``.csv.gz`` is CSV, ``.jsonl.gz`` JSON lines)."""
     name = path.name.lower()
     return "parquet" if name.endswith(".parquet") else "csv" if name.endswith((".csv", ".csv.gz")) else "jsonl"
 
@@ -103,6 +114,8 @@ class TextFile:
             raise DataError(f"{path}: not gzip data (the name ends in .gz but the file has no gzip header)")
         with self._binary() as handle:
             head = self._guard(lambda: handle.read(HEAD_BYTES), 0)
+        if self.compressed and head.startswith(GZIP_MAGIC):
+            raise DataError(f"{path}: gzip data compressed twice (decompressed, it is gzip again); gunzip it once")
         self.codec, self.encoding = detect_encoding(path, head)
 
     def lines(self) -> Iterator[tuple[int, str]]:
@@ -210,9 +223,18 @@ def _constant(name: str) -> _Refused:
     return _Refused(f"{name}, which is not a finite number")
 
 
-#: Tokens that would fail later (huge integers, NaN) come back as markers, so that a JSON array's
-#: element still decodes to its end and the next element can be read.
-DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_constant)
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict | _Refused:
+    value = dict(pairs)
+    if len(value) == len(pairs):
+        return value
+    seen: set[str] = set()
+    repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return _Refused(f"the key {repeated!r} twice in one object")
+
+
+#: Tokens that would fail later (huge integers, NaN, a repeated key) come back as markers, so that a
+#: JSON array's element still decodes to its end and the next element can be read.
+DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_constant, object_pairs_hook=_unique_keys)
 
 
 def decode_json(text: str) -> object:
@@ -289,6 +311,7 @@ def _json_row(source: TextFile, text: str) -> object:
 
 def _json_line_rows(source: TextFile) -> Iterator[tuple[int, object]]:
     for number, line in source.lines():
+        line = line.removeprefix("\ufeff")
         if line.strip():
             yield number, _json_row(source, line.rstrip("\n"))
 
@@ -300,9 +323,19 @@ def _json_array_rows(source: TextFile) -> Iterator[tuple[int, object]]:
     broken element ends the file, because JSON cannot be resynchronised after it.
     """
     text = source.read()
-    pos = _skip_space(text, text.index("[") + 1)
+    yield from _json_sequence_rows(source, text, text.index("[") + 1, array=True)
+
+
+def _json_value_rows(source: TextFile) -> Iterator[tuple[int, object]]:
+    """JSON values one after another, separated by white space only (pretty-printed records), as the elements of
+    an array are read."""
+    yield from _json_sequence_rows(source, source.read(), 0, array=False)
+
+
+def _json_sequence_rows(source: TextFile, text: str, start: int, *, array: bool) -> Iterator[tuple[int, object]]:
+    pos = _skip_space(text, start)
     line, counted = 1, 0
-    while pos < len(text) and text[pos] != "]":
+    while pos < len(text) and not (array and text[pos] == "]"):
         line, counted = line + text.count("\n", counted, pos), pos
         rest = "; the rest of the file cannot be read"
         reason = None
@@ -325,6 +358,8 @@ def _json_array_rows(source: TextFile) -> Iterator[tuple[int, object]]:
                 reason = str(exc)
         yield line, element if reason is None else UnreadableRow(printable(text[pos : min(end, pos + 500)]), reason)
         pos = _skip_space(text, end)
+        if not array:
+            continue
         if pos < len(text) and text[pos] == ",":
             pos = _skip_space(text, pos + 1)
         elif pos >= len(text) or text[pos] != "]":
@@ -332,7 +367,7 @@ def _json_array_rows(source: TextFile) -> Iterator[tuple[int, object]]:
             found = "the end of the file" if pos >= len(text) else repr(text[pos])
             yield line, UnreadableRow(printable(text[pos : pos + 200]), f"expected ',' or ']', found {found}{rest}")
             return
-    if pos >= len(text):
+    if array and pos >= len(text):
         line += text.count("\n", counted, pos)
         yield line, UnreadableRow("", "not valid JSON: the array ends without its closing ']' (a truncated file?)")
 
@@ -367,16 +402,18 @@ def _csv_rows(source: TextFile) -> Iterator[tuple[int, object]]:
     reader = csv.reader((line for _, line in source.lines()), strict=True)
     try:
         header = next(reader, None)
+        while header == []:  # blank lines before the header are no columns
+            header = next(reader, None)
     except csv.Error as exc:
-        raise DataError(f"{source.path}:1: the CSV header cannot be read ({exc})") from None
+        raise DataError(f"{source.path}:{reader.line_num}: the CSV header cannot be read ({exc})") from None
     if header is None:
         return
     bad = source.invalid_bytes(",".join(header))
     if bad:
-        raise DataError(f"{source.path}:1: the CSV header is {bad}")
+        raise DataError(f"{source.path}:{reader.line_num}: the CSV header is {bad}")
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
-        raise DataError(f"{source.path}:1: the CSV header repeats the column {repeated[0]!r}")
+        raise DataError(f"{source.path}:{reader.line_num}: the CSV header repeats the column {repeated[0]!r}")
     while True:
         try:
             cells = next(reader, None)

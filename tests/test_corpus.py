@@ -83,7 +83,25 @@ JSON_DAMAGE: dict[str, tuple[Damage, str]] = {
     "nan": (lambda r, rng: with_key(r, "score", rng.choice([b"NaN", b"Infinity", b"-Infinity"])), "finite"),
     "overflowing_float": (lambda r, rng: with_key(r, "score", b"1e999"), "finite"),
     "not_an_object": (lambda r, rng: rng.choice([b"[1, 2, 3]", b'"text"', b"42", b"null"]), "object"),
+    "repeated_key": (lambda r, rng: with_key(r, next(iter(r)), b'"which one counts?"'), "twice in one object"),
 }
+
+#: Damage to one field, for the formats that have it (named by the cases that use it).
+FIELD_DAMAGE: dict[str, tuple[Damage, str]] = {
+    "invisible_prompt": (
+        lambda r, rng: json.dumps({**r, "prompt": rng.choice(["\u200b", "\u200b\u200d", "\u2060\ufeff\u202e"])}).encode(),
+        "no visible text",
+    ),
+    "id_of_another_type": (
+        lambda r, rng: json.dumps({**r, "id": rng.choice([True, {"a": 1}, [1], 1.5])}).encode(),
+        "expected text or an integer",
+    ),
+    "ratings_overflow": (
+        lambda r, rng: json.dumps({**r, "scores": [1e308, -rng.uniform(1e308, 1.7e308)]}).encode(),
+        "differ by more than a number can hold",
+    ),
+}
+DAMAGE = {**JSON_DAMAGE, **FIELD_DAMAGE}
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,7 @@ class Case:
     repeat: bool = False  # a record given twice: the second is a duplicate
     long_line: bool = False  # a good record padded to a megabyte
     good: tuple[int, int] = (2, 6)
+    layout: str = "lines"  # lines; pretty (indented objects one after another); pretty_array (an indented array)
     extra: dict = field(default_factory=dict)
 
 
@@ -128,6 +147,18 @@ CASES: dict[str, Case] = {
     "prompts_jsonl": Case("prompts", "jsonl", tuple(JSON_DAMAGE), blank_lines=True),
     "prompts_csv": Case("prompts", "csv", encoding="utf-8-sig", extra={"csv_damage": ("invalid_utf8", "long_row")}),
     "prompts_json_array": Case("prompts", "json", ("lone_surrogate", "huge_integer")),
+    # found by throwing a fresh corpus at the readers
+    "byte_order_marks_starting_lines": Case("trl", "jsonl", ("bad_json",), extra={"bom_lines": True}),
+    "prompts_byte_order_marks_starting_lines": Case("prompts", "jsonl", extra={"bom_lines": True}),
+    "repeated_keys_and_invisible_prompts": Case("trl", "jsonl", ("repeated_key", "invisible_prompt"), repeat=True),
+    "messages_encoded_as_json_text": Case("trl", "jsonl", ("repeated_key",), extra={"encoded_messages": True}),
+    "ratings_too_far_apart": Case("ratings", "jsonl", ("ratings_overflow", "invisible_prompt", "repeated_key")),
+    "pretty_printed_objects": Case("trl", "jsonl", ("lone_surrogate", "nan", "repeated_key"), layout="pretty"),
+    "pretty_printed_array_in_jsonl": Case("trl", "jsonl", ("repeated_key", "huge_integer"), layout="pretty_array"),
+    "pretty_printed_label_studio": Case("label_studio", "json", ("repeated_key",), layout="pretty"),
+    "csv_blank_lines_before_header": Case("csv_trl", "csv", extra={"blank_before_header": 2, "csv_damage": ("short_row",)}),
+    "prompts_ids_and_invisible_text": Case("prompts", "jsonl", ("id_of_another_type", "invisible_prompt", "repeated_key")),
+    "prompts_pretty_printed": Case("prompts", "json", ("repeated_key",), layout="pretty_array"),
 }
 
 
@@ -157,18 +188,28 @@ def build(case: Case, name: str, folder: Path) -> Corpus:
         padded = json.dumps(good_record(case.fmt, rng, 10_000)).encode()
         entries.append((padded[:-1] + b" " * 1_000_000 + b"}", None))
     for damage in case.damage:
-        make, fragment = JSON_DAMAGE[damage]
+        make, fragment = DAMAGE[damage]
         entries.insert(rng.randint(0, len(entries)), (make(good_record(case.fmt, rng, 20_000 + len(entries)), rng), fragment))
     if case.extra.get("nan_score"):
         row = good_record("ratings", rng, 30_000)
         nan_scores = json.dumps(row).encode().replace(b'"scores": [', b'"scores": [NaN, ')
         entries.insert(rng.randint(0, len(entries)), (nan_scores, "finite"))
+    if case.extra.get("encoded_messages"):  # chat messages given as JSON text: a good record all the same
+        turns = [{"role": "user", "content": f"Encoded {sentence(rng)}?"}]
+        pair = {side: json.dumps(turns + [{"role": "assistant", "content": f"{side} {sentence(rng)}"}]) for side in ("chosen", "rejected")}
+        entries.insert(rng.randint(0, len(entries)), (json.dumps(pair).encode(), None))
+    if case.extra.get("bom_lines"):  # files joined with cat: each one's byte-order mark starts a line
+        starts = [k for k, (_, fragment) in enumerate(entries) if fragment is None]
+        for k in rng.sample(starts, k=min(2, len(starts))):
+            entries[k] = (codecs.BOM_UTF8 + entries[k][0], None)
     if case.repeat and goods:
         entries.append((json.dumps(goods[0]).encode(), "duplicate"))
     if case.blank_lines:
         for _ in range(rng.randint(1, 4)):
             entries.insert(rng.randint(0, len(entries)), (rng.choice([b"", b"   ", b"\t \t"]), ""))
     path = folder / f"{name}.{case.container}"
+    if case.layout != "lines":
+        return _build_pretty(case, entries, path, newline)
     if case.container == "csv":
         return _build_csv(case, goods, rng, path, newline)
     if case.container == "json":
@@ -202,6 +243,30 @@ def _build_array(case: Case, entries, rng, path: Path, newline: str) -> Corpus:
     return Corpus(path, good, bad)
 
 
+def _build_pretty(case: Case, entries, path: Path, newline: str) -> Corpus:
+    """Good records indented over several lines (the first one starts the file), damaged ones on one line each,
+    one after another or as the elements of an array; a record's reject is on the line it starts on."""
+    entries = [(data, fragment) for data, fragment in entries if fragment != ""]
+    first = next(k for k, (_, fragment) in enumerate(entries) if fragment is None)
+    entries.insert(0, entries.pop(first))
+    array = case.layout == "pretty_array"
+    lines: list[bytes] = [b"["] if array else []
+    bad, good = {}, 0
+    for k, (data, fragment) in enumerate(entries):
+        text = json.dumps(json.loads(data), indent=2, ensure_ascii=False).encode() if fragment is None else data
+        if array and k < len(entries) - 1:
+            text += b","
+        start = len(lines) + 1
+        lines.extend(text.split(b"\n"))
+        good += fragment is None
+        if fragment:
+            bad[start] = fragment
+    if array:
+        lines.append(b"]")
+    path.write_bytes(_encode(lines, case, newline))
+    return Corpus(path, good, bad)
+
+
 def _build_csv(case: Case, goods: list[dict], rng, path: Path, newline: str) -> Corpus:
     """Header on line 1, one row per line (no cell holds a line break)."""
     columns = list(goods[0]) if goods else ["prompt"]
@@ -228,8 +293,9 @@ def _build_csv(case: Case, goods: list[dict], rng, path: Path, newline: str) -> 
         rows.insert(rng.randint(0, len(rows)), (make(), fragment))
     if case.repeat and goods:
         rows.append((rows[[f for _, f in rows].index(None)][0], "duplicate"))
-    lines = [first] + [data for data, _ in rows]
-    bad = {k + 2: fragment for k, (_, fragment) in enumerate(rows) if fragment}
+    blank = case.extra.get("blank_before_header", 0)
+    lines = [b""] * blank + [first] + [data for data, _ in rows]
+    bad = {k + 2 + blank: fragment for k, (_, fragment) in enumerate(rows) if fragment}
     if "unclosed_quote" in case.extra.get("csv_damage", ()):
         lines.append(b'"Never closed?,x' + b",x" * (len(columns) - 2))
         bad[len(lines)] = "not valid CSV"
@@ -295,6 +361,7 @@ REFUSED: dict[str, tuple[Callable[[Path, random.Random], Path], str]] = {
         lambda f, rng: _hf_folder(f, rng, lambda p: next(p.glob("*.arrow")).write_bytes(b"garbage" * 9)),
         "not a readable Hugging Face datasets folder",
     ),
+    "gzip_twice": (_write_drawn("p.jsonl.gz", lambda rng: gzip.compress(_gzip_lines(rng, 3))), "compressed twice"),
     "hf_broken_state": (
         lambda f, rng: _hf_folder(f, rng, lambda p: (p / "state.json").write_text("{oops")),
         "not a readable Hugging Face datasets folder",
@@ -413,6 +480,10 @@ def salted_bundle(folder: Path, rng: random.Random) -> tuple[int, dict[int, str]
         (ranking("rn", "p0", ["p0c1", "p0c2"], ratings=[1.0, 2.0]).replace("[1.0, 2.0]", "[NaN, 2.0]"), "finite"),
         (ranking("ri", "p1", ["p1c1", "p1c2"], ratings=[1.0, 2.0]).replace("[1.0, 2.0]", "[1e999, 2.0]"), "finite"),
         (ranking("rs", "p0", ["p0c0", "p0c1"], note="\ud800"), "lone surrogate"),
+        (ranking("rb", "p1", ["p1c0", "p1c1"], ranks=rng.choice([[True, 2], [1, True]])), "expected a number, got true"),
+        (ranking("ro", "p1", ["p1c0", "p1c2"], ratings=[1e308, -1e308]), "differ by more than a number can hold"),
+        (ranking("rh", "p0", [f"x{k}" for k in range(rng.randint(20_000, 30_000))]), "unknown completion 'x2' and"),
+        (ranking("rk", "p0", ["p0c2", "p0c0"])[:-1] + ', "prompt_id": "p1"}', "'prompt_id' twice"),
     ]
     for entry in bad:
         lines.insert(rng.randint(0, len(lines)), entry)
@@ -438,13 +509,40 @@ def test_bundle_folder_is_validated_alike_by_api_command_and_stage(tmp_path, wor
         assert len(bundle.rankings) == good
         assert {r.line: r.file for r in bundle.rejects} == {line: rankings_file for line in expected}
         for reject in bundle.rejects:
-            assert expected[reject.line] in reject.reason, reject.describe()
+            assert expected[reject.line] in reject.reason and len(reject.reason) < 300, reject.describe()
     assert main(["preferences", "import", str(folder), "--out", "out"]) == 0
     assert "Traceback" not in "".join(capsys.readouterr())
     written = [json.loads(line) for line in (work_env / "out" / "rankings.jsonl").read_text().splitlines()]
     assert len(written) == good and all(r["ratings"] is None or None not in r["ratings"] for r in written)
     rejects = [json.loads(line) for line in (work_env / "out" / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["line"] for r in rejects) == sorted(expected)
+
+
+def test_demonstration_reader_keeps_good_rows_and_reports_bad_ones(tmp_path):
+    """The demonstrations reader shares the decoder: the same damage, the same rejects, and its own fields."""
+    from rlhf_core.demonstrations import read_demonstrations
+
+    rng = random.Random(f"{BASE_SEED}:demonstrations")
+    good = [{"prompt": f"Question {i}: {sentence(rng)}?", "completion": f"Answer {i}: {sentence(rng)}."} for i in range(4)]
+    bad = [
+        (json.dumps({"prompt": "\u200b\u2060", "completion": "Visible answer."}), "no visible text"),
+        (json.dumps({"prompt": "Seen?", "completion": rng.choice(["\ufeff", "\u200b \u200d"])}), "no visible text"),
+        (json.dumps({**good[0], "prompt_id": rng.choice([1.5, True, ["p"]])}), "expected text or an integer"),
+        ('{"prompt": "Twice?", "completion": "One.", "completion": "Two."}', "twice in one object"),
+    ]
+    lines = [json.dumps(row) for row in good[1:]]
+    for text, _ in bad:
+        lines.insert(rng.randint(0, len(lines)), text)
+    expected = {lines.index(text) + 1: fragment for text, fragment in bad}
+    joined = rng.choice([k for k in range(len(lines)) if k + 1 not in expected])
+    lines[joined] = "\ufeff" + lines[joined]  # two files joined with cat: the second one's mark starts a line
+    path = tmp_path / "demos.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    demos = read_demonstrations(path)
+    assert {r.line: r.reason for r in demos.rejects}.keys() == expected.keys(), [r.describe() for r in demos.rejects]
+    for reject in demos.rejects:
+        assert expected[reject.line] in reject.reason, reject.describe()
+    assert len(demos.demonstrations) == len(lines) - len(bad)
 
 
 def test_the_command_run_as_a_program_prints_one_line_and_exits_2(tmp_path):

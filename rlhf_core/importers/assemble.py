@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from rlhf_core.preferences import PreferenceBundle
-from rlhf_core.prompts import stable_id
+from rlhf_core.prompts import blank_reason, stable_id, visible
 from rlhf_core.records import Reject, preview
 from rlhf_core.rowfiles import UnreadableRow
 from rlhf_core.schemas import Completion, Prompt, Ranking
@@ -133,9 +133,10 @@ class BundleBuilder:
         texts = [self._checked(field, text) for field, text in zip(item.fields, item.completions)]
         first_field: dict[str, str] = {}
         for field, text in zip(item.fields, texts):
-            if text in first_field:
-                raise RecordError(field, f"identical to {first_field[text]}", "identical")
-            first_field[text] = field
+            shown = visible(text)  # texts that differ only in zero-width characters look identical to an annotator
+            if shown in first_field:
+                raise RecordError(field, f"identical to {first_field[shown]}", "identical")
+            first_field[shown] = field
         prompt_id = stable_id(prompt_text)
         completion_ids = [content_id("c", prompt_id, text) for text in texts]
         # A strict order needs no ranks; leaving them out gives one id whichever format spelt it.
@@ -186,8 +187,9 @@ class BundleBuilder:
 
     def _checked(self, field: str, text: str) -> str:
         text = text.strip()
-        if not text:
-            raise RecordError(field, "empty text", "empty")
+        blank = blank_reason(text)
+        if blank:
+            raise RecordError(field, blank, "empty")
         if len(text) > self.max_text_chars:
             raise RecordError(field, f"too long: {len(text)} characters > {self.max_text_chars}", "too_long")
         return text

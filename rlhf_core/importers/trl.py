@@ -8,6 +8,7 @@ in the final ``\\n\\nAssistant:`` turn.  Either way a row is a ranking of K = 2.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 from rlhf_core.importers.assemble import RankedItem, RecordError, annotator_of, require_text
@@ -21,6 +22,7 @@ from rlhf_core.importers.dialogue import (
     render_prompt,
     shared_text_prompt,
 )
+from rlhf_core.rowfiles import UnusableValue, decode_json
 
 PAIR_FIELDS = ("chosen", "rejected")
 
@@ -29,7 +31,24 @@ def _text_or_messages(row: dict, key: str) -> str | list:
     value = row.get(key)
     if value is None:
         raise RecordError(key, "missing")
-    return value if isinstance(value, str) else check_messages(value, key)
+    if isinstance(value, str):
+        messages = _encoded_messages(value)
+        return value if messages is None else check_messages(messages, key)
+    return check_messages(value, key)
+
+
+def _encoded_messages(text: str) -> list | None:
+    """The chat messages a text holds as JSON (a list of {role, content} objects encoded once more, as a JSON
+    lines or Parquet export of a string column does), else None: read as text, its JSON would become the answer
+    and its opening turns the prompt."""
+    if not text.lstrip().startswith("[{"):
+        return None
+    try:
+        value = decode_json(text)
+    except (json.JSONDecodeError, UnusableValue):
+        return None
+    is_message = lambda item: isinstance(item, dict) and {"role", "content"} <= item.keys()  # noqa: E731
+    return value if isinstance(value, list) and value and all(map(is_message, value)) else None
 
 
 def parse_trl(row: dict) -> Iterator[RankedItem]:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from rlhf_core.preferences import BUNDLE_FILES, PreferenceBundle
+from rlhf_core.prompts import blank_reason
 from rlhf_core.records import Reject
 from rlhf_core.schemas import Completion, Prompt, Ranking
 
@@ -59,14 +60,17 @@ def build_items(bundle: PreferenceBundle, max_text_chars: int, *, gold: bool = F
     for prompt in bundle.prompts:
         if len(prompt.text) > max_text_chars:
             rejects.append(_too_long("prompts", prompt.id, max_text_chars))
+        elif blank_reason(prompt.text):
+            rejects.append(_reject("prompts", f"prompt {prompt.id!r}: {blank_reason(prompt.text)}", "text", "empty"))
         else:
             prompts[prompt.id] = prompt
     grouped: dict[str, list[Completion]] = defaultdict(list)
     for completion in bundle.completions:
         if len(completion.text) > max_text_chars:
             rejects.append(_too_long("completions", completion.id, max_text_chars))
-        elif not completion.text.strip():
-            rejects.append(_reject("completions", f"completion {completion.id!r}: empty text", "text", "empty"))
+        elif blank_reason(completion.text):
+            reason = f"completion {completion.id!r}: {blank_reason(completion.text)}"
+            rejects.append(_reject("completions", reason, "text", "empty"))
         elif completion.prompt_id not in prompts:
             reason = f"completion {completion.id!r}: unknown or rejected prompt {completion.prompt_id!r}"
             rejects.append(_reject("completions", reason, "prompt_id"))
