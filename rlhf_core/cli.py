@@ -26,6 +26,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "preferences": ("rlhf_core.importers_cli", "import public preference data into a bundle, export a bundle to TRL"),
     "demonstrations": ("rlhf_core.demonstrations_cli", "import and clean SFT demonstrations, export them to TRL"),
     "rollback": ("rlhf_core.rollback_cli", "move the champion alias of rlhf-policy back to the previous version"),
+    "reward": ("rlhf_core.reward_cli", "score the reward model on any preference file: accuracy, by length, calibration"),
 }
 
 

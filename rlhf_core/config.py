@@ -146,7 +146,9 @@ class LabelingConfig(Section):
 class RewardConfig(Section):
     """Reward model training (stage train_reward): Bradley-Terry on the ranking pairs, one prompt per batch element."""
 
-    max_length: int = Field(160, gt=0, description="Tokens per conversation; longer ones lose the start of the prompt.")
+    max_length: int = Field(
+        160, gt=0, description="Tokens per conversation; longer ones lose whole turns from the start of the prompt."
+    )
     learning_rate: float = Field(1e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
     prompts_per_batch: int = Field(
@@ -158,8 +160,16 @@ class RewardConfig(Section):
     center_rewards_coefficient: float | None = Field(
         0.01, ge=0, description="Weight of (r_c + r_r)^2 that keeps rewards centred (Eisenstein et al. 2023); null: off."
     )
-    finetune: Literal["full", "freeze", "lora"] = Field(
-        "freeze", description="full; freeze (embeddings and the lower freeze_layers layers); lora (adapters + head)."
+    finetune: Literal["full", "freeze", "lora", "none"] = Field(
+        "freeze",
+        description="full; freeze (embeddings and the lower freeze_layers layers); lora (adapters + head); none (the "
+        "head alone, a linear probe on the frozen features: no trainer steps, memory independent of the data size).",
+    )
+    read_layer: int | None = Field(
+        None,
+        gt=0,
+        description="Decoder layers the reward model keeps: the head reads the output of layer N (after the final "
+        "norm) and the layers above are dropped from it; null keeps them all.",
     )
     freeze_layers: int = Field(24, ge=0, description="Lower layers kept frozen when finetune='freeze'.")
     lora_r: int = Field(16, gt=0)
@@ -282,6 +292,12 @@ class EvaluateConfig(Section):
         "its own, reward.dtype); the same on every CPU (rlhf_core/precision.py).",
     )
     best_of_n: list[int] = Field([1, 2, 4, 8, 16], description="n of the best-of-n frontier from the reference.")
+    @model_validator(mode="after")
+    def _head_only_needs_the_probe(self) -> "RewardConfig":
+        if self.finetune == "none" and self.head_init != "probe":
+            raise ValueError("finetune: none trains only the head, as a linear probe: it needs head_init: probe")
+        return self
+
     best_of_n_prompts: int = Field(
         16, gt=0, description="First N eval prompts that get a pool of max(best_of_n) samples (the pool dominates the cost)."
     )

@@ -204,9 +204,9 @@ def test_text_only_reward_model_ignores_the_stop_token_and_keeps_that_setting_wh
 
     # Training sequences and the cached-trunk scorer read the same text as the model.
     group = PromptComparisons("p1", "Hi?", ["a", "b"], ["Hello.", "Hey"], [True, False])
-    (seq_done, seq_cut), _, _ = encode_groups(tokenizer, [group], reads_stop_token=False)
+    seq_done, seq_cut = encode_groups(tokenizer, [group], reads_stop_token=False).sequences
     assert tokenizer.eos_token_id not in seq_done[-1:] and tokenizer.eos_token_id not in seq_cut[-1:]
-    (with_stop, _), _, _ = encode_groups(tokenizer, [group], reads_stop_token=True)
+    with_stop, _ = encode_groups(tokenizer, [group], reads_stop_token=True).sequences
     assert with_stop[-1] == tokenizer.eos_token_id
     scorer = CachedTrunkScorer(FrozenTrunk(model.model, 1), tokenizer, {}, reads_stop_token=False)
     again = scorer.raw_scores(["Hi?", "Hi?"], ["Hello.", "Hello."], [True, False], batch_size=2)
@@ -272,38 +272,88 @@ def test_collator_stacks_completions_and_shifts_pair_indexes():
     assert batch["chosen"].tolist() == [0, 0, 1, 4] and batch["rejected"].tolist() == [1, 2, 2, 3]
     assert batch["margin"].tolist() == [0, 0, 0, 1.0]
 
-    states = [torch.full((len(seq), 2), float(i)) for i, seq in enumerate(sequences)]
-    batch = RankingCollator(TrunkStateInputs(states))(examples[1:])
+    states = {tuple(seq): torch.full((len(seq), 2), float(i)) for i, seq in enumerate(sequences)}
+    batch = RankingCollator(TrunkStateInputs(states, sequences))(examples[1:])
     assert batch["inputs_embeds"].shape == (2, 2, 2) and batch["attention_mask"].tolist() == [[0, 1], [1, 1]]
     assert batch["position_ids"].tolist() == [[0, 0], [0, 1]] and batch["inputs_embeds"][0, 1].tolist() == [3.0, 3.0]
 
 
-def test_upper_layers_on_cached_trunk_states_score_like_the_full_model(tiny_base_model, tokenizer):
-    from rlhf_core.reward.trunk import FrozenTrunk
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_upper_layers_on_cached_trunk_states_score_like_the_full_model(tiny_base_model, tokenizer, tmp_path, store):
+    """States streamed to a file on disk, a batch at a time, give the scores of the full in-memory forward pass."""
+    from rlhf_core.reward.trunk import CachedTrunkScorer, FrozenTrunk, StateFile
 
     model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer, reads_stop_token=True)
     init_reward_head(model.model, seed=0)
-    prompts, responses, finished = ["Hi?", "Tell me a story."], ["Hello.", "Once upon a time there was"], [True, False]
+    prompts = ["Hi?", "Tell me a story.", "Why?", "Name a colour."]
+    responses, finished = ["Hello.", "Once upon a time there was", "Because.", ""], [True, False, True, True]
     full = model.raw_scores(prompts, responses, finished)
     sequences, _ = encode_conversations(tokenizer, prompts, responses, finished)
     trunk = FrozenTrunk(model.model, 1)
-    states = trunk.states(sequences, tokenizer.pad_token_id, batch_size=2)
-    assert [s.shape[0] for s in states] == [len(seq) for seq in sequences]
+    states = trunk.states(sequences[:3], tokenizer.pad_token_id, batch_size=2, into=StateFile(tmp_path, 64) if store == "disk" else None)
+    assert len(states) == 3 and [states[tuple(seq)].shape[0] for seq in sequences[:3]] == [len(seq) for seq in sequences[:3]]
     with trunk.upper():
         assert len(model.model.model.layers) == 1
-        split = model.model(**TrunkStateInputs(states)([0, 1]), use_cache=False).logits.squeeze(-1)
+        split = model.model(**TrunkStateInputs(states, sequences)([0, 1, 2]), use_cache=False).logits.squeeze(-1)
     assert len(model.model.model.layers) == 2
-    assert torch.allclose(split, full, atol=1e-5)
-    features = trunk.final_features(states, batch_size=2)
-    assert torch.allclose(model.model.score(features).squeeze(-1), full, atol=1e-5)
+    assert torch.allclose(split, full[:3], atol=1e-5)
+    features = trunk.final_features(states, sequences[:3], batch_size=2)
+    assert torch.allclose(model.model.score(features).squeeze(-1), full[:3], atol=1e-5)
 
-    from rlhf_core.reward.trunk import CachedTrunkScorer
+    scorer = CachedTrunkScorer(trunk, tokenizer, states, reads_stop_token=True)
+    again = scorer.raw_scores(prompts, responses, finished, batch_size=2)
+    assert torch.allclose(again, full, atol=1e-5)
+    assert len(states) == 4  # the three cached states were reused, the new one added
 
-    cache = {tuple(sequences[0]): states[0]}
-    scorer = CachedTrunkScorer(trunk, tokenizer, cache, reads_stop_token=True)
-    again = scorer.raw_scores(prompts + ["Why?"], responses + ["Because."], finished + [True], batch_size=2)
-    assert torch.allclose(again, torch.cat([full, model.raw_scores(["Why?"], ["Because."])]), atol=1e-5)
-    assert len(cache) == 3 and cache[tuple(sequences[0])] is states[0]  # cached states are reused, new ones added
+
+def test_state_file_holds_one_batch_in_memory_and_returns_what_was_written(tmp_path):
+    from rlhf_core.reward.trunk import StateFile
+
+    store = StateFile(tmp_path, 3)
+    blocks = {(i,): torch.randn(i + 1, 3) for i in range(5)}
+    store.update(blocks.items())
+    assert len(store) == 5 and (2,) in store and (9,) not in store
+    assert all(torch.equal(store[key], block) for key, block in reversed(blocks.items()))
+    assert list(tmp_path.iterdir()) == []  # anonymous: nothing is left behind, even before close
+
+
+def test_head_only_model_scores_from_streamed_features_like_the_saved_model(tiny_base_model, tokenizer, tmp_path):
+    """finetune: none fits the head on last-token features; cut at read_layer, it reloads and scores the same."""
+    from rlhf_core.reward.trainer import fit_reward_model
+
+    write_bundle(tmp_path / "prefs", marker_bundle(6))
+    groups = load_prompt_comparisons(tmp_path / "prefs", "none")
+    cfg = RewardConfig(finetune="none", read_layer=1, score_batch_size=3)
+    fit = fit_reward_model(tiny_base_model, cfg, groups, tmp_path / "out")
+    assert fit.steps == 0 and fit.trainable_parameters == 64 and fit.losses and fit.losses[-1][1] < fit.losses[0][1]
+    assert len(fit.model.model.layers) == 1 and fit.model.config.num_hidden_layers == 1
+    prompts = [g.prompt for g in groups for _ in g.responses] + ["A prompt never seen?"]
+    responses = [r for g in groups for r in g.responses] + ["An answer never seen."]
+    cached = fit.scorer.raw_scores(prompts, responses, batch_size=4)
+    RewardModel(fit.model, fit.tokenizer).save(tmp_path / "rm")
+    loaded = RewardModel.load(tmp_path / "rm")
+    assert len(loaded.model.model.layers) == 1
+    assert torch.allclose(loaded.raw_scores(prompts, responses, batch_size=5), cached, atol=1e-5)
+    with pytest.raises(RLHFError, match=r"reward.read_layer=5, but the base model has 2 decoder layers"):
+        fit_reward_model(tiny_base_model, RewardConfig(finetune="none", read_layer=5), groups, tmp_path / "out")
+
+
+def test_long_conversations_lose_whole_turns_from_the_left_never_the_final_answer(tokenizer, capfd):
+    from rlhf_core.reward.model import encode_conversation, prompt_turns
+
+    prompt = "Human: first question " + "blah " * 30 + "\n\nAssistant: first answer\n\nHuman: Second question?"
+    assert prompt_turns(prompt) == ["Human: first question " + "blah " * 30 + "\n\nAssistant: first answer", "Human: Second question?"]
+    answer = " The final answer, kept whole."
+    ids, full = encode_conversation(tokenizer, prompt, answer, False)  # the fixture's max_length is 48
+    text = tokenizer.decode(ids)
+    assert full > 48 >= len(ids) and text.endswith(answer) and "Human: Second question?" in text
+    assert "first" not in text and "blah" not in text
+    short, length = encode_conversation(tokenizer, "Hi?", answer, False)
+    assert length == len(short) <= 48 and tokenizer.decode(short).endswith(answer)
+    # One turn longer than the limit: tokens go from the left; the answer's end, where the score is read, stays.
+    ids, full = encode_conversation(tokenizer, "word " * 80, answer, False)
+    assert len(ids) == 48 and full > 48 and tokenizer.decode(ids).endswith(answer)
+    assert "Token indices sequence length" not in capfd.readouterr().err
 
 
 def test_linear_probe_orders_pairs_by_the_informative_feature():
@@ -332,7 +382,8 @@ def test_each_distinct_completion_is_scored_once_per_step(tiny_base_model, token
 
     cfg = RewardConfig(prompts_per_batch=2, epochs=1, finetune="full")
     model, _ = build_reward_model(tiny_base_model, tokenizer, cfg)
-    sequences, examples, _ = encode_groups(tokenizer, groups, cfg.read_stop_token)
+    encoded = encode_groups(tokenizer, groups, cfg.read_stop_token)
+    sequences, examples = encoded.sequences, encoded.examples
     assert len(sequences) == 16 and [e["completions"] for e in examples][1] == [4, 5, 6, 7]
     rows_seen = []
     model.register_forward_hook(lambda module, args, kwargs, out: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)

@@ -7,7 +7,10 @@
   decoder layers.  The frozen part needs no backward pass and no optimiser
   state, which is what makes a 135M model trainable on two CPU cores;
 * ``lora`` - low-rank adapters on every linear layer plus the head (PEFT),
-  merged back into the weights before saving.
+  merged back into the weights before saving;
+* ``none`` - the head alone, fitted as a linear probe on the frozen features.
+
+``reward.read_layer`` cuts the model at a lower layer first.
 """
 
 from __future__ import annotations
@@ -80,12 +83,33 @@ def lora_config(cfg: RewardConfig):
     return LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear")
 
 
+def keep_lower_layers(model, count: int) -> None:
+    """Drop the decoder layers above the lower ``count``: the head then reads layer ``count`` through the final norm.
+
+    Mid-depth features of a small LM order human preferences better than its last
+    layer, which is tuned to predict the next token (bench/README.md, reward_real);
+    the saved model is that much cheaper to run in every later stage.
+    """
+    layers = decoder_layers(model)
+    if count > len(layers):
+        raise RLHFError(f"reward.read_layer={count}, but the base model has {len(layers)} decoder layers")
+    model.model.layers = layers[:count]
+    model.config.num_hidden_layers = count
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:count]
+
+
 def build_reward_model(base_model: str | Path, tokenizer, cfg: RewardConfig):
     """(model, peft_config or None): the base LM with a fresh head, its trainable part set per ``cfg.finetune``."""
     model = load_sequence_classifier(base_model, tokenizer.pad_token_id)
+    if cfg.read_layer is not None:
+        keep_lower_layers(model, cfg.read_layer)
     init_reward_head(model, cfg.seed)
     if cfg.finetune == "freeze":
         freeze_lower_layers(model, cfg.freeze_layers)
+    elif cfg.finetune == "none":
+        model.requires_grad_(False)
+        reward_head(model).requires_grad_(True)
     return model, (lora_config(cfg) if cfg.finetune == "lora" else None)
 
 

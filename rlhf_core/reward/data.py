@@ -84,11 +84,17 @@ def load_prompt_comparisons(folder: str | Path, margin: str) -> list[PromptCompa
     pairs = read_jsonl(pairs_file, PreferencePair)
     if not pairs:
         raise DataError(f"{pairs_file}: no preference pairs")
-    bundle = PreferenceBundle.read(folder)
+    return group_pairs(pairs, PreferenceBundle.read(folder), margin, PreferenceFolder(folder).rankings)
+
+
+def group_pairs(
+    pairs: list[PreferencePair], bundle: PreferenceBundle, margin: str, where: str | Path = "the bundle"
+) -> list[PromptComparisons]:
+    """``pairs`` of ``bundle`` grouped by prompt (see :func:`load_prompt_comparisons`)."""
     finished = {c.id: c.finished is not False for c in bundle.completions}
     rankings = {r.id: r for r in bundle.rankings}
     if margin == "rating_gap" and not any(rating_gap(p, rankings.get(p.ranking_id)) is not None for p in pairs):
-        raise DataError(f"reward.margin is rating_gap, but no ranking in {PreferenceFolder(folder).rankings} has ratings")
+        raise DataError(f"reward.margin is rating_gap, but no ranking in {where} has ratings")
 
     groups: dict[str, PromptComparisons] = {}
     for pair in pairs:
@@ -122,21 +128,34 @@ def split_by_prompt(
     return [g for g in groups if g.prompt_id not in validation], [g for g in groups if g.prompt_id in validation]
 
 
-def encode_groups(
-    tokenizer, groups: list[PromptComparisons], reads_stop_token: bool
-) -> tuple[list[list[int]], list[dict], int]:
-    """Token ids of every distinct completion, one training example per prompt, and how many were truncated.
+@dataclass
+class EncodedGroups:
+    """Token ids of every distinct completion, one training example per prompt, and the conversations' lengths.
 
-    An example names its completions by their index in the returned sequences,
-    and its pairs by indexes into its own completions.
+    An example names its completions by their index in ``sequences``, and its
+    pairs by indexes into its own completions.  ``lengths`` are the token
+    counts before any cut to ``reward.max_length``.
     """
-    from rlhf_core.reward.model import encode_conversations, finished_flags
 
-    sequences, examples, truncated = [], [], 0
+    sequences: list[list[int]]
+    examples: list[dict]
+    lengths: list[int]
+    max_length: int
+
+    @property
+    def truncated(self) -> int:
+        return sum(length > self.max_length for length in self.lengths)
+
+
+def encode_groups(tokenizer, groups: list[PromptComparisons], reads_stop_token: bool) -> EncodedGroups:
+    """Tokenise each prompt's completions once (:func:`rlhf_core.reward.model.encode_conversation`)."""
+    from rlhf_core.reward.model import encode_conversation, finished_flags
+
+    sequences, examples, lengths = [], [], []
     for group in groups:
-        prompts = [group.prompt] * len(group.responses)
-        flags = finished_flags(prompts, group.finished, reads_stop_token)
-        ids, cut = encode_conversations(tokenizer, prompts, group.responses, flags)
+        flags = finished_flags([group.prompt] * len(group.responses), group.finished, reads_stop_token)
+        encoded = [encode_conversation(tokenizer, group.prompt, r, f) for r, f in zip(group.responses, flags)]
+        ids = [seq for seq, _ in encoded]
         examples.append(
             {
                 "completions": list(range(len(sequences), len(sequences) + len(ids))),
@@ -149,8 +168,8 @@ def encode_groups(
             }
         )
         sequences.extend(ids)
-        truncated += cut
-    return sequences, examples, truncated
+        lengths.extend(full for _, full in encoded)
+    return EncodedGroups(sequences, examples, lengths, tokenizer.model_max_length)
 
 
 def num_pairs(groups: list[PromptComparisons]) -> int:

@@ -7,6 +7,7 @@ the Bradley-Terry model the head was trained under says that
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -86,3 +87,67 @@ def heldout_metrics(groups: list[PromptComparisons], scores: Scores) -> dict[str
     for distance, accuracy in group_by(diff, distances).items():
         metrics[f"accuracy_rank_distance_{distance}"] = accuracy
     return metrics
+
+
+def wilson_interval(correct: float, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a share ``correct / total`` (Wilson 1927; sound near 0 and 1, unlike p ± 2se)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z / (1 + z * z / total) * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+#: bins of (chosen length - rejected length), in words of the final answers: the length shortcut shows up here
+LENGTH_DIFF_BINS = ((-math.inf, -20), (-20, -5), (-5, 5), (5, 20), (20, math.inf))
+
+
+def calibration_table(diff: torch.Tensor, bins: int = 5) -> list[dict[str, float]]:
+    """Per confidence bin of ``max(p, 1 - p)``, ``p = sigmoid(diff)``: pairs, mean confidence, accuracy."""
+    p = torch.sigmoid(diff.double())
+    confidence = torch.maximum(p, 1 - p)
+    correct = (diff > 0).double() + 0.5 * (diff == 0).double()
+    index = ((confidence - 0.5) * 2 * bins).long().clamp(max=bins - 1)
+    rows = []
+    for b in range(bins):
+        in_bin = index == b
+        if in_bin.any():
+            rows.append(
+                {
+                    "confidence_low": 0.5 + b / (2 * bins),
+                    "pairs": int(in_bin.sum()),
+                    "confidence": float(confidence[in_bin].mean()),
+                    "accuracy": float(correct[in_bin].mean()),
+                }
+            )
+    return rows
+
+
+def preference_report(groups: list[PromptComparisons], scores: Scores) -> dict:
+    """What ``rlhf reward evaluate`` prints: accuracy with its 95% interval, by length difference, and calibration.
+
+    Lengths are words of the final answers (chosen minus rejected), so the
+    report reads the same whatever tokenizer scored them.
+    """
+    diff, _ = comparison_diffs(groups, scores)
+    words = [
+        len(g.responses[c.chosen].split()) - len(g.responses[c.rejected].split()) for g in groups for c in g.comparisons
+    ]
+    accuracy = pairwise_accuracy(diff)
+    low, high = wilson_interval(accuracy * len(diff), len(diff))
+    by_length = {}
+    for start, stop in LENGTH_DIFF_BINS:
+        rows = torch.tensor([start <= w < stop for w in words])
+        if rows.any():
+            by_length[f"[{start:g}, {stop:g})"] = {"pairs": int(rows.sum()), "accuracy": pairwise_accuracy(diff[rows])}
+    return {
+        "pairs": len(diff),
+        "accuracy": accuracy,
+        "accuracy_low": low,
+        "accuracy_high": high,
+        "shorter_answer_wins": (sum(w < 0 for w in words) + 0.5 * sum(w == 0 for w in words)) / len(diff),
+        "accuracy_by_length_difference": by_length,
+        "calibration_ece": expected_calibration_error(diff),
+        "calibration": calibration_table(diff),
+    }

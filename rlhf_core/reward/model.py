@@ -22,9 +22,9 @@ Two details make that text work:
   token *before* a final ``<|im_end|>`` and could not tell a finished answer
   from a cut-off one.  The reward tokenizer pads with another special token
   instead (no new embedding).
-* Sequences are padded on the right and truncated on the left, so positions
-  never depend on the batch and the end of the response - where the score is
-  read - is always kept.
+* Sequences are padded on the right and shortened from the left, by whole
+  dialogue turns (:func:`encode_conversation`), so positions never depend on
+  the batch and the final answer - where the score is read - is always kept.
 
 Scores are normalised so that the base model's own completions on the training
 prompts score mean 0 and std 1 (Ziegler et al. 2019, OpenAI lm-human-preferences;
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,23 +77,49 @@ def _distinct_pad_token(tokenizer) -> str:
     )
 
 
-def encode_conversations(
-    tokenizer, prompts: list[str], responses: list[str], finished: list[bool]
-) -> tuple[list[list[int]], int]:
-    """Token ids of each (prompt, response) as the reward model reads them, and how many were truncated.
+#: where a multi-turn prompt (rlhf_core.importers.dialogue.render_prompt) starts a new human turn
+_HUMAN_TURN = re.compile(r"\n\n(?=Human: )")
 
-    Sequences longer than ``tokenizer.model_max_length`` lose their beginning
-    (the start of the prompt), never the end of the response.
+
+def prompt_turns(prompt: str) -> list[str]:
+    """A rendered dialogue prompt cut before each ``Human:`` turn (one piece for a single-turn prompt)."""
+    return _HUMAN_TURN.split(prompt)
+
+
+def encode_conversation(tokenizer, prompt: str, response: str, finished: bool) -> tuple[list[int], int]:
+    """Token ids of one (prompt, response) within ``tokenizer.model_max_length``, and its length before any cut.
+
+    A conversation that is too long loses whole exchanges from the start of its
+    prompt (each piece from a ``Human:`` turn to the next), so what the reward
+    model reads still begins at a turn and ends with the final answer.  Only
+    when the last human turn and the answer alone do not fit are tokens cut from
+    the left, as before; the end of the answer, where the score is read, is
+    always kept.
     """
     from rlhf_core.generation import conversation_text
 
+    limit = tokenizer.model_max_length
+    turns = prompt_turns(prompt)
+    full = 0
+    for first in range(len(turns)):
+        text = conversation_text(tokenizer, "\n\n".join(turns[first:]), response, finished)
+        # verbose=False: the length is checked here, transformers' over-length warning would only repeat it.
+        ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        full = full or len(ids)
+        if len(ids) <= limit:
+            return ids, full
+    return ids[-limit:], full
+
+
+def encode_conversations(
+    tokenizer, prompts: list[str], responses: list[str], finished: list[bool]
+) -> tuple[list[list[int]], int]:
+    """Token ids of each (prompt, response) as the reward model reads them (:func:`encode_conversation`), and how
+    many were cut to fit ``tokenizer.model_max_length``."""
     if not len(prompts) == len(responses) == len(finished):
         raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and {len(finished)} finished flags")
-    texts = [conversation_text(tokenizer, p, r, f) for p, r, f in zip(prompts, responses, finished)]
-    ids = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
-    limit = tokenizer.model_max_length
-    truncated = sum(len(seq) > limit for seq in ids)
-    return [seq[-limit:] for seq in ids], truncated
+    encoded = [encode_conversation(tokenizer, p, r, f) for p, r, f in zip(prompts, responses, finished)]
+    return [ids for ids, _ in encoded], sum(full > tokenizer.model_max_length for _, full in encoded)
 
 
 def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,29 +145,44 @@ def finished_flags(prompts: list[str], finished: list[bool] | None, reads_stop_t
 
 
 @torch.no_grad()
-def scores_in_length_order(
-    model, lengths: list[int], batch: Callable[[list[int]], dict], batch_size: int, desc: str | None = None
+def rows_in_length_order(
+    module,
+    lengths: list[int],
+    batch: Callable[[list[int]], dict],
+    batch_size: int,
+    read: Callable[[object, dict], torch.Tensor],
+    desc: str | None = None,
 ) -> torch.Tensor:
-    """The scalar head's output for every row, float32 on the CPU, in input order.
+    """``read(module(**inputs), inputs)`` for every row, float32 on the CPU, in input order.
 
     Rows are batched by length (padding is wasted compute); ``batch(rows)``
-    builds the model's keyword arguments for the rows it is given.
+    builds the module's keyword arguments for the rows it is given.
     """
     from tqdm.auto import tqdm
 
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    scores = torch.zeros(len(lengths), dtype=torch.float32)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    out: torch.Tensor | None = None
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
     try:
         for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None):
             rows = order[first : first + batch_size]
             inputs = {key: value.to(device) for key, value in batch(rows).items()}
-            scores[rows] = model(**inputs, use_cache=False).logits.squeeze(-1).float().cpu()
+            values = read(module(**inputs, use_cache=False), inputs).float().cpu()
+            if out is None:
+                out = torch.zeros((len(lengths), *values.shape[1:]), dtype=torch.float32)
+            out[rows] = values
     finally:
-        model.train(was_training)
-    return scores
+        module.train(was_training)
+    return torch.zeros(0) if out is None else out
+
+
+def scores_in_length_order(
+    model, lengths: list[int], batch: Callable[[list[int]], dict], batch_size: int, desc: str | None = None
+) -> torch.Tensor:
+    """The scalar head's output for every row, float32 on the CPU, in input order (see :func:`rows_in_length_order`)."""
+    return rows_in_length_order(model, lengths, batch, batch_size, lambda out, _: out.logits.squeeze(-1), desc)
 
 
 class RewardModel:

@@ -17,7 +17,8 @@ from pathlib import Path
 from rlhf_core.config import CandidatesConfig
 from rlhf_core.preferences import BUNDLE_FILES, PreferenceBundle
 
-BASE_VERSION_PREFIX = "base:"
+#: version labels of the starting policy (rlhf_core.tracking.resolve_policy): the base model, or the SFT model
+BASE_VERSION_PREFIX = ("base:", "sft:")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class BaseCompletions:
     prompts: list[str]
     responses: list[str]
     finished: list[bool]
-    source: str  # "candidates" or "sampled"
+    source: str  # "candidates", "sampled" or "imported" (the preference data's own answers)
 
     def __len__(self) -> int:
         return len(self.responses)

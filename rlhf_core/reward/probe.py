@@ -16,12 +16,19 @@ import torch.nn.functional as F
 
 
 def fit_linear_head(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, weight: torch.Tensor, l2: float
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor,
+    weight: torch.Tensor,
+    l2: float,
+    losses: list[float] | None = None,
 ) -> torch.Tensor:
     """Head weights w minimising the weighted loss -log sigmoid(w·(f_c - f_r) - margin) + l2·|w ⊙ std(f)|².
 
     Features are standardised per dimension for the fit (so ``l2`` does not
     depend on their scale); the returned w applies to the raw features.
+    ``losses``, when given, receives the pairs' loss (without the penalty) at
+    every evaluation of the optimiser: the probe's training curve.
     """
     chosen, rejected = chosen.double(), rejected.double()
     scale = torch.cat([chosen, rejected]).std(0).clamp(min=1e-6)
@@ -32,8 +39,11 @@ def fit_linear_head(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = -(weight * F.logsigmoid(x @ w - margin)).sum() + l2 * w.pow(2).sum()
+        data = -(weight * F.logsigmoid(x @ w - margin)).sum()
+        loss = data + l2 * w.pow(2).sum()
         loss.backward()
+        if losses is not None:
+            losses.append(float(data))
         return loss
 
     optimizer.step(closure)

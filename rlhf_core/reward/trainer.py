@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,7 +35,15 @@ from rlhf_core.reward.build import build_reward_model, reward_head, trainable_pa
 from rlhf_core.reward.data import PromptComparisons, encode_groups, num_pairs
 from rlhf_core.reward.model import RewardModel, pad_right, reward_tokenizer
 from rlhf_core.reward.probe import fit_linear_head
-from rlhf_core.reward.trunk import CachedTrunkScorer, FrozenTrunk, pad_left_states
+from rlhf_core.reward.trunk import (
+    CachedTrunkScorer,
+    FeatureScorer,
+    FrozenTrunk,
+    States,
+    StateFile,
+    last_token_features,
+    pad_left_states,
+)
 
 
 def is_main_process() -> bool:
@@ -85,10 +94,11 @@ class TokenInputs:
 class TrunkStateInputs:
     """Model inputs for completions given by index: their cached frozen-trunk states (see rlhf_core.reward.trunk)."""
 
-    states: list[torch.Tensor]
+    states: States
+    sequences: list[list[int]]
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return pad_left_states([self.states[i] for i in indices])
+        return pad_left_states([self.states[tuple(self.sequences[i])] for i in indices])
 
 
 @dataclass
@@ -233,9 +243,42 @@ class FitResult:
     losses: list[tuple[int, float]]
     seconds: float
     steps: int
-    pairs: int
-    truncated: int
     trainable_parameters: int
+    pairs: int = 0
+    lengths: "LengthReport | None" = None
+
+
+@dataclass(frozen=True)
+class LengthReport:
+    """How long the training conversations are, in tokens before any cut, against ``reward.max_length``."""
+
+    max_length: int
+    conversations: int
+    cut: int
+    p50: int
+    p90: int
+    p99: int
+    longest: int
+
+    @classmethod
+    def of(cls, encoded) -> "LengthReport":
+        ordered = sorted(encoded.lengths)
+
+        def at(q: float) -> int:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+        return cls(encoded.max_length, len(ordered), encoded.truncated, at(0.5), at(0.9), at(0.99), ordered[-1])
+
+    def note(self) -> str | None:
+        """One line for the terminal when conversations had to be cut, naming the key that sets the length."""
+        if not self.cut:
+            return None
+        share = self.cut / self.conversations
+        return (
+            f"{self.cut} of {self.conversations} training conversations ({share:.0%}) exceed reward.max_length="
+            f"{self.max_length} tokens (median {self.p50}, 90th percentile {self.p90}, longest {self.longest}): "
+            "they lose whole turns from the start of the prompt, never the final answer"
+        )
 
 
 def probe_pairs(examples: list[dict], features: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -250,47 +293,77 @@ def probe_pairs(examples: list[dict], features: torch.Tensor) -> tuple[torch.Ten
     return features[chosen], features[rejected], torch.tensor(margin), torch.tensor(weight)
 
 
-def init_head_as_probe(model, features: torch.Tensor, examples: list[dict], l2: float) -> None:
-    """Set the head to the linear probe fitted on the training pairs' final features (LP-FT)."""
+def init_head_as_probe(model, features: torch.Tensor, examples: list[dict], l2: float) -> list[tuple[int, float]]:
+    """Set the head to the linear probe fitted on the training pairs' final features (LP-FT); returns its loss curve."""
     chosen, rejected, margin, weight = probe_pairs(examples, features)
+    losses: list[float] = []
     with torch.no_grad():
-        reward_head(model).weight.copy_(fit_linear_head(chosen, rejected, margin, weight, l2)[None])
+        reward_head(model).weight.copy_(fit_linear_head(chosen, rejected, margin, weight, l2, losses)[None])
+    return list(enumerate(losses, start=1))
 
 
 def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[PromptComparisons], output_dir: Path) -> FitResult:
     """Train a reward model on ``groups`` (every process of a distributed launch calls this).
 
-    With ``finetune: freeze`` the frozen layers run once per completion (:mod:`rlhf_core.reward.trunk`);
-    with ``head_init: probe`` the head starts as a linear probe (:mod:`rlhf_core.reward.probe`).
-    Under DDP each process runs that one-off pass over all training completions
-    (it is not sharded); the training steps are.
+    ``finetune: none`` fits the head alone, as a linear probe on streamed last-token
+    features; ``freeze`` runs the frozen layers once per completion into a
+    :class:`~rlhf_core.reward.trunk.StateFile` on disk and trains the layers above
+    on it (:mod:`rlhf_core.reward.trunk`); with ``head_init: probe`` the head
+    starts as a linear probe (:mod:`rlhf_core.reward.probe`).  Under DDP each
+    process runs that one-off pass over all training completions (it is not
+    sharded); the training steps are.
     """
-    from datasets import Dataset
-
     tokenizer = reward_tokenizer(base_model, cfg.max_length)
     model, peft_config = build_reward_model(base_model, tokenizer, cfg)
-    sequences, examples, truncated = encode_groups(tokenizer, [g for g in groups if g.comparisons], cfg.read_stop_token)
+    encoded = encode_groups(tokenizer, [g for g in groups if g.comparisons], cfg.read_stop_token)
+    sequences, examples = encoded.sequences, encoded.examples
     if not examples:
         raise DataError("no training pairs")
     args = trainer_args(cfg, output_dir)
     model.to(args.device)  # the trunk pass and the probe run before the trainer would move the model
+    fit = fit_head_only if cfg.finetune == "none" else fit_with_trainer
+    result = fit(model, peft_config, tokenizer, cfg, args, sequences, examples)
+    result.pairs, result.lengths = num_pairs(groups), LengthReport.of(encoded)
+    return result
+
+
+def fit_head_only(model, peft_config, tokenizer, cfg: RewardConfig, args, sequences, examples) -> FitResult:
+    """``finetune: none``: the head as a linear probe on the model's last-token features; no trainer steps."""
+    start = time.perf_counter()
+    batch = cfg.score_batch_size
+    with autocast(cfg.dtype, args.device):
+        features = last_token_features(model, sequences, tokenizer.pad_token_id, batch, desc="features")
+    losses = init_head_as_probe(model, features, examples, cfg.probe_l2)
+    check_finite_weights(model, cfg.learning_rate)
+    cache = {tuple(seq): feature for seq, feature in zip(sequences, features)}
+    scorer = FeatureScorer(model, tokenizer, cache, cfg.read_stop_token)
+    return FitResult(model, tokenizer, scorer, losses, time.perf_counter() - start, 0, reward_head(model).weight.numel())
+
+
+def fit_with_trainer(model, peft_config, tokenizer, cfg: RewardConfig, args, sequences, examples) -> FitResult:
+    """``finetune: full | freeze | lora``: TRL's trainer on whole prompts, after the trunk pass and the probe."""
+    from datasets import Dataset
+
     batch = cfg.score_batch_size
     frozen = cfg.finetune == "freeze"
     # Without frozen layers the trunk is the embeddings alone: states for the probe, not for training.
     trunk = FrozenTrunk(model, cfg.freeze_layers if frozen else 0)
-    states = None
+    states = StateFile(args.output_dir, model.config.hidden_size)
+    probe_losses: list[tuple[int, float]] = []
     # The trainer autocasts its own passes; these run before it, in the same path, so cached states match a full pass.
     with autocast(cfg.dtype, args.device):
         if frozen or cfg.head_init == "probe":
-            states = trunk.states(sequences, tokenizer.pad_token_id, batch, desc="frozen layers")
+            trunk.states(sequences, tokenizer.pad_token_id, batch, into=states, desc="frozen layers")
         if cfg.head_init == "probe":
-            init_head_as_probe(model, trunk.final_features(states, batch), examples, cfg.probe_l2)
+            features = trunk.final_features(states, sequences, batch)
+            probe_losses = init_head_as_probe(model, features, examples, cfg.probe_l2)
+    inputs = TrunkStateInputs(states, sequences) if frozen else TokenInputs(sequences, tokenizer.pad_token_id)
     trainer = RankingRewardTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(examples),
         processing_class=tokenizer,
-        data_collator=RankingCollator(TrunkStateInputs(states) if frozen else TokenInputs(sequences, tokenizer.pad_token_id)),
+        data_collator=RankingCollator(inputs),
         peft_config=peft_config,
         callbacks=[FiniteTrainingGuard(cfg.learning_rate)],
     )
@@ -302,19 +375,35 @@ def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[Pro
         model = model.merge_and_unload()
     check_finite_weights(model, cfg.learning_rate)
     if frozen:
-        cache = {tuple(seq): state for seq, state in zip(sequences, states)}
-        scorer = CachedTrunkScorer(trunk, tokenizer, cache, cfg.read_stop_token)
+        scorer = CachedTrunkScorer(trunk, tokenizer, states, cfg.read_stop_token)
     else:
+        states.close()
         scorer = RewardModel(model, tokenizer, reads_stop_token=cfg.read_stop_token, dtype=cfg.dtype)
     losses = [(int(row["step"]), float(row["loss"])) for row in trainer.state.log_history if "loss" in row]
     return FitResult(
         model=model,
         tokenizer=tokenizer,
         scorer=scorer,
-        losses=losses,
+        losses=losses or probe_losses,
         seconds=float(output.metrics["train_runtime"]),
         steps=int(output.global_step),
-        pairs=num_pairs(groups),
-        truncated=truncated,
         trainable_parameters=trainable,
     )
+
+
+def loss_window(losses: list[tuple[int, float]]) -> int:
+    """Steps averaged for the first and last loss: a tenth of the curve, between 1 and 50 steps.
+
+    One step's loss on four prompts is noise (0.48 then 0.58 on a curve whose
+    60-step means fall); a window shows the trend.
+    """
+    return max(1, min(50, len(losses) // 10))
+
+
+def loss_first_last(losses: list[tuple[int, float]]) -> tuple[float | None, float | None]:
+    """Mean loss over the first and over the last :func:`loss_window` steps."""
+    if not losses:
+        return None, None
+    window = loss_window(losses)
+    values = [loss for _, loss in losses]
+    return sum(values[:window]) / window, sum(values[-window:]) / window

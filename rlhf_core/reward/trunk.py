@@ -18,13 +18,21 @@ those the full model would use, so scores equal the full model's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from rlhf_core.reward.build import decoder_layers
-from rlhf_core.reward.model import encode_conversations, finished_flags, pad_right, scores_in_length_order
+from rlhf_core.reward.model import (
+    encode_conversations,
+    finished_flags,
+    pad_right,
+    rows_in_length_order,
+    scores_in_length_order,
+)
 
 
 class _InputsEmbedsPaddingNote(logging.Filter):
@@ -46,6 +54,54 @@ def pad_left_states(states: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         embeds[row, width - state.shape[0] :] = state
         mask[row, width - state.shape[0] :] = 1
     return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+class StateFile:
+    """Frozen-trunk states kept on disk, one (length, d) float32 block per distinct token sequence.
+
+    Training reads them back a batch at a time (:class:`TrunkStateInputs`), so
+    the process holds one batch of states whatever the number of pairs: 1,800
+    HH-RLHF pairs at 384 tokens are ~3 GB of states, 10,000 pairs ~15 GB.  The
+    file is anonymous (deleted when closed or when the process ends); the
+    operating system's page cache, not the process, keeps the hot part in memory.
+    """
+
+    def __init__(self, folder: str | Path, width: int):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=folder, prefix="trunk-states-")
+        self.width = width
+        self._spans: dict[tuple[int, ...], tuple[int, int]] = {}  # key -> (byte offset, rows)
+        self._end = 0
+
+    def __contains__(self, key: tuple[int, ...]) -> bool:
+        return key in self._spans
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __setitem__(self, key: tuple[int, ...], state: torch.Tensor) -> None:
+        data = state.detach().to(torch.float32).contiguous().numpy().tobytes()
+        self._file.seek(self._end)
+        self._file.write(data)
+        self._spans[key] = (self._end, state.shape[0])
+        self._end += len(data)
+
+    def __getitem__(self, key: tuple[int, ...]) -> torch.Tensor:
+        offset, rows = self._spans[key]
+        self._file.seek(offset)
+        data = bytearray(self._file.read(rows * self.width * 4))
+        return torch.frombuffer(data, dtype=torch.float32).view(rows, self.width)
+
+    def update(self, items) -> None:
+        for key, state in items:
+            self[key] = state
+
+    def close(self) -> None:
+        self._file.close()
+
+
+#: where frozen-trunk states live: a dict in memory (tests, tiny data) or a :class:`StateFile`, keyed by token ids
+States = MutableMapping[tuple[int, ...], torch.Tensor] | StateFile
 
 
 class FrozenTrunk:
@@ -73,40 +129,73 @@ class FrozenTrunk:
             yield
 
     @torch.no_grad()
-    def states(self, sequences: list[list[int]], pad_token_id: int, batch_size: int, desc: str | None = None) -> list[torch.Tensor]:
-        """Hidden state after the frozen layers for every token of each sequence, (length, d) each, on the CPU."""
+    def states(
+        self, sequences: list[list[int]], pad_token_id: int, batch_size: int, into: States | None = None,
+        desc: str | None = None,
+    ) -> States:  # fmt: skip
+        """Hidden state after the frozen layers for every token of each distinct sequence, (length, d) each.
+
+        They are written into ``into`` (keyed by the sequence's token ids; a new dict
+        when None) one batch at a time, so with a :class:`StateFile` only one
+        batch is ever held in memory.  Sequences already there are not recomputed.
+        """
         from tqdm.auto import tqdm
 
+        into = {} if into is None else into
         device = next(self.model.parameters()).device
-        out: list[torch.Tensor | None] = [None] * len(sequences)
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        todo = sorted({tuple(seq) for seq in sequences if tuple(seq) not in into}, key=len)
         was_training = self.model.training
         self.model.eval()
         # The final norm belongs to the upper part: the lower view ends at the last frozen layer's output.
         with self._view(list(self.layers)[: self.num_layers], torch.nn.Identity()):
-            for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None):
-                rows = order[first : first + batch_size]
-                input_ids, mask = pad_right([sequences[i] for i in rows], pad_token_id)
+            for first in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=desc is None):
+                rows = todo[first : first + batch_size]
+                input_ids, mask = pad_right([list(key) for key in rows], pad_token_id)
                 hidden = self.model.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                for row, index in enumerate(rows):
-                    out[index] = hidden.last_hidden_state[row, : len(sequences[index])].float().cpu()
+                for row, key in enumerate(rows):
+                    into[key] = hidden.last_hidden_state[row, : len(key)].float().cpu()
         self.model.train(was_training)
-        return out
+        return into
 
     @torch.no_grad()
-    def final_features(self, states: list[torch.Tensor], batch_size: int) -> torch.Tensor:
-        """The normalised last-token hidden state that the head reads, (N, d), from cached :meth:`states`."""
+    def final_features(self, states: States, sequences: list[list[int]], batch_size: int) -> torch.Tensor:
+        """The normalised last-token hidden state that the head reads, (N, d), from the cached :meth:`states`."""
         device = next(self.model.parameters()).device
         features = []
         was_training = self.model.training
         self.model.eval()
         with self.upper():
-            for first in range(0, len(states), batch_size):
-                inputs = {k: v.to(device) for k, v in pad_left_states(states[first : first + batch_size]).items()}
+            for first in range(0, len(sequences), batch_size):
+                batch = [states[tuple(seq)] for seq in sequences[first : first + batch_size]]
+                inputs = {k: v.to(device) for k, v in pad_left_states(batch).items()}
                 hidden = self.model.model(**inputs, use_cache=False).last_hidden_state
                 features.append(hidden[:, -1].float().cpu())
         self.model.train(was_training)
         return torch.cat(features)
+
+
+@torch.no_grad()
+def last_token_features(model, sequences: list[list[int]], pad_token_id: int, batch_size: int, desc: str | None = None) -> torch.Tensor:
+    """What the head of ``model`` reads for each sequence - the final-norm hidden state of its last token - (N, d).
+
+    Computed a length-sorted batch at a time and kept as d floats per sequence:
+    the memory a linear probe needs grows by 2 KB per completion (d = 576), not
+    by its length.
+    """
+    lengths = [len(seq) for seq in sequences]
+
+    def batch(rows: list[int]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_right([sequences[i] for i in rows], pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    return rows_in_length_order(
+        model.model, lengths, batch, batch_size, lambda out, inputs: _last_real_token(out.last_hidden_state, inputs), desc
+    )
+
+
+def _last_real_token(hidden: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    last = inputs["attention_mask"].sum(-1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 class CachedTrunkScorer:
@@ -117,7 +206,7 @@ class CachedTrunkScorer:
     ``raw_scores`` matches :meth:`rlhf_core.reward.RewardModel.raw_scores`.
     """
 
-    def __init__(self, trunk: FrozenTrunk, tokenizer, cache: dict[tuple[int, ...], torch.Tensor], reads_stop_token: bool):
+    def __init__(self, trunk: FrozenTrunk, tokenizer, cache: States, reads_stop_token: bool):
         self.trunk = trunk
         self.tokenizer = tokenizer
         self.cache = cache
@@ -135,12 +224,43 @@ class CachedTrunkScorer:
         flags = finished_flags(prompts, finished, self.reads_stop_token)
         encoded, _ = encode_conversations(self.tokenizer, prompts, responses, flags)
         keys = [tuple(seq) for seq in encoded]
-        missing = list(dict.fromkeys(key for key in keys if key not in self.cache))
-        if missing:
-            states = self.trunk.states([list(key) for key in missing], self.tokenizer.pad_token_id, batch_size, desc=desc)
-            self.cache.update(zip(missing, states))
+        self.trunk.states(encoded, self.tokenizer.pad_token_id, batch_size, into=self.cache, desc=desc)
         with self.trunk.upper():
             lengths = [len(key) for key in keys]
             return scores_in_length_order(
                 self.trunk.model, lengths, lambda rows: pad_left_states([self.cache[keys[i]] for i in rows]), batch_size
             )
+
+
+class FeatureScorer:
+    """Raw rewards of a head-only model (``reward.finetune: none``): the head on cached last-token features.
+
+    The features of every completion seen in training are kept (d floats each),
+    so normalisation and held-out scoring run the model only on new completions.
+    ``raw_scores`` matches :meth:`rlhf_core.reward.RewardModel.raw_scores`.
+    """
+
+    def __init__(self, model, tokenizer, cache: dict[tuple[int, ...], torch.Tensor], reads_stop_token: bool):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.reads_stop_token = reads_stop_token
+
+    @torch.no_grad()
+    def raw_scores(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        finished: list[bool] | None = None,
+        batch_size: int = 16,
+        desc: str | None = None,
+    ) -> torch.Tensor:
+        flags = finished_flags(prompts, finished, self.reads_stop_token)
+        encoded, _ = encode_conversations(self.tokenizer, prompts, responses, flags)
+        missing = list(dict.fromkeys(tuple(seq) for seq in encoded if tuple(seq) not in self.cache))
+        if missing:
+            found = last_token_features(self.model, [list(k) for k in missing], self.tokenizer.pad_token_id, batch_size, desc)
+            self.cache.update(zip(missing, found))
+        features = torch.stack([self.cache[tuple(seq)] for seq in encoded])
+        head = self.model.score
+        return head(features.to(head.weight.device, head.weight.dtype)).squeeze(-1).float().cpu()

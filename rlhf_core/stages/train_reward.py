@@ -4,8 +4,8 @@
 2. Train with TRL's ``RewardTrainer``, all pairs of a prompt in one batch element
    (K forward passes for C(K,2) pairs), the frozen lower layers run once per
    completion, the head started as a linear probe (:mod:`rlhf_core.reward.trainer`).
-3. Normalise: the base model's own completions on the training prompts score
-   mean 0, std 1.
+3. Normalise: the base model's own completions on the training prompts (for
+   imported data, the training split's own answers) score mean 0, std 1.
 4. Measure held-out pairwise accuracy next to its ceiling (annotator agreement;
    for simulated labels, the gold score's own accuracy on the same noisy pairs),
    accuracy by rank distance and calibration.
@@ -19,6 +19,7 @@ trains; only the main one writes files, MLflow runs and registry entries.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from rlhf_core.reward import RewardModel
 from rlhf_core.reward.data import PromptComparisons, load_prompt_comparisons, num_pairs, split_by_prompt
 from rlhf_core.reward.metrics import conversations, heldout_metrics, score_conversations
 from rlhf_core.reward.normalization import BaseCompletions, candidate_base_completions, sample_base_completions
-from rlhf_core.reward.trainer import check_scores, fit_reward_model, is_main_process
+from rlhf_core.reward.trainer import check_scores, fit_reward_model, is_main_process, loss_first_last, loss_window
 from rlhf_core.schemas import Prompt
 
 ARTIFACT_PATH = "reward_model"
@@ -40,9 +41,19 @@ CHAMPION, CANDIDATE, PREVIOUS = "champion", "candidate", "previous"
 
 
 def normalization_completions(params: Params, train: list[PromptComparisons]) -> BaseCompletions:
-    """The base model's completions on the training prompts: the candidates when the base wrote them, else fresh samples."""
+    """What scores mean 0, std 1: the training split's own answers for imported data, else base-model completions.
+
+    Imported preferences (``labeling.backend: import``) come without candidates;
+    sampling the base model on their long multi-turn prompts took minutes and
+    16 GB.  Their answers - human-rated responses to the very prompts trained
+    on - are a sample of the same kind of text, and they are already scored:
+    ``reward.normalization_samples`` of them, drawn by ``reward.seed``.
+    Otherwise: the candidates when the base model wrote them, else fresh samples.
+    """
     paths, cfg = params.paths, params.reward
     found = candidate_base_completions(paths.candidates)
+    if params.labeling.backend == "import":
+        return imported_completions(train).subsample(cfg.normalization_samples, cfg.seed)
     if found is None:
         prompts = training_prompts(params, train)
         found = sample_base_completions(paths.base_model, prompts, cfg.normalization_samples, params.candidates, cfg.seed)
@@ -51,6 +62,11 @@ def normalization_completions(params: Params, train: list[PromptComparisons]) ->
 
 def training_prompts(params: Params, train: list[PromptComparisons]) -> list[str]:
     """The prompts PPO trains on (the prompts stage's train split), else those of the preference data."""
+def imported_completions(train: list[PromptComparisons]) -> BaseCompletions:
+    items = conversations(train)
+    return BaseCompletions([p for p, _, _ in items], [r for _, r, _ in items], [f for _, _, f in items], "imported")
+
+
     layout = Layout(params.paths)
     for path in (layout.candidates.prompts, layout.prompts.train):
         if path.exists():
@@ -121,6 +137,8 @@ def run(params: Params) -> dict:
         fit = fit_reward_model(paths.base_model, cfg, train, output_dir)
         reward_model = RewardModel(fit.model, fit.tokenizer, reads_stop_token=cfg.read_stop_token, dtype=cfg.dtype)
         device = next(fit.model.parameters()).device
+        if fit.lengths.note():
+            print(f"train_reward: {fit.lengths.note()}", file=sys.stderr)
         numeric_path = precision.record("reward", cfg.dtype, device)
         stage.log_params(numeric_path)
 
@@ -136,6 +154,7 @@ def run(params: Params) -> dict:
         normalised = (heldout_scores - reward_model.shift) / reward_model.scale
         metrics = {**heldout_metrics(validation, scores), **noise_ceiling(paths.metrics, validation)}
         reward_model.save(paths.reward_model)
+        loss_first, loss_last = loss_first_last(fit.losses)
         write_loss_curve(Layout(paths).reward_loss.path, fit.losses)
         stage.log_curve("reward/train_loss", [loss for _, loss in fit.losses], start=1)
         metrics.update(
@@ -151,11 +170,16 @@ def run(params: Params) -> dict:
                 "train_pairs": fit.pairs,
                 "heldout_prompts": len(validation),
                 "heldout_pairs": num_pairs(validation),
-                "truncated_completions": fit.truncated,
+                "truncated_completions": fit.lengths.cut,
+                "length_p50": fit.lengths.p50,
+                "length_p90": fit.lengths.p90,
+                "length_p99": fit.lengths.p99,
+                "length_max": fit.lengths.longest,
                 "trainable_parameters": fit.trainable_parameters,
                 "train_steps": fit.steps,
-                "train_loss_first": fit.losses[0][1] if fit.losses else None,
-                "train_loss_last": fit.losses[-1][1] if fit.losses else None,
+                "train_loss_first": loss_first,
+                "train_loss_last": loss_last,
+                "train_loss_window": loss_window(fit.losses),
                 "train_seconds": fit.seconds,
                 "pairs_per_second": fit.pairs * cfg.epochs / fit.seconds if fit.seconds > 0 else None,
                 "stage_seconds": time.perf_counter() - start,
@@ -166,3 +190,4 @@ def run(params: Params) -> dict:
         summary = stage.finish({**{f"reward/{k}": v for k, v in metrics.items() if v is not None}, **numeric_path})
         version, champion = register(stage, paths.reward_model, metrics["accuracy"], cfg.champion_min_accuracy)
         return stage.finish({**summary, "reward/registered_version": int(version), "reward/champion": champion})
+
