@@ -220,9 +220,49 @@ class KLConfig(Section):
     )
 
 
+class RLOOSettings(Section):
+    """RLOO through TRL's RLOOTrainer (ppo.algorithm: rloo; Ahmadian et al. 2024)."""
+
+    beta: float = Field(
+        0.05, gt=0, description="Fixed coefficient of the sequence KL(policy || reference) subtracted from the reward "
+        "(k1, as PPO's); TRL's default."
+    )
+    num_generations: int = Field(
+        4, ge=2, description="Samples per prompt; each one's baseline is the mean reward of the others (leave-one-out)."
+    )
+
+
+class GRPOSettings(Section):
+    """GRPO through TRL's GRPOTrainer (ppo.algorithm: grpo; Shao et al. 2024)."""
+
+    beta: float = Field(
+        0.04, gt=0, description="Coefficient of the per-token k3 KL to the reference in the loss (DeepSeekMath's 0.04; "
+        "TRL's default 0 would load no reference)."
+    )
+    num_generations: int = Field(4, ge=2, description="Samples per prompt; advantages are rewards standardised per group.")
+
+
+class DPOSettings(Section):
+    """DPO through TRL's DPOTrainer on the preference pairs (ppo.algorithm: dpo; Rafailov et al. 2023)."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference (the starting policy).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the preference pairs.")
+    pairs_per_batch: int = Field(8, gt=0, description="Preference pairs per optimiser step.")
+    learning_rate: float = Field(
+        2e-5, gt=0, description="DPO's own rate: it moves the policy with every pair's full log-ratio gradient, "
+        "so it wants a far smaller one than ppo.learning_rate."
+    )
+    max_length: int = Field(160, gt=0, description="Tokens of prompt + completion; longer ones lose the end.")
+
+
 class PPOConfig(Section):
     """PPO fine-tuning of the policy against the reward model (stage ppo; see rlhf_core/ppo)."""
 
+    algorithm: Literal["ppo", "rloo", "grpo", "dpo"] = Field(
+        "ppo", description="The optimiser: ppo (our engine, rlhf_core/ppo); rloo or grpo (TRL's trainers, against the "
+        "same reward model, EOS trick and reference); dpo (TRL's DPOTrainer on the preference pairs). See "
+        "rlhf_core/optimisers."
+    )
     init_policy: str = Field("base", description="'base', 'champion' or a version of rlhf-policy to start from.")
     updates: int = Field(8, gt=0, description="PPO updates (rollout + optimisation) in the run.")
     batch_size: int = Field(16, gt=0, description="Prompts (episodes) per update, over all processes.")
@@ -264,7 +304,21 @@ class PPOConfig(Section):
     checkpoint_every: int = Field(2, gt=0, description="Updates between resumable checkpoints (and one at the end).")
     gold_eval_every: int = Field(4, gt=0, description="Updates between gold evaluations of the held-out slice.")
     gold_eval_prompts: int = Field(16, ge=0, description="Eval prompts in that fixed slice (0 turns it off).")
+    rloo: RLOOSettings = RLOOSettings()
+    grpo: GRPOSettings = GRPOSettings()
+    dpo: DPOSettings = DPOSettings()
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _generations_divide_batch(self) -> "PPOConfig":
+        if self.algorithm in ("rloo", "grpo"):
+            k = getattr(self, self.algorithm).num_generations
+            if self.batch_size % k:
+                raise ValueError(
+                    f"with algorithm {self.algorithm}, batch_size ({self.batch_size}) must be divisible by "
+                    f"{self.algorithm}.num_generations ({k}): an update samples whole groups"
+                )
+        return self
 
     @model_validator(mode="after")
     def _minibatches_divide_batch(self) -> "PPOConfig":
