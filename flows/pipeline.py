@@ -73,7 +73,7 @@ def rlhf_pipeline(
                 logger.warning("registry restored after failure: %s", "; ".join(changed))
             raise
         if record_dvc_experiment:
-            record_experiment(root, flow_run.name or "rlhf-run")
+            record_experiment(root, flow_run.name or "rlhf-run", stages)
     finally:
         if restore_params and params_file.read_text() != user_params:
             atomic_write_text(params_file, user_params)
