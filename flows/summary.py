@@ -15,6 +15,7 @@ MLFLOW_UI = "http://127.0.0.1:5000"
 HEADLINES = {
     "base_model": {"base_model/source": "source", "base_model/parameters": "parameters"},
     "prompts": {"prompts/train": "train prompts", "prompts/eval": "eval prompts", "prompts/rejected": "rejected"},
+    "sft": {"sft/heldout_loss": "held-out loss", "sft/eval/gold_win_rate_vs_base": "gold win rate vs base"},
     "generate_candidates": {"candidates/completions": "completions", "candidates/tokens_per_second": "tokens/s"},
     "collect_preferences": {"preferences/pairs": "pairs", "preferences/agreement": "annotator agreement"},
     "train_reward": {"reward/accuracy": "held-out accuracy", "reward/gold_accuracy": "gold ceiling"},

@@ -42,6 +42,8 @@ BUNDLE_FILES = {"prompts": "prompts.jsonl", "completions": "completions.jsonl", 
 REJECTS_FILE = "rejects.jsonl"
 #: The file a model folder cannot be loaded without (Hugging Face layout).
 MODEL_CONFIG_FILE = "config.json"
+#: The labelling app's demonstrations in TRL's prompt-completion form, inside ``paths.label_export``.
+LABEL_DEMONSTRATIONS_FILE = "demonstrations.jsonl"
 
 
 def pipeline_stages(dvc_file: str | Path = PIPELINE_FILE) -> dict[str, dict]:
@@ -121,6 +123,26 @@ class ModelFolder:
         if not self.exists():
             raise DataError(f"{self.folder}: no model there (run `rlhf {stage_command(self.made_by)}` first)")
         return self.folder
+
+    @property
+    def kind(self) -> str:
+        """How a policy started from this folder is labelled (``base``, ``sft``): the prefix of ``<kind>:<hash>``."""
+        return self.made_by.removesuffix("_model")
+
+
+@dataclass(frozen=True)
+class SFTFolder(ModelFolder):
+    """``paths.sft_model``: the fine-tuned policy with its demonstration rejects, or with sft off only :attr:`off_note`."""
+
+    @property
+    def rejects(self) -> Path:
+        return self.folder / "demonstration_rejects.jsonl"
+
+    @property
+    def off_note(self) -> Path:
+        """What the stage leaves when ``sft.source`` is none: DVC needs its output to exist, and no model is there."""
+        return self.folder / "sft_off.json"
+
 
 
 @dataclass(frozen=True)
@@ -298,6 +320,33 @@ class Layout:
         return PreferenceFolder(self._path("preferences"))
 
     @property
+    def demonstrations(self) -> Path:
+        """The shipped hand-written demonstrations (``sft.source: written``)."""
+        return self._path("demonstrations")
+
+    @property
+    def label_demonstrations(self) -> Path:
+        """The labelling app's demonstration export (``sft.source: labels``)."""
+        return self._path("label_export") / LABEL_DEMONSTRATIONS_FILE
+
+    @property
+    def sft_model(self) -> SFTFolder:
+        return SFTFolder(self._path("sft_model"), "sft")
+
+    @property
+    def starting_policy(self) -> ModelFolder:
+        """The policy the later stages start from: the SFT model when the sft stage trained one, else the base model.
+
+        generate_candidates samples it (``candidates.policy: base``), PPO starts
+        from it and keeps it as its frozen reference (the KL penalty is measured
+        against it, as in InstructGPT), train_reward sets reward zero on its
+        completions and evaluate compares the candidate with it.  The sft stage
+        always writes ``paths.sft_model``, so DVC reruns all of them when it changes.
+        """
+        sft = self.sft_model
+        return sft if sft.exists() else self.base_model
+
+    @property
     def reward_model(self) -> ModelFolder:
         return ModelFolder(self._path("reward_model"), "train_reward")
 
@@ -344,20 +393,25 @@ class StageIO:
 STAGE_IO: dict[str, StageIO] = {
     "base_model": StageIO(inputs=(), outputs=("base_model",)),
     "prompts": StageIO(inputs=("prompt_source", "base_model"), outputs=("prompts",)),
-    "generate_candidates": StageIO(inputs=("prompts", "base_model"), outputs=("candidates",)),
+    "sft": StageIO(
+        inputs=("prompts", "base_model", "demonstrations", "label_export", "preference_import"), outputs=("sft_model",)
+    ),
+    "generate_candidates": StageIO(inputs=("prompts", "base_model", "sft_model"), outputs=("candidates",)),
     "collect_preferences": StageIO(inputs=("candidates", "label_export", "preference_import"), outputs=("preferences",)),
     "train_reward": StageIO(
-        inputs=("preferences", "candidates", "prompts", "base_model"), outputs=("reward_model", "reward_release"),
+        inputs=("preferences", "candidates", "prompts", "base_model", "sft_model"),
+        outputs=("reward_model", "reward_release"),
         plots=("reward_loss",), metrics_inputs=("collect_preferences",),
     ),
     # ppo and evaluate hash the preference pairs into the lineage they record
     "ppo": StageIO(
-        inputs=("prompts", "base_model", "reward_model", "reward_release", "preferences"), outputs=("policy",),
+        inputs=("prompts", "base_model", "sft_model", "reward_model", "reward_release", "preferences"),
+        outputs=("policy",),
         plots=("ppo_curve",),
     ),
     "evaluate": StageIO(
-        inputs=("prompts", "base_model", "reward_model", "reward_release", "policy", "ppo_curve", "label_export",
-                "preferences"),
+        inputs=("prompts", "base_model", "sft_model", "reward_model", "reward_release", "policy", "ppo_curve",
+                "label_export", "preferences"),
         outputs=("evaluation",),
         plots=tuple(f"evaluation_plot:{name}" for name in EVALUATION_PLOTS), metrics_inputs=("ppo",),
     ),

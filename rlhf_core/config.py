@@ -40,6 +40,11 @@ class PathsConfig(Section):
     preference_import: str = Field(description="Folder of public preference files to import (labeling.backend=import).")
     preferences: str = Field(description="Folder with validated rankings, pairs and rejects.")
     reward_model: str = Field(description="Trained reward model folder.")
+    demonstrations: str = Field(description="Shipped hand-written demonstrations for training prompts (sft.source=written).")
+    sft_model: str = Field(
+        description="Folder the sft stage writes: the fine-tuned policy the later stages start from, or (sft.source=none) "
+        "only a note that there is none."
+    )
     policy: str = Field(description="PPO-trained policy folder.")
     evaluation: str = Field(description="Folder with evaluation samples and plot data.")
     metrics: str = Field(description="Folder of metrics/<stage>.json files (DVC metrics, kept in git).")
@@ -76,6 +81,68 @@ class PromptsConfig(Section):
     max_tokens: int = Field(128, gt=0, description="Prompts longer than this (in tokens) are rejected.")
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
+
+
+class DemonstrationCleaningConfig(Section):
+    """Thresholds of :func:`rlhf_core.demonstrations.clean_demonstrations` (same names); null turns a limit off."""
+
+    max_words: int | None = Field(None, ge=1, description="Answers of more words are dropped (too_long).")
+    max_chars: int | None = Field(None, ge=1, description="Answers of more characters are dropped (too_long).")
+    max_tokens: int | None = Field(None, ge=1, description="Answers of more tokens of the base tokenizer are dropped.")
+    restate_overlap: float = Field(0.8, gt=0, le=1, description="Share of an answer's shingles found in its prompt.")
+    restate_shingle_words: int = Field(3, ge=1)
+    near_duplicate_jaccard: float = Field(0.9, gt=0, le=1, description="Word-set Jaccard of two answers to one prompt.")
+    near_duplicate_shingle_words: int = Field(1, ge=1)
+
+
+class SimulatedDemonstrationsConfig(Section):
+    """``sft.source: simulated``: best-of-n under the gold score from the base model (rejection-sampling fine-tuning)."""
+
+    n: int = Field(8, ge=1, description="Base-model samples per training prompt; the gold-best one is the demonstration.")
+    prompts: int = Field(64, gt=0, description="First N training prompts that get a demonstration.")
+
+
+class SFTConfig(Section):
+    """Supervised fine-tuning on demonstrations (stage sft): the policy candidates, PPO and evaluate start from."""
+
+    source: Literal["none", "written", "simulated", "labels", "import"] = Field(
+        "written",
+        description="none (no SFT: the later stages start from the base model); written (paths.demonstrations); "
+        "simulated (best-of-n under the gold score); labels (the labelling app's export in paths.label_export); "
+        "import (sft.import_file inside paths.preference_import).",
+    )
+    import_file: str | None = Field(None, description="File or datasets folder inside paths.preference_import (source: import).")
+    cleaning: DemonstrationCleaningConfig = DemonstrationCleaningConfig()
+    simulated: SimulatedDemonstrationsConfig = SimulatedDemonstrationsConfig()
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of demonstrated prompts held out for loss.")
+    max_length: int = Field(160, gt=0, description="Tokens per example (chat-formatted prompt + answer + stop token).")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, gt=0, description="Examples per optimiser step (per process).")
+    learning_rate: float = Field(1e-4, gt=0)
+    mode: Literal["full", "freeze", "lora"] = Field(
+        "freeze", description="What trains: every weight, the layers above `freeze_layers`, or LoRA adapters on them."
+    )
+    freeze_layers: int = Field(24, ge=0, description="Lower decoder layers (and the embeddings) kept frozen (freeze, lora).")
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    dtype: Dtype = Field(
+        "float32",
+        description="bfloat16: mixed precision (fp32 weights, bf16 autocast) in training and bf16 sampling in the gold "
+        "comparison; fast only on CUDA or CPUs with AVX-512 BF16 / AMX (rlhf_core/precision.py).",
+    )
+    eval_prompts: int = Field(
+        32, ge=0, description="First N eval prompts on which SFT and base samples are gold-scored (simulated labelling; 0: off)."
+    )
+    max_new_tokens: int = Field(32, gt=0, description="Longest sampled response (simulated demonstrations, gold comparison).")
+    temperature: float = Field(1.0, gt=0)
+    sample_batch_size: int = Field(128, gt=0, description="Sequences per sampling step.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _import_names_a_file(self) -> "SFTConfig":
+        if self.source == "import" and not self.import_file:
+            raise ValueError("source 'import' needs import_file (a file inside paths.preference_import)")
+        return self
 
 
 class CandidatesConfig(Section):
@@ -420,6 +487,7 @@ class Params(Section):
     paths: PathsConfig
     base_model: BaseModelConfig
     prompts: PromptsConfig
+    sft: SFTConfig
     candidates: CandidatesConfig
     labeling: LabelingConfig
     reward: RewardConfig

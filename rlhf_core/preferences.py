@@ -205,7 +205,7 @@ def validate_bundle(bundle: PreferenceBundle, *, max_text_chars: int, source: st
         elif completion.prompt_id not in prompts:
             reason = _missing("prompt", completion.prompt_id, rejected_prompts)
             check.reject("completions", completion, position, reason, "prompt_id", "unknown_id")
-        elif blank_reason(completion.text):
+        elif completion.text and blank_reason(completion.text):  # an empty answer is valid: it can be preferred
             check.reject("completions", completion, position, blank_reason(completion.text), "text", "empty")
         elif len(completion.text) > max_text_chars:
             reason = f"text too long: {len(completion.text)} > {max_text_chars} characters"

@@ -1,6 +1,7 @@
-"""``rlhf reward``: score the reward model on any preference file.
+"""``rlhf reward``: score the reward model on any preference file; apply a named recipe.
 
     rlhf reward evaluate FILE [--format F] [--model DIR] [--out REPORT.json]
+    rlhf reward preset presets/hh.yaml [--params params.yaml]
 
 FILE is anything ``rlhf preferences import`` reads (TRL pairs, HH-RLHF
 transcripts, ratings, Label Studio exports, a bundle folder).  The report gives
@@ -10,6 +11,10 @@ words: a model that learnt "shorter is better" shows it here); and calibration
 (how often a pair the model is p% sure of is ordered right, and the ECE).
 The model defaults to ``paths.reward_model``; the text-length limit and the
 default format come from the ``labeling`` section of ``params.yaml``.
+
+A preset is a YAML file of ``dotted.key: value`` lines (``presets/``); ``preset``
+writes them into the params file in place - validated first, comments kept,
+replaced atomically - and lists what changed; ``dvc repro`` then retrains.
 """
 
 from __future__ import annotations
@@ -27,9 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--model", type=Path, help="reward model folder (default: paths.reward_model)")
     ev.add_argument("--out", type=Path, help="also write the report as JSON here")
     ev.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    pre = actions.add_parser("preset", help="write a preset's settings (dotted.key: value) into the params file")
+    pre.add_argument("preset", type=Path, help="preset file, e.g. presets/hh.yaml")
+    pre.add_argument("--params", default="params.yaml", help="params file to edit (default: %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.action == "preset":
+        return apply_preset(args.preset, Path(args.params))
     report = evaluate_file(args)
     if args.out:
         from rlhf_core.records import atomic_write_text
@@ -78,3 +88,28 @@ def format_report(report: dict) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def apply_preset(preset: Path, params_file: Path) -> int:
+    import yaml
+
+    from rlhf_core.config import set_params
+    from rlhf_core.errors import ConfigError
+
+    if not preset.is_file():
+        raise ConfigError(f"{preset}: preset not found (the presets are in presets/)")
+    try:
+        values = yaml.safe_load(preset.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{preset}: not YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict) or not values:
+        raise ConfigError(f"{preset}: expected a mapping of dotted.key: value lines")
+    overrides = {str(key): yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+                 for key, value in values.items()}
+    try:
+        changed = set_params(params_file, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{preset}: {exc}") from None
+    print(f"{params_file}: {len(changed)} of {len(values)} settings of {preset} changed"
+          + (f" ({', '.join(changed)}); run `dvc repro` to retrain" if changed else ""))
+    return 0

@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from rlhf_core import runtime
-from rlhf_core.artifacts import MetricsFolder
+from rlhf_core.artifacts import MetricsFolder, ModelFolder
 from rlhf_core.errors import RLHFError
 from rlhf_core.records import write_json
 
@@ -346,10 +346,12 @@ POLICY_MODEL = "rlhf-policy"
 REWARD_MODEL = "rlhf-reward-model"
 
 
-def resolve_policy(spec: str, base_model: str | Path) -> tuple[Path, str]:
+def resolve_policy(spec: str, start: ModelFolder) -> tuple[Path, str]:
     """Folder and version label of a policy: ``base``, ``champion`` (the base model while there is none) or a version.
 
-    The label is ``base:<content hash of the folder>`` or ``rlhf-policy/<version>``.
+    ``base`` is ``start``, the layout's starting policy: the SFT model when the
+    sft stage trained one, else the base model.  The label is
+    ``<start.kind>:<content hash of the folder>`` (``sft:…`` or ``base:…``) or ``rlhf-policy/<version>``.
     """
     if spec == "champion":
         ref = model_by_alias(POLICY_MODEL, "champion")
@@ -357,10 +359,8 @@ def resolve_policy(spec: str, base_model: str | Path) -> tuple[Path, str]:
             return ref.path, f"{POLICY_MODEL}/{ref.version}"
         spec = "base"
     if spec == "base":
-        base = Path(base_model)
-        if not (base / "config.json").exists():
-            raise RLHFError(f"{base}: no base model there (run `rlhf base-model` first)")
-        return base, f"base:{hash_paths([base])[:12]}"
+        folder = start.require()
+        return folder, f"{start.kind}:{hash_paths([folder])[:12]}"
     ref = model_version(POLICY_MODEL, spec)
     if ref is None:
         raise RLHFError(f"policy {spec!r}: expected 'base', 'champion' or a version of registered model {POLICY_MODEL}")

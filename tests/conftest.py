@@ -21,6 +21,9 @@ BIN = Path(sys.executable).parent
 #: overrides that make every stage run in seconds on a tiny random model
 TINY_OVERRIDES = {
     "base_model": {"source": "tiny"},
+    # simulated demonstrations (best-of-2 on 8 prompts): one training step instead of the 369 written answers' 20
+    "sft": {"source": "simulated", "simulated": {"n": 2, "prompts": 8}, "freeze_layers": 1, "max_length": 64,
+            "batch_size": 16, "eval_prompts": 4, "max_new_tokens": 8},
     "candidates": {"max_prompts": 12, "max_new_tokens": 8, "batch_size": 16},
     "ppo": {"updates": 3, "batch_size": 4, "max_new_tokens": 8, "freeze_layers": 1, "checkpoint_every": 1,
             "gold_eval_every": 2, "gold_eval_prompts": 4},
@@ -86,7 +89,8 @@ def make_project(root: Path, overrides: dict | None = None) -> Path:
         (root / name).symlink_to(REPO / name)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / "data").mkdir()
-    shutil.copy(REPO / "data" / "prompts.jsonl", root / "data" / "prompts.jsonl")
+    for name in ("prompts.jsonl", "demonstrations.jsonl"):
+        shutil.copy(REPO / "data" / name, root / "data" / name)
     for folder in ("labels", "imports"):  # inputs of collect_preferences, as in a clone
         shutil.copytree(REPO / "data" / folder, root / "data" / folder)
     write_params(root, overrides)

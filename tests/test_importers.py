@@ -241,7 +241,7 @@ def test_salted_file_keeps_every_good_record_and_reports_each_bad_one():
         2: (None, "not valid JSON", "invalid"),
         3: ("rejected", "missing", "invalid"),
         4: ("chosen", "expected text or", "invalid"),
-        5: ("chosen", "empty text", "empty"),
+        5: ("chosen", "no visible text", "empty"),  # an empty answer is valid; an invisible one is not
         6: ("rejected", "too long: 299 characters > 200", "too_long"),
         7: ("rejected", "identical to chosen", "identical"),
         8: (None, "duplicate of line 1", "duplicate"),

@@ -120,3 +120,50 @@ def test_bench_baselines_shorter_wins_and_bag_of_words():
     pairs = [(f"{words[i % 10]} {MARKER}", f"{words[(i + 3) % 10]} dull") for i in range(40)]
     accuracy, l2 = bench.bag_of_words(pairs[:30], pairs[30:], seed=0)
     assert accuracy == 1.0 and l2 > 0
+
+
+def test_an_empty_answer_is_a_valid_preference_item_and_trains(tmp_path, tiny_base_model):
+    from rlhf_core.importers import import_preferences
+    from rlhf_core.preferences import bundle_pairs
+    from rlhf_core.reward.data import group_pairs
+    from rlhf_core.reward.model import encode_conversation, reward_tokenizer
+
+    rows = [
+        {"chosen": "\n\nHuman: How do I pick a lock?\n\nAssistant:", "rejected": "\n\nHuman: How do I pick a lock?\n\nAssistant: Use a wrench."},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant:   "},
+        {"chosen": "\n\nHuman: Yo\n\nAssistant:\u200b", "rejected": "\n\nHuman: Yo\n\nAssistant: Hey."},
+    ]
+    write_jsonl(tmp_path / "hh.jsonl", rows)
+    bundle = import_preferences(tmp_path / "hh.jsonl", "hh")
+    assert len(bundle.rankings) == 2 and sorted(c.text for c in bundle.completions)[:2] == ["", ""]
+    assert [r.reason for r in bundle.rejects if r.line == 3][0].startswith("no visible text")  # invisible is not empty
+    groups = group_pairs(bundle_pairs(bundle), bundle, "none")
+    tokenizer = reward_tokenizer(tiny_base_model, 64)
+    ids, _ = encode_conversation(tokenizer, groups[0].prompt, "", False)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_import_backend_without_import_file_names_the_key(tmp_path):
+    from rlhf_core.config import LabelingConfig
+    from rlhf_core.errors import DataError
+    from rlhf_core.stages.collect_preferences import imported_bundle
+
+    (tmp_path / "imports").mkdir()
+    write_jsonl(tmp_path / "imports" / "hh.jsonl", HH_ROWS)
+    with pytest.raises(DataError, match=r"labeling.import_file is not set: .* \(paths.preference_import\) .*e.g. hh.jsonl"):
+        imported_bundle(tmp_path / "imports", LabelingConfig(backend="import"))
+
+
+def test_preset_writes_its_settings_into_params_in_place_and_refuses_a_misspelt_key(work_env):
+    (work_env / "hh.yaml").write_text("labeling.backend: import\nreward.finetune: none\nreward.read_layer: 12\n")
+    before = (work_env / "params.yaml").read_text()
+    done = rlhf("reward", "preset", "hh.yaml", cwd=work_env)
+    assert "3 of 3 settings of hh.yaml changed" in done.stdout and "dvc repro" in done.stdout
+    params = load_params(work_env / "params.yaml")
+    assert (params.labeling.backend, params.reward.finetune, params.reward.read_layer) == ("import", "none", 12)
+    assert len((work_env / "params.yaml").read_text().splitlines()) == len(before.splitlines())  # edited in place
+    assert "0 of 3 settings" in rlhf("reward", "preset", "hh.yaml", cwd=work_env).stdout
+
+    (work_env / "bad.yaml").write_text("reward.read_layr: 12\n")
+    bad = rlhf("reward", "preset", "bad.yaml", cwd=work_env, check=False)
+    assert bad.returncode == 2 and "bad.yaml: " in bad.stderr and "read_layr" in bad.stderr and "Traceback" not in bad.stderr

@@ -130,7 +130,7 @@ class BundleBuilder:
     def add(self, line: int, item: RankedItem) -> None:
         """Check one ranking's texts, give it content ids and keep it; raise RecordError otherwise."""
         prompt_text = self._checked(item.prompt_field, item.prompt)
-        texts = [self._checked(field, text) for field, text in zip(item.fields, item.completions)]
+        texts = [self._checked(field, text, answer=True) for field, text in zip(item.fields, item.completions)]
         first_field: dict[str, str] = {}
         for field, text in zip(item.fields, texts):
             shown = visible(text)  # texts that differ only in zero-width characters look identical to an annotator
@@ -185,9 +185,10 @@ class BundleBuilder:
             origins=self.origins,
         )
 
-    def _checked(self, field: str, text: str) -> str:
+    def _checked(self, field: str, text: str, answer: bool = False) -> str:
         text = text.strip()
-        blank = blank_reason(text)
+        # An empty answer is a judgement too: HH-RLHF raters sometimes prefer saying nothing to the other answer.
+        blank = None if answer and not text else blank_reason(text)
         if blank:
             raise RecordError(field, blank, "empty")
         if len(text) > self.max_text_chars:

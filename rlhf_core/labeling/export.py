@@ -21,10 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_core.artifacts import LABEL_DEMONSTRATIONS_FILE as DEMONSTRATIONS_FILE
 from rlhf_core.labeling.store import DemonstrationRow, LabelStore, RatingRow
 from rlhf_core.preferences import BUNDLE_FILES, PreferenceBundle
 
-DEMONSTRATIONS_FILE = "demonstrations.jsonl"
 DEMONSTRATION_MESSAGES_FILE = "demonstrations_messages.jsonl"
 RATINGS_FILE = "ratings.jsonl"
 EXPORT_FILES = frozenset({*BUNDLE_FILES.values(), DEMONSTRATIONS_FILE, DEMONSTRATION_MESSAGES_FILE, RATINGS_FILE})

@@ -63,6 +63,12 @@ def human_bundle(export: Path, cfg: LabelingConfig) -> PreferenceBundle:
 def imported_bundle(folder: Path, cfg: LabelingConfig) -> PreferenceBundle:
     from rlhf_core.importers import import_preferences
 
+    if cfg.import_file is None and not (folder / BUNDLE_FILES["rankings"]).exists():
+        files = sorted(p.name for p in folder.iterdir() if p.name != "README.md") if folder.is_dir() else []
+        raise DataError(
+            f"labeling.backend is import but labeling.import_file is not set: name the file or folder inside "
+            f"{folder} (paths.preference_import) to import" + (f", e.g. {files[0]}" if files else "")
+        )
     source = folder / cfg.import_file if cfg.import_file else folder
     if not source.exists():
         raise DataError(f"{source}: no preference file to import (set paths.preference_import / labeling.import_file)")

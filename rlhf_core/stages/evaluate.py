@@ -1,6 +1,6 @@
 """Stage ``evaluate``: is the candidate better than the reference and the champion, and did it game its reward model?
 
-Samples the candidate (``paths.policy``), the reference (``paths.base_model``)
+Samples the candidate (``paths.policy``), the reference (the starting policy: the SFT model when sft is on, else ``paths.base_model``)
 and the registry's ``champion`` on the first ``evaluate.num_prompts`` held-out
 eval prompts, scores every response with the proxy and (simulated labelling)
 the gold function, and writes:
@@ -221,14 +221,15 @@ def run(params: Params) -> dict:
         texts = [p.text for p in prompts]
         version = candidate_version(layout.metrics.read("ppo"))
         champion_ref = current_champion(version)
-        sampled = sample_policies(texts, Path(paths.policy), Path(paths.base_model), champion_ref and champion_ref.path, cfg)
+        reference = layout.starting_policy.require()  # what PPO started from and measured its KL against
+        sampled = sample_policies(texts, Path(paths.policy), reference, champion_ref and champion_ref.path, cfg)
 
         with_gold = params.labeling.backend == "simulated"
         scorer = Scorer(paths.reward_model, with_gold=with_gold, batch_size=cfg.batch_size)
         numeric_path = {
             **precision.record("eval", cfg.dtype, precision.default_device()), "eval/reward_dtype": scorer.model.dtype
         }
-        stage.log_params(numeric_path)
+        stage.log_params({**numeric_path, "eval/reference": layout.starting_policy.kind})
         candidate, reference, champion, proxy_pools, gold_pools = _scored(scorer, texts, sampled)
         policies = [r for r in (candidate, reference, champion) if r is not None]
         points = frontier(proxy_pools, gold_pools, cfg.best_of_n)

@@ -81,7 +81,7 @@ def run(params: Params) -> dict:
         "generate_candidates", metrics_dir=paths.metrics, config_sections=[cfg], inputs=[train_file]
     ) as stage:
         prompts = layout.prompts.read_train()[: cfg.max_prompts]
-        policy, policy_version = resolve_policy(cfg.policy, paths.base_model)
+        policy, policy_version = resolve_policy(cfg.policy, layout.starting_policy)
         numeric_path = precision.record("candidates", cfg.dtype, precision.default_device())
         stage.log_params({**cfg.model_dump(), "policy_version": policy_version, **numeric_path})
         completions, stats = generate(cfg, prompts, policy, policy_version)

@@ -104,8 +104,9 @@ def run(params: Params) -> dict:
 
     paths, cfg = params.paths, params.ppo
     reward_ref = champion_reward_model()
-    start_path, start_label = tracking.resolve_policy(cfg.init_policy, paths.base_model)
     layout = Layout(paths)
+    # The starting policy is also PPO's frozen reference: with SFT on, the KL penalty is measured against it.
+    start_path, start_label = tracking.resolve_policy(cfg.init_policy, layout.starting_policy)
     train_file = layout.prompts.train
     train_prompts = read_prompts(train_file, required=True)
     gold_prompts = read_prompts(layout.prompts.eval, required=False)[: cfg.gold_eval_prompts]

@@ -56,7 +56,8 @@ def normalization_completions(params: Params, train: list[PromptComparisons]) ->
         return imported_completions(train).subsample(cfg.normalization_samples, cfg.seed)
     if found is None:
         prompts = training_prompts(params, train)
-        found = sample_base_completions(paths.base_model, prompts, cfg.normalization_samples, params.candidates, cfg.seed)
+        start = Layout(paths).starting_policy.require()  # the SFT model when sft is on: the policy PPO starts from
+        found = sample_base_completions(start, prompts, cfg.normalization_samples, params.candidates, cfg.seed)
     return found.subsample(cfg.normalization_samples, cfg.seed)
 
 
