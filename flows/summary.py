@@ -6,22 +6,24 @@ import time
 from pathlib import Path
 
 from rlhf_core import tracking
+from rlhf_core.artifacts import headline
 from rlhf_core.config import Params
 
 #: where `make ui` serves the MLflow UI
 MLFLOW_UI = "http://127.0.0.1:5000"
 
-#: the figures worth a glance, per stage of dvc.yaml (metric name -> label); tests/test_layout.py checks the stages
-HEADLINES = {
-    "base_model": {"base_model/source": "source", "base_model/parameters": "parameters"},
-    "prompts": {"prompts/train": "train prompts", "prompts/eval": "eval prompts", "prompts/rejected": "rejected"},
-    "sft": {"sft/heldout_loss": "held-out loss", "sft/eval/gold_win_rate_vs_base": "gold win rate vs base"},
-    "generate_candidates": {"candidates/completions": "completions", "candidates/tokens_per_second": "tokens/s"},
-    "collect_preferences": {"preferences/pairs": "pairs", "preferences/agreement": "annotator agreement"},
-    "train_reward": {"reward/accuracy": "held-out accuracy", "reward/gold_accuracy": "gold ceiling"},
-    "ppo": {"ppo/final_kl": "KL", "ppo/final_score": "score", "ppo/seconds_per_update_median": "s/update"},
-    "evaluate": {"eval/gold_win_rate_vs_reference": "gold win rate vs base", "eval/kl": "KL", "eval/all_gates_passed": "gates passed"},
-    "promote": {"promote/promoted": "promoted", "promote/version": "version"},
+#: the figures worth a glance, per stage of dvc.yaml: a few of its headline figures (rlhf_core.artifacts.HEADLINES,
+#: topics joined by "/") -> label; tests/test_stage_metrics.py checks that each is one
+AT_A_GLANCE = {
+    "base_model": {"source": "source", "params": "parameters"},
+    "prompts": {"train": "train prompts", "eval": "eval prompts", "rejected": "rejected"},
+    "sft": {"loss/sft": "held-out loss", "gold/win": "gold win rate vs base"},
+    "generate_candidates": {"completions": "completions", "tok_s": "tokens/s"},
+    "collect_preferences": {"pairs": "pairs", "agree/rate": "annotator agreement"},
+    "train_reward": {"acc/heldout": "held-out accuracy", "acc/gold": "gold ceiling"},
+    "ppo": {"final/kl": "KL", "final/score": "score", "updates": "updates"},
+    "evaluate": {"gold/win": "gold win rate vs reference", "kl": "KL", "gates/passed": "gates passed"},
+    "promote": {"promoted": "promoted", "version": "version"},
 }
 
 
@@ -34,7 +36,8 @@ def _fmt(value) -> str:
 def render_summary(root: Path, params: Params, results: dict[str, dict], gpu_stages=()) -> str:
     lines = ["", "=" * 72, f"RLHF pipeline finished at {time.strftime('%Y-%m-%d %H:%M:%S')}", "=" * 72]
     for stage, metrics in results.items():
-        shown = [f"{label} {_fmt(metrics[key])}" for key, label in HEADLINES.get(stage, {}).items() if key in metrics]
+        figures = tracking.flatten(headline(stage, metrics))
+        shown = [f"{label} {_fmt(figures[n])}" for n, label in AT_A_GLANCE.get(stage, {}).items() if n in figures]
         lines.append(f"  {stage:<20} {', '.join(shown) if shown else 'done'}")
     promote = results.get("promote", {})
     if promote:

@@ -24,7 +24,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,18 +258,110 @@ class EvaluationFolder:
         return self.folder / "human_eval"
 
 
+#: The optimisers whose training figures ppo writes under their own prefix (``ppo.algorithm``: ``ppo/…``, ``rloo/…``).
+OPTIMISERS = ("ppo", "rloo", "grpo", "dpo")
+
+
+def _trained(name: str) -> tuple[str, ...]:
+    return tuple(f"{algorithm}/{name}" for algorithm in OPTIMISERS)
+
+
+#: Each stage's headline figures: ``metrics/<stage>.json`` (what ``dvc metrics show`` and ``dvc exp show`` print)
+#: nested by topic, each leaf naming its flat key in the stage's full metrics (or alternatives: the first one the
+#: stage wrote).  DVC prints one column per leaf, as wide as its dotted name or value plus four spaces, so a
+#: stage gets a few short-named figures (within ~120 characters with its path); the rest, values set in
+#: params.yaml and wall-clock times, stay in ``<stage>.detail.json`` and MLflow.
+HEADLINES: dict[str, dict] = {
+    "base_model": {
+        "source": "base_model/source", "dtype": "base_model/dtype", "params": "base_model/parameters",
+        "layers": "base_model/num_layers", "hidden": "base_model/hidden_size",
+    },
+    "prompts": {"train": "prompts/train", "eval": "prompts/eval", "rejected": "prompts/rejected", "total": "prompts/total"},
+    "sft": {
+        "enabled": "sft/enabled", "loss": {"sft": "sft/heldout_loss", "base": "sft/heldout_loss_base"},
+        "gold": {"win": "sft/eval/gold_win_rate_vs_base", "lo": "sft/eval/gold_win_rate_vs_base_low",
+                 "hi": "sft/eval/gold_win_rate_vs_base_high"},
+        "examples": "sft/train_examples", "dtype": "sft/dtype", "version": "sft/registered_version",
+    },
+    "generate_candidates": {
+        "completions": "candidates/completions", "tokens": "candidates/mean_tokens", "finished": "candidates/finished_rate",
+        "empty": "candidates/empty_rate", "policy": "candidates/policy_version", "dtype": "candidates/dtype",
+        "tok_s": "candidates/tokens_per_second",
+    },
+    "collect_preferences": {
+        "backend": "preferences/backend", "pairs": "preferences/pairs", "rejects": "preferences/rejects",
+        "agree": {"rate": "preferences/agreement", "alpha": "preferences/krippendorff_alpha"},
+        "ties": "preferences/tie_rate", "longer": "preferences/longer_chosen_rate", "gold": "preferences/gold_accuracy",
+    },
+    "train_reward": {
+        "acc": {"heldout": "reward/accuracy", "gold": "reward/gold_accuracy"}, "ece": "reward/calibration_ece",
+        "loss": "reward/train_loss_last", "pairs": "reward/train_pairs", "champion": "reward/champion",
+        "version": "reward/registered_version", "dtype": "reward/dtype",
+    },
+    "ppo": {
+        "algorithm": "ppo/algorithm", "updates": _trained("updates"),
+        "final": {"kl": _trained("final_kl"), "score": _trained("final_score")},
+        "gold": {"start": _trained("gold_start"), "end": _trained("gold_end")}, "dtype": _trained("dtype"),
+        "rm": "ppo/reward_model_version", "version": "ppo/registered_version",
+    },
+    "evaluate": {
+        "gold": {"win": "eval/gold_win_rate_vs_reference", "lo": "eval/gold_win_rate_vs_reference_low",
+                 "hi": "eval/gold_win_rate_vs_reference_high"},
+        "proxy": {"win": "eval/proxy_win_rate_vs_reference"}, "kl": "eval/kl",
+        "gates": {"passed": "eval/all_gates_passed", "failed": "eval/failed_gates"},
+    },
+    "promote": {
+        "promoted": "promote/promoted", "version": "promote/version", "failed": "promote/failed_gates",
+        "champion": "promote/champion", "previous": "promote/previous",
+    },
+}
+
+
+def headline(stage: str, metrics: Mapping[str, object]) -> dict:
+    """The headline figures of ``stage`` (:data:`HEADLINES`) from its flat metrics, less those it did not write."""
+
+    def pick(table: Mapping) -> dict:
+        out = {}
+        for name, leaf in table.items():
+            if isinstance(leaf, Mapping):
+                if inner := pick(leaf):
+                    out[name] = inner
+                continue
+            keys = (leaf,) if isinstance(leaf, str) else leaf
+            value = next((metrics[k] for k in keys if metrics.get(k) is not None), None)
+            if value is not None:
+                out[name] = value
+        return out
+
+    return pick(HEADLINES[stage])
+
+
 @dataclass(frozen=True)
 class MetricsFolder:
-    """``paths.metrics``: one ``<stage>.json`` per stage (DVC metrics, kept in git)."""
+    """``paths.metrics`` (kept in git): per stage its headline figures (the DVC metrics) and its full metrics.
+
+    Code reads a stage's full metrics (:meth:`read`); ``metrics/<stage>.json``
+    is only for people, through ``dvc metrics show`` and ``dvc exp show``.
+    """
 
     folder: Path
 
-    def path(self, stage: str) -> Path:
+    def headline(self, stage: str) -> Path:
+        """``<stage>.json``: the figures of :data:`HEADLINES`, nested by topic (dvc.yaml ``metrics:``)."""
         return self.folder / f"{stage}.json"
 
+    def detail(self, stage: str) -> Path:
+        """``<stage>.detail.json``: every figure, flat ``prefix/name`` as logged to MLflow (an uncached dvc.yaml out)."""
+        return self.folder / f"{stage}.detail.json"
+
+    def write(self, stage: str, metrics: Mapping[str, object]) -> None:
+        """Both files of a stage from its flat metrics, each replaced in one rename."""
+        _atomic_text(self.detail(stage), json.dumps(dict(metrics), indent=2, sort_keys=True, default=str))
+        _atomic_text(self.headline(stage), json.dumps(headline(stage, metrics), indent=2, default=str))
+
     def read(self, stage: str) -> dict:
-        """A stage's metrics ({} when it has not run)."""
-        path = self.path(stage)
+        """A stage's full metrics ({} when it has not run)."""
+        path = self.detail(stage)
         if not path.exists():
             return {}
         try:
@@ -386,7 +478,7 @@ class StageIO:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     plots: tuple[str, ...] = ()
-    #: the stages whose ``metrics/<stage>.json`` this stage reads
+    #: the stages whose full metrics (:meth:`MetricsFolder.read`) this stage reads
     metrics_inputs: tuple[str, ...] = ()
 
 

@@ -2,8 +2,9 @@
 
 * :func:`stage_run` opens the MLflow run of a pipeline stage, tags it with its
   lineage (stage, git commit, params hash, input data hash, Prefect flow run),
-  and on :meth:`StageRun.finish` sends one metrics dict both to
-  ``metrics/<stage>.json`` (DVC metrics) and to MLflow.
+  and on :meth:`StageRun.finish` sends one metrics dict to MLflow and to the
+  stage's metrics files (:class:`rlhf_core.artifacts.MetricsFolder`: the
+  headline figures DVC shows, and every figure).
 * The registry helpers register model folders as versions and move aliases
   (``candidate``, ``champion``, ``previous``).
 
@@ -28,7 +29,6 @@ from urllib.parse import unquote, urlparse
 from rlhf_core import runtime
 from rlhf_core.artifacts import MetricsFolder, ModelFolder
 from rlhf_core.errors import RLHFError
-from rlhf_core.records import write_json
 
 EXPERIMENT = "rlhf"
 FLOW_RUN_ENV = "RLHF_FLOW_RUN_ID"
@@ -129,7 +129,7 @@ class StageRun:
 
     stage: str
     run_id: str
-    metrics_path: Path
+    metrics: MetricsFolder
     artifact_uri: str
     _logged: dict = field(default_factory=dict)
 
@@ -177,13 +177,13 @@ class StageRun:
             client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self, metrics: Mapping) -> dict:
-        """Write ``metrics/<stage>.json`` and log the numeric values to MLflow; returns the flat dict.
+        """Write the stage's metrics files and log the numeric values to MLflow; returns the flat dict.
 
         A second call (after registering the outputs the first one described)
-        rewrites the file and logs only the values that are new or changed.
+        rewrites the files and logs only the values that are new or changed.
         """
         flat = flatten(metrics)
-        write_json(self.metrics_path, flat)
+        self.metrics.write(self.stage, flat)
         new = {k: v for k, v in flat.items() if k not in self._logged or self._logged[k] != v}
         self.log_step({k: v for k, v in new.items() if _numeric(v)}, step=0)
         text = {k: v for k, v in new.items() if not _numeric(v) and v is not None}
@@ -276,7 +276,7 @@ def stage_run(
     tags.update(process_tags())
     mark_dead_runs_killed(stage)
     run = client.create_run(experiment_id(), tags=tags, run_name=run_name or stage)
-    handle = StageRun(stage, run.info.run_id, MetricsFolder(Path(metrics_dir)).path(stage), run.info.artifact_uri)
+    handle = StageRun(stage, run.info.run_id, MetricsFolder(Path(metrics_dir)), run.info.artifact_uri)
     try:
         yield handle
     except BaseException:

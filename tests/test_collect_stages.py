@@ -13,7 +13,7 @@ from rlhf_core.precision import default_device
 from rlhf_core.records import read_jsonl
 from rlhf_core.schemas import Completion, Ranking
 
-from .conftest import TINY_OVERRIDES, deep_update, isolate_env, make_project, rlhf
+from .conftest import TINY_OVERRIDES, deep_update, isolate_env, make_project, rlhf, stage_metrics
 from .test_preferences import salted_bundle
 
 pytestmark = pytest.mark.slow
@@ -84,7 +84,7 @@ def test_generate_candidates_writes_k_completions_per_prompt(project):
     for completion in completions:
         by_prompt[completion.prompt_id] = by_prompt.get(completion.prompt_id, 0) + 1
     assert set(by_prompt.values()) == {K}
-    saved = json.loads((root / "metrics" / "generate_candidates.json").read_text())
+    saved = stage_metrics(root).read("generate_candidates")
     assert saved["candidates/completions"] == prompts * K
 
 
@@ -100,7 +100,7 @@ def test_simulated_backend(in_project):
     assert 0 <= metrics["preferences/agreement"] <= 1 and metrics["preferences/agreement_comparisons"] == prompts // 2 * 6
     assert "preferences/krippendorff_alpha" in metrics and metrics["preferences/agreement_stderr"] > 0
     assert 0 <= metrics["preferences/gold_accuracy"] <= 1 and metrics["preferences/rejects"] == 0
-    assert json.loads((in_project / "metrics" / "simulated" / "collect_preferences.json").read_text()) == metrics
+    assert stage_metrics(in_project).read("collect_preferences") == metrics
     # Deterministic by seed: a second run ranks the same way.
     _, again = collect(in_project, "simulated-again", {"labeling": {"backend": "simulated", "overlap_fraction": 0.5}})
     assert [r.completion_ids for r in PreferenceFolder(again).read_rankings()] == [r.completion_ids for r in rankings]

@@ -12,6 +12,8 @@ from rlhf_core.config import load_params
 from rlhf_core.records import write_jsonl
 from rlhf_core.schemas import Prompt, Ranking
 
+from .conftest import stage_metrics
+
 pytestmark = pytest.mark.slow
 
 PROMPTS = [
@@ -51,8 +53,7 @@ def _project(root, models, policy="policy", **sections):
         params[name].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_jsonl(root / "data/prompts/eval.jsonl", [Prompt(id=f"e{i}", text=t) for i, t in enumerate(PROMPTS)])
-    (root / "metrics").mkdir(exist_ok=True)
-    (root / "metrics/train_reward.json").write_text(json.dumps({"reward/accuracy": 0.7, "reward/registered_version": "3"}))
+    stage_metrics(root).write("train_reward", {"reward/accuracy": 0.7, "reward/registered_version": "3"})
     (root / "plots").mkdir(exist_ok=True)
     (root / "plots/ppo_curve.csv").write_text(
         "update,kl,beta,score,rlhf_reward,gold,gold_proxy\n"
@@ -74,10 +75,10 @@ def test_evaluate_measures_gates_plots_and_promote_acts_on_it(work_env, models):
     params = _project(work_env, models)
     champion = _register_policy(work_env, models / "base", ["champion"])
     candidate = _register_policy(work_env, models / "policy", ["candidate"])
-    (work_env / "metrics/ppo.json").write_text(json.dumps({"ppo/registered_version": int(candidate)}))
+    stage_metrics(work_env).write("ppo", {"ppo/registered_version": int(candidate)})
 
     metrics = evaluate.run(params)
-    saved = json.loads((work_env / "metrics/evaluate.json").read_text())
+    saved = stage_metrics(work_env).read("evaluate")
     assert saved == json.loads(json.dumps(metrics))
     assert saved["eval/candidate_version"] == candidate and saved["eval/champion_version"] == champion
     assert saved["eval/num_prompts"] == len(PROMPTS)

@@ -17,7 +17,7 @@ from rlhf_core import base_model
 from rlhf_core.base_model import clean_leftovers, exchange_paths, save_model_folder
 from rlhf_core.errors import RLHFError
 
-from .conftest import REPO, rlhf, write_params
+from .conftest import REPO, rlhf, stage_metrics, write_params
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "normalization.json")
 
@@ -231,9 +231,7 @@ def test_finishing_again_logs_only_what_is_new(work_env):
         stage.finish({**first, "prompts/registered_version": 2})
     assert len(client.get_metric_history(stage.run_id, "prompts/kept")) == 1
     assert client.get_run(stage.run_id).data.metrics["prompts/registered_version"] == 2
-    import json
-
-    assert json.loads((work_env / "metrics" / "prompts.json").read_text()) == {"prompts/kept": 5, "prompts/registered_version": 2}
+    assert stage_metrics(work_env).read("prompts") == {"prompts/kept": 5, "prompts/registered_version": 2}
 
 
 # --------------------------------------------------------------------------- pickled weights

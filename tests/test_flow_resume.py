@@ -4,7 +4,6 @@ The second run must resume PPO from its last checkpoint, recompute nothing
 before PPO (DVC skips those stages) and finish the pipeline.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from rlhf_core.ppo.checkpoint import latest_checkpoint
-from tests.conftest import write_params
+from tests.conftest import stage_metrics, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +50,9 @@ def test_flow_killed_during_ppo_resumes_without_recomputing_earlier_stages(tiny_
         FLOW, cwd=tiny_project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     _kill_when_ppo_has_a_checkpoint(tiny_project, first)
-    assert not (tiny_project / "metrics" / "ppo.json").exists()
+    assert not stage_metrics(tiny_project).detail("ppo").exists()
     before = {
-        name: (tiny_project / "metrics" / f"{name}.json").stat().st_mtime_ns
+        name: stage_metrics(tiny_project).detail(name).stat().st_mtime_ns
         for name in ("base_model", "prompts", "generate_candidates", "collect_preferences", "train_reward")
     }
 
@@ -61,10 +60,10 @@ def test_flow_killed_during_ppo_resumes_without_recomputing_earlier_stages(tiny_
     output = second.stdout + second.stderr
     assert second.returncode == 0, output[-4000:]
     for name, mtime in before.items():
-        assert (tiny_project / "metrics" / f"{name}.json").stat().st_mtime_ns == mtime, f"{name} was recomputed"
+        assert stage_metrics(tiny_project).detail(name).stat().st_mtime_ns == mtime, f"{name} was recomputed"
         assert f"Stage '{name}' didn't change, skipping" in output
-    ppo = json.loads((tiny_project / "metrics" / "ppo.json").read_text())
+    ppo = stage_metrics(tiny_project).read("ppo")
     assert ppo["ppo/resumed_from_update"] >= 1 and ppo["ppo/updates"] == 40
-    assert (tiny_project / "metrics" / "evaluate.json").exists()
+    assert stage_metrics(tiny_project).detail("evaluate").exists()
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=tiny_project, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout

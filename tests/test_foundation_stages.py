@@ -1,20 +1,19 @@
 """The base_model and prompts stages through the real CLI on a tiny model."""
 
-import json
 import time
 
 import pytest
 
 from rlhf_core.artifacts import PromptSplit
 
-from .conftest import rlhf
+from .conftest import rlhf, stage_metrics
 
 pytestmark = pytest.mark.slow
 
 
 def test_base_model_and_prompts_stages(tiny_project):
     rlhf("base-model", cwd=tiny_project)
-    base = json.loads((tiny_project / "metrics" / "base_model.json").read_text())
+    base = stage_metrics(tiny_project).read("base_model")
     assert base["base_model/source"] == "tiny"
     assert base["base_model/parameters"] > 1000 and base["base_model/dtype"] == "float32"
     assert (tiny_project / "models" / "base" / "model.safetensors").exists()
@@ -29,7 +28,7 @@ def test_base_model_and_prompts_stages(tiny_project):
     assert tokenizer.padding_side == "left" and tokenizer.pad_token == "<|im_end|>"
 
     rlhf("prompts", cwd=tiny_project)
-    metrics = json.loads((tiny_project / "metrics" / "prompts.json").read_text())
+    metrics = stage_metrics(tiny_project).read("prompts")
     assert metrics["prompts/train"] + metrics["prompts/eval"] == metrics["prompts/kept"] >= 500
     train = PromptSplit(tiny_project / "data" / "prompts").train.read_text().splitlines()
     assert len(train) == metrics["prompts/train"]

@@ -91,12 +91,13 @@ def test_the_import_walk_follows_function_level_and_package_imports():
 def test_dvc_outs_and_data_deps_are_the_declared_artifacts(stage):
     layout, io = Layout(load_params(REPO / "params.yaml").paths), STAGE_IO[stage]
     declared_in = {str(artifact_path(layout, name)) for name in io.inputs}
-    declared_in |= {str(layout.metrics.path(name)) for name in io.metrics_inputs}
+    declared_in |= {str(layout.metrics.detail(name)) for name in io.metrics_inputs}
     data_deps = {d for d in _entries(DVC[stage], "deps") if not d.startswith("rlhf_core")}
     assert data_deps == declared_in
-    assert _entries(DVC[stage], "outs") == {str(artifact_path(layout, name)) for name in io.outputs}
+    outs = {str(artifact_path(layout, name)) for name in io.outputs} | {str(layout.metrics.detail(stage))}
+    assert _entries(DVC[stage], "outs") == outs
     assert _entries(DVC[stage], "plots") == {str(artifact_path(layout, name)) for name in io.plots}
-    assert _entries(DVC[stage], "metrics") == {str(layout.metrics.path(stage))}
+    assert _entries(DVC[stage], "metrics") == {str(layout.metrics.headline(stage))}
 
 
 def test_every_consumer_takes_its_stages_from_dvc_yaml():
@@ -107,10 +108,10 @@ def test_every_consumer_takes_its_stages_from_dvc_yaml():
         assert stage["cmd"] == f"rlhf {stage_command(name)}" and stage.get("desc")
         assert callable(__import__(f"rlhf_core.stages.{name}", fromlist=["run"]).run)
     from flows.pipeline import STAGES
-    from flows.summary import HEADLINES
+    from flows.summary import AT_A_GLANCE
     from tasks.stages import GPU_STAGES
 
-    assert STAGES == stages and set(HEADLINES) <= set(stages)
+    assert STAGES == stages and set(AT_A_GLANCE) <= set(stages)
     assert GPU_STAGES == {name for name, stage in DVC.items() if (stage.get("meta") or {}).get("gpu")}
     assert {"train_reward", "ppo"} <= GPU_STAGES and "promote" not in GPU_STAGES
 
@@ -182,9 +183,8 @@ def test_prompt_split_and_metrics_folder_round_trip(tmp_path):
     with pytest.raises(DataError, match="eval.jsonl: no prompts"):
         layout.prompts.read_eval()
     assert layout.metrics.read("ppo") == {}
-    layout.metrics.folder.mkdir()
-    layout.metrics.path("ppo").write_text('{"ppo/kl": 1.5}')
-    assert layout.metrics.read("ppo") == {"ppo/kl": 1.5}
+    layout.metrics.write("ppo", {"ppo/final_kl": 1.5, "ppo/seed": 3})
+    assert layout.metrics.read("ppo") == {"ppo/final_kl": 1.5, "ppo/seed": 3}
 
 
 def test_an_existing_experiment_gets_the_model_training_kind(work_env):

@@ -14,7 +14,7 @@ from rlhf_core.config import PPOConfig, load_params
 from rlhf_core.records import write_jsonl
 from rlhf_core.schemas import PreferencePair, Prompt
 
-from .conftest import hand_over_reward_model
+from .conftest import hand_over_reward_model, stage_metrics
 from .test_ppo_learning import FAVOURITE, NEW_TOKENS, favourite_share, favourite_token_model  # noqa: F401
 
 KL_BOUND = 4.0  # nats per response, the bound test_ppo_learning holds PPO to
@@ -135,7 +135,7 @@ def test_each_optimiser_writes_ppos_outputs_and_passes_through_evaluate_and_prom
     params = params.model_copy(update={"ppo": params.ppo.model_copy(update={"algorithm": algorithm})})
     metrics = ppo.run(params)
 
-    saved = json.loads((project / "metrics/ppo.json").read_text())
+    saved = stage_metrics(project).read("ppo")
     assert saved == json.loads(json.dumps(metrics)) and saved["ppo/algorithm"] == algorithm
     assert saved["ppo/reward_model_hash"] == tracking.hash_paths([project / "models/reward"])
     assert isinstance(saved[f"{algorithm}/gold_start"], float) and isinstance(saved[f"{algorithm}/gold_end"], float)

@@ -1,7 +1,6 @@
 """Stage ``ppo`` through the real CLI on a tiny project, in an isolated MLflow store."""
 
 import csv
-import json
 
 import pytest
 import yaml
@@ -13,7 +12,7 @@ from rlhf_core.precision import default_device
 from rlhf_core.records import write_jsonl
 from rlhf_core.schemas import Prompt
 
-from .conftest import rlhf
+from .conftest import rlhf, stage_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +54,7 @@ def test_ppo_stage_trains_logs_every_update_saves_registers_and_resumes(project)
     reward_version = _name_reward_champion(project)
     rlhf("ppo", cwd=project)  # tiny overrides: 3 updates, checkpoint every update, gold every 2
 
-    metrics = json.loads((project / "metrics/ppo.json").read_text())
+    metrics = stage_metrics(project).read("ppo")
     assert metrics["ppo/updates"] == 3 and metrics["ppo/resumed_from_update"] == 0
     for key in ("final_kl", "final_score", "gold_start", "gold_end", "seconds_per_update_median"):
         assert isinstance(metrics[f"ppo/{key}"], float)
@@ -91,6 +90,6 @@ def test_ppo_stage_trains_logs_every_update_saves_registers_and_resumes(project)
 
     # the same run again resumes from its last checkpoint: nothing left to train, the curve is kept whole
     rlhf("ppo", cwd=project)
-    again = json.loads((project / "metrics/ppo.json").read_text())
+    again = stage_metrics(project).read("ppo")
     assert again["ppo/resumed_from_update"] == 3 and again["ppo/final_kl"] == metrics["ppo/final_kl"]
     assert (project / "plots/ppo_curve.csv").read_text().count("\n") == 5

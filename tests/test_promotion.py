@@ -1,6 +1,5 @@
 """Promotion, rejection and rollback in a real (temporary, SQLite) MLflow registry."""
 
-import json
 import shutil
 
 import pytest
@@ -17,7 +16,7 @@ from rlhf_core.evaluation.summary import EvaluationSummary
 from rlhf_core.promotion import decide, rollback
 from rlhf_core.errors import RLHFError
 
-from .conftest import REPO
+from .conftest import REPO, stage_metrics
 
 MODEL = tracking.POLICY_MODEL
 #: the thresholds the pipeline runs with
@@ -146,7 +145,7 @@ def test_promote_stage_records_the_decision_and_logs_a_model_card(registry, monk
     version = _register(registry)
     _summary(version, _gates(HEALTHY)).write(Layout(params.paths).evaluation.summary)
     metrics = promote.run(params)
-    saved = json.loads((registry / params.paths.metrics / "promote.json").read_text())
+    saved = stage_metrics(registry).read("promote")
     assert saved["promote/promoted"] is True and saved["promote/version"] == version == metrics["promote/champion"]
     tags = MlflowClient().get_model_version(MODEL, version).tags
     assert tags["lineage.flow_run_id"] == "flow-77"

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import isolate_env
+from rlhf_core.artifacts import HEADLINES
+from rlhf_core.tracking import flatten
+
+from .conftest import isolate_env, stage_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +48,9 @@ def test_a_fresh_clone_with_the_dvc_remote_and_no_mlflow_store_reproduces_ppo_an
 ):
     remote = tmp_path / "dvc-remote"
     _run([*DVC, "repro"], tiny_project)
+    for stage, table in HEADLINES.items():  # every headline names a figure its stage writes (promote: once promoted)
+        shown = json.loads(stage_metrics(tiny_project).headline(stage).read_text())
+        assert set(flatten(table)) - set(flatten(shown)) <= ({"champion", "previous"} if stage == "promote" else set())
     _run([*DVC, "remote", "add", "-d", "shared", str(remote)], tiny_project)
     _run([*DVC, "push"], tiny_project)
     _run(["git", "add", "-A"], tiny_project)
@@ -62,7 +68,7 @@ def test_a_fresh_clone_with_the_dvc_remote_and_no_mlflow_store_reproduces_ppo_an
     _run([*DVC, "repro", "--force", "--single-item", "ppo"], clone)
     _run([*DVC, "repro", "--force", "--single-item", "evaluate"], clone)
     for stage in ("ppo", "evaluate"):
-        original = _figures(tiny_project / "metrics" / f"{stage}.json")
-        again = _figures(clone / "metrics" / f"{stage}.json")
+        original = _figures(stage_metrics(tiny_project).detail(stage))
+        again = _figures(stage_metrics(clone).detail(stage))
         assert again == original, {k: (original.get(k), again.get(k)) for k in original.keys() | again.keys()
                                    if original.get(k) != again.get(k)}

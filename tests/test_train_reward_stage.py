@@ -13,10 +13,10 @@ import yaml
 from rlhf_core.config import load_params
 from rlhf_core.precision import default_device
 from rlhf_core.preferences import PreferenceBundle, bundle_pairs
-from rlhf_core.records import write_json, write_jsonl
+from rlhf_core.records import write_jsonl
 from rlhf_core.schemas import Completion, Prompt, Ranking
 
-from .conftest import deep_update, rlhf
+from .conftest import deep_update, rlhf, stage_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def write_preferences(root: Path, bundle: PreferenceBundle, *, candidates: Prefe
     write_jsonl(root / "data" / "candidates" / "completions.jsonl", cands.completions)
     if collect is None:
         collect = {"preferences/agreement": 0.73, "preferences/gold_accuracy": 0.8}
-    write_json(root / "metrics" / "collect_preferences.json", collect)
+    stage_metrics(root).write("collect_preferences", collect)
 
 
 def reward_project(root: Path, base_model: Path, overrides: dict | None = None) -> Path:
@@ -98,7 +98,7 @@ def test_learnable_preference_reaches_high_heldout_accuracy_and_registers_champi
     assert metrics["reward/normalization_source"] == "candidates" and metrics["reward/normalization_samples"] == 120
     assert metrics["reward/champion"] is True and metrics["reward/registered_version"] == 1
     assert metrics["reward/dtype"] == params.reward.dtype and metrics["reward/device"] == default_device().type
-    assert json.loads((project / "metrics" / "train_reward.json").read_text()) == metrics
+    assert stage_metrics(project).read("train_reward") == metrics
 
     curve = (project / "plots" / "reward_loss.csv").read_text().splitlines()
     assert curve[0] == "step,loss" and len(curve) == metrics["reward/train_steps"] + 1
@@ -245,7 +245,7 @@ def test_runaway_learning_rate_exits_2_saves_and_registers_nothing(work_env, tin
     assert "reward.learning_rate=1e+30: loss is nan at step 2; training stopped" in done.stderr
     assert [p.name for p in old.iterdir()] == ["model.safetensors"] and (old / "model.safetensors").read_text() == "the previous reward model"
     assert not (root / "plots" / "reward_loss.csv").exists()
-    assert not (root / "metrics" / "train_reward.json").exists()
+    assert not stage_metrics(root).detail("train_reward").exists()
     import mlflow
 
     assert mlflow.MlflowClient().search_model_versions("name = 'rlhf-reward-model'") == []
@@ -264,7 +264,7 @@ def test_a_version_is_registered_only_after_the_outputs_and_metrics_are_written(
     register = tracking.register_version
 
     def register_after_checking(*args, **kwargs):
-        metrics = json.loads((root / "metrics" / "train_reward.json").read_text())
+        metrics = stage_metrics(root).read("train_reward")
         seen.update(accuracy=metrics.get("reward/accuracy"), version=metrics.get("reward/registered_version"),
                     weights=(root / params.paths.reward_model / "model.safetensors").exists(),
                     curve=(root / "plots" / "reward_loss.csv").exists())  # fmt: skip
@@ -273,7 +273,7 @@ def test_a_version_is_registered_only_after_the_outputs_and_metrics_are_written(
     monkeypatch.setattr(tracking, "register_version", register_after_checking)
     metrics = train_reward.run(params)
     assert seen == {"accuracy": metrics["reward/accuracy"], "version": None, "weights": True, "curve": True}
-    assert json.loads((root / "metrics" / "train_reward.json").read_text())["reward/registered_version"] == 1
+    assert stage_metrics(root).read("train_reward")["reward/registered_version"] == 1
     import mlflow
 
     (run,) = mlflow.search_runs(experiment_names=["rlhf"], output_format="list")

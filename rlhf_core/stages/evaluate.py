@@ -214,7 +214,7 @@ def run(params: Params) -> dict:
     layout = Layout(paths)
     out = layout.evaluation
     eval_file = layout.prompts.eval
-    inputs = [eval_file, layout.metrics.path("ppo"), layout.metrics.path("train_reward")]
+    inputs = [eval_file, layout.metrics.detail("ppo"), layout.metrics.detail("train_reward")]
     with tracking.stage_run("evaluate", metrics_dir=paths.metrics, config_sections=[cfg, params.gates], inputs=inputs) as stage:
         stage.log_params({"evaluate": cfg.model_dump(), "gates": params.gates.model_dump()})
         prompts = load_eval_prompts(eval_file, cfg.num_prompts)
