@@ -144,7 +144,6 @@ class SFTFolder(ModelFolder):
         return self.folder / "sft_off.json"
 
 
-
 @dataclass(frozen=True)
 class PromptSplit:
     """``paths.prompts``: the prompts stage's train/eval split and the prompts it rejected."""
