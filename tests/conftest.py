@@ -49,12 +49,12 @@ def write_params(root: Path, overrides: dict | None = None) -> Path:
     return path
 
 
-def stage_metrics(root: Path):
+def stage_metrics(root: Path, params_file: str = "params.yaml"):
     """The metrics folder of the project in ``root`` (its params' ``paths.metrics``): ``.read(stage)`` is every figure."""
     from rlhf_core.artifacts import MetricsFolder
     from rlhf_core.config import load_params
 
-    return MetricsFolder(root / load_params(root / "params.yaml").paths.metrics)
+    return MetricsFolder(root / load_params(root / params_file).paths.metrics)
 
 
 def isolate_env(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:

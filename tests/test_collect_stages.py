@@ -100,7 +100,7 @@ def test_simulated_backend(in_project):
     assert 0 <= metrics["preferences/agreement"] <= 1 and metrics["preferences/agreement_comparisons"] == prompts // 2 * 6
     assert "preferences/krippendorff_alpha" in metrics and metrics["preferences/agreement_stderr"] > 0
     assert 0 <= metrics["preferences/gold_accuracy"] <= 1 and metrics["preferences/rejects"] == 0
-    assert stage_metrics(in_project).read("collect_preferences") == metrics
+    assert stage_metrics(in_project, "params-simulated.yaml").read("collect_preferences") == metrics
     # Deterministic by seed: a second run ranks the same way.
     _, again = collect(in_project, "simulated-again", {"labeling": {"backend": "simulated", "overlap_fraction": 0.5}})
     assert [r.completion_ids for r in PreferenceFolder(again).read_rankings()] == [r.completion_ids for r in rankings]
