@@ -116,7 +116,7 @@ class SFTConfig(Section):
     simulated: SimulatedDemonstrationsConfig = SimulatedDemonstrationsConfig()
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of demonstrated prompts held out for loss.")
     max_length: int = Field(160, gt=0, description="Tokens per example (chat-formatted prompt + answer + stop token).")
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(0.5, gt=0, description="Passes over the training demonstrations (fractions stop early).")
     batch_size: int = Field(8, gt=0, description="Examples per optimiser step (per process).")
     learning_rate: float = Field(1e-4, gt=0)
     mode: Literal["full", "freeze", "lora"] = Field(

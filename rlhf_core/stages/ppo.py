@@ -1,7 +1,8 @@
 """Stage ``ppo``: fine-tune the policy with PPO against the champion reward model.
 
-1. Start from ``ppo.init_policy`` (the base model, the champion policy or a
-   registered version) and score with ``rlhf-reward-model@champion``.
+1. Start from ``ppo.init_policy`` (``base``: the layout's starting policy - the
+   SFT model when the sft stage trained one, else the base model - or a
+   registered version), keep those weights as the frozen reference, and score with ``rlhf-reward-model@champion``.
 2. Resume from the last checkpoint under ``<paths.checkpoints>/ppo`` when it
    belongs to this same run (settings, starting policy, reward model, prompts).
 3. Train on the training prompts (cycled in seeded order); log every update to
