@@ -239,7 +239,7 @@ def trainer_args(cfg: RewardConfig, output_dir: Path) -> TRLRewardConfig:
 class FitResult:
     model: object
     tokenizer: object
-    scorer: object  # what scores fastest right after training: the trunk cache (finetune=freeze) or the model itself
+    scorer: object  # what scores fastest right after training: cached features (none), trunk states (freeze) or the model
     losses: list[tuple[int, float]]
     seconds: float
     steps: int
