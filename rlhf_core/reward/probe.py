@@ -43,7 +43,7 @@ def fit_linear_head(
         loss = data + l2 * w.pow(2).sum()
         loss.backward()
         if losses is not None:
-            losses.append(float(data))
+            losses.append(float(data.detach()))
         return loss
 
     optimizer.step(closure)

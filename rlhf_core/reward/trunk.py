@@ -153,7 +153,8 @@ class FrozenTrunk:
                 input_ids, mask = pad_right([list(key) for key in rows], pad_token_id)
                 hidden = self.model.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 for row, key in enumerate(rows):
-                    into[key] = hidden.last_hidden_state[row, : len(key)].float().cpu()
+                    # A copy: a view would keep the whole padded batch alive in memory.
+                    into[key] = hidden.last_hidden_state[row, : len(key)].float().cpu().clone()
         self.model.train(was_training)
         return into
 
@@ -169,7 +170,7 @@ class FrozenTrunk:
                 batch = [states[tuple(seq)] for seq in sequences[first : first + batch_size]]
                 inputs = {k: v.to(device) for k, v in pad_left_states(batch).items()}
                 hidden = self.model.model(**inputs, use_cache=False).last_hidden_state
-                features.append(hidden[:, -1].float().cpu())
+                features.append(hidden[:, -1].float().cpu().clone())  # not a view of the whole batch
         self.model.train(was_training)
         return torch.cat(features)
 
