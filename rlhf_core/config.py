@@ -12,12 +12,14 @@ import codecs
 import difflib
 import os
 import tempfile
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from rlhf_core.errors import ConfigError
 from rlhf_core.precision import Dtype
@@ -27,6 +29,21 @@ class Section(BaseModel):
     # No tunable value here means anything as infinity or NaN (rates, coefficients, thresholds), and a .inf that
     # slipped in would train a model full of NaN rather than fail.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value, info: ValidationInfo):
+        # pydantic reads true as 1 for int and float fields: `learning_rate: yes` would silently train at 1.0.
+        if isinstance(value, bool) and _takes_numbers_only(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+def _takes_numbers_only(annotation) -> bool:
+    """int, float, or an optional/union of them (never bool or text)."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = {o for o in (typing.get_args(annotation) if union else (annotation,)) if o is not type(None)}
+    return bool(kinds) and kinds <= {int, float}
 
 
 class PathsConfig(Section):
@@ -40,6 +57,9 @@ class PathsConfig(Section):
     preference_import: str = Field(description="Folder of public preference files to import (labeling.backend=import).")
     preferences: str = Field(description="Folder with validated rankings, pairs and rejects.")
     reward_model: str = Field(description="Trained reward model folder.")
+    reward_release: str = Field(
+        description="Record of the reward model handed to PPO and evaluate: registry version, content hash, bar met."
+    )
     demonstrations: str = Field(description="Shipped hand-written demonstrations for training prompts (sft.source=written).")
     sft_model: str = Field(
         description="Folder the sft stage writes: the fine-tuned policy the later stages start from, or (sft.source=none) "
@@ -148,8 +168,8 @@ class SFTConfig(Section):
 class CandidatesConfig(Section):
     policy: str = Field(
         "base",
-        description="'base', 'champion' (the registry's champion, else base) or a version of the registered model "
-        "rlhf-policy (the retraining flow sets it).",
+        description="'base' or a version of the registered model rlhf-policy (`python -m flows.pipeline "
+        "--from-champion` sets the champion's version).",
     )
     k: int = Field(4, ge=2, description="Completions per prompt.")
     max_prompts: int | None = Field(128, gt=0, description="Use only the first N training prompts.")
@@ -272,6 +292,12 @@ class RewardConfig(Section):
     )
     seed: int = Field(0, description="Seeds the head, the train/validation split and the data order.")
 
+    @model_validator(mode="after")
+    def _head_only_needs_the_probe(self) -> "RewardConfig":
+        if self.finetune == "none" and self.head_init != "probe":
+            raise ValueError("finetune: none trains only the head, as a linear probe: it needs head_init: probe")
+        return self
+
 
 class KLConfig(Section):
     """The KL penalty against the reference inside the reward (Ziegler et al. 2019)."""
@@ -330,7 +356,9 @@ class PPOConfig(Section):
         "same reward model, EOS trick and reference); dpo (TRL's DPOTrainer on the preference pairs). See "
         "rlhf_core/optimisers."
     )
-    init_policy: str = Field("base", description="'base', 'champion' or a version of rlhf-policy to start from.")
+    init_policy: str = Field(
+        "base", description="'base' or a version of rlhf-policy to start from (--from-champion sets the champion's)."
+    )
     updates: int = Field(8, gt=0, description="PPO updates (rollout + optimisation) in the run.")
     batch_size: int = Field(16, gt=0, description="Prompts (episodes) per update, over all processes.")
     max_new_tokens: int = Field(32, gt=0, description="Longest response sampled.")
@@ -413,17 +441,16 @@ class EvaluateConfig(Section):
         "its own, reward.dtype); the same on every CPU (rlhf_core/precision.py).",
     )
     best_of_n: list[int] = Field([1, 2, 4, 8, 16], description="n of the best-of-n frontier from the reference.")
-    @model_validator(mode="after")
-    def _head_only_needs_the_probe(self) -> "RewardConfig":
-        if self.finetune == "none" and self.head_init != "probe":
-            raise ValueError("finetune: none trains only the head, as a linear probe: it needs head_init: probe")
-        return self
-
     best_of_n_prompts: int = Field(
         16, gt=0, description="First N eval prompts that get a pool of max(best_of_n) samples (the pool dominates the cost)."
     )
     batch_size: int = Field(128, gt=0, description="Sequences per sampling or scoring batch.")
     repetition_ngram: int = Field(4, gt=0, description="n of the repetition rate seq-rep-n (Welleck et al. 2020).")
+    champion: str = Field(
+        "none",
+        description="'none' or the version of rlhf-policy to beat; the flow sets it from rlhf-policy@champion before "
+        "the stages run, so the stage never reads a moving alias.",
+    )
     human_eval: Literal["auto", "always", "never"] = Field(
         "auto", description="Export a blind side-by-side labelling task: 'auto' when there is no gold function."
     )

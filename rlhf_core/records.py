@@ -177,3 +177,18 @@ def write_json(path: str | Path, data: dict) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text``, as is, in one rename (a kill leaves the old file or the new one)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json_record(path: str | Path, model: type[T], what: str, missing: str) -> T:
+    """One validated JSON document (a stage's record of what it handed over); ``missing`` says how to make it.
+
+    A missing, unreadable or invalid file is one DataError naming the file and the first problem.
+    """
+    path = Path(path)
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except OSError:
+        raise DataError(f"{path}: no {what} ({missing})") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise DataError(f"{path}: invalid {what} ({'.'.join(map(str, first['loc']))}: {first['msg']})") from None

@@ -347,24 +347,42 @@ REWARD_MODEL = "rlhf-reward-model"
 
 
 def resolve_policy(spec: str, start: ModelFolder) -> tuple[Path, str]:
-    """Folder and version label of a policy: ``base``, ``champion`` (the base model while there is none) or a version.
+    """Folder and version label of a policy: ``base`` (the run's starting policy) or a version of rlhf-policy.
 
     ``base`` is ``start``, the layout's starting policy: the SFT model when the
     sft stage trained one, else the base model.  The label is
     ``<start.kind>:<content hash of the folder>`` (``sft:…`` or ``base:…``) or ``rlhf-policy/<version>``.
+    Aliases are refused: a stage that read ``champion`` would train on whatever
+    the alias points at when it runs, which its params and dvc.lock cannot show.
     """
-    if spec == "champion":
-        ref = model_by_alias(POLICY_MODEL, "champion")
-        if ref is not None:
-            return ref.path, f"{POLICY_MODEL}/{ref.version}"
-        spec = "base"
     if spec == "base":
         folder = start.require()
         return folder, f"{start.kind}:{hash_paths([folder])[:12]}"
+    if not spec.isdigit():
+        now = model_by_alias(POLICY_MODEL, spec)
+        hint = f" (rlhf-policy@{spec} is version {now.version} now)" if now else ""
+        raise RLHFError(
+            f"policy {spec!r}: expected 'base' or a version of {POLICY_MODEL}{hint}; aliases are resolved by "
+            "`python -m flows.pipeline --from-champion`"
+        )
     ref = model_version(POLICY_MODEL, spec)
     if ref is None:
-        raise RLHFError(f"policy {spec!r}: expected 'base', 'champion' or a version of registered model {POLICY_MODEL}")
+        raise RLHFError(f"policy {spec!r}: registered model {POLICY_MODEL} has no such version")
     return ref.path, f"{POLICY_MODEL}/{ref.version}"
+
+
+def resolved_aliases(from_champion: bool) -> dict[str, str]:
+    """The params overrides that pin every alias a run depends on to the version it names now.
+
+    ``evaluate.champion`` always (the champion to beat); with ``from_champion``
+    also the policy that writes the candidates and that PPO starts from.
+    """
+    champion = model_by_alias(POLICY_MODEL, "champion")
+    overrides = {"evaluate.champion": champion.version if champion else "none"}
+    if from_champion:
+        start = champion.version if champion else "base"
+        overrides.update({"candidates.policy": start, "ppo.init_policy": start})
+    return overrides
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

@@ -49,14 +49,6 @@ def write_params(root: Path, overrides: dict | None = None) -> Path:
     return path
 
 
-def stage_metrics(root: Path, params_file: str = "params.yaml"):
-    """The metrics folder of the project in ``root`` (its params' ``paths.metrics``): ``.read(stage)`` is every figure."""
-    from rlhf_core.artifacts import MetricsFolder
-    from rlhf_core.config import load_params
-
-    return MetricsFolder(root / load_params(root / params_file).paths.metrics)
-
-
 def isolate_env(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
     """Point every tool's state into ``root/.work`` for this test (and its subprocesses)."""
     work = root / ".work"
@@ -149,3 +141,24 @@ def rlhf(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProce
     if check and done.returncode != 0:
         raise AssertionError(f"rlhf {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
+
+
+def hand_over_reward_model(root: Path, folder: Path, version: str = "1", accuracy: float = 0.7, min_accuracy: float = 0.55):
+    """The record train_reward writes for ``folder`` (what ppo and evaluate read), at ``root/models/reward_release.json``."""
+    from rlhf_core.reward.release import RewardRelease
+    from rlhf_core.tracking import hash_paths
+
+    path = root / "models" / "reward_release.json"
+    RewardRelease(
+        name="rlhf-reward-model", version=version, content_hash=hash_paths([folder]), heldout_accuracy=accuracy,
+        min_accuracy=min_accuracy, run_id="test-run",
+    ).write(path)
+    return path
+
+
+def stage_metrics(root: Path, params_file: str = "params.yaml"):
+    """The metrics folder of the project in ``root`` (its params' ``paths.metrics``): ``.read(stage)`` is every figure."""
+    from rlhf_core.artifacts import MetricsFolder
+    from rlhf_core.config import load_params
+
+    return MetricsFolder(root / load_params(root / params_file).paths.metrics)

@@ -159,11 +159,14 @@ def test_import_backend_reads_trl_jsonl(in_project):
     rows.insert(2, "{broken")
     rows.append(json.dumps({"prompt": "Empty?", "chosen": "", "rejected": "x"}))
     (folder / "trl.jsonl").write_text("\n".join(rows) + "\n")
+    rows.append(json.dumps({"prompt": "Invisible?", "chosen": "\u200b", "rejected": "x"}))
+    (folder / "trl.jsonl").write_text("\n".join(rows) + "\n")
     metrics, out = collect(in_project, "import", {"labeling": {"backend": "import", "import_file": "trl.jsonl"}})
-    assert metrics["preferences/rankings"] == metrics["preferences/pairs"] == 5
+    # an empty answer is a human judgement like any other; an invisible one is not text
+    assert metrics["preferences/rankings"] == metrics["preferences/pairs"] == 6
     pairs = PreferenceFolder(out).read_pairs()
-    assert {p.chosen for p in pairs} == {f"A clear answer {i}." for i in range(5)}
-    assert {r["line"] for r in rejects_of(out)} >= {3, 7}
+    assert {p.chosen for p in pairs} == {f"A clear answer {i}." for i in range(5)} | {""}
+    assert {r["line"] for r in rejects_of(out)} >= {3, 8}
 
 
 def test_nothing_usable_fails_with_one_clear_line(in_project):

@@ -347,7 +347,7 @@ REFUSED: dict[str, tuple[Callable[[Path, random.Random], Path], str]] = {
         "truncated or corrupt gzip",
     ),
     "gzip_bad_crc": (
-        _write_drawn("p.jsonl.gz", lambda rng: (d := _gzip_lines(rng, 3))[:-8] + bytes(8)),
+        _write_drawn("p.jsonl.gz", lambda rng: _gzip_lines(rng, 3)[:-8] + bytes(8)),
         "truncated or corrupt gzip",
     ),
     "corrupt_parquet": (lambda f, rng: _parquet(f, rng, lambda d: d[: len(d) // 2]), "not a readable Parquet"),

@@ -12,7 +12,7 @@ from rlhf_core.config import load_params
 from rlhf_core.records import write_jsonl
 from rlhf_core.schemas import Prompt, Ranking
 
-from .conftest import stage_metrics
+from .conftest import hand_over_reward_model, stage_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,9 @@ def _project(root, models, policy="policy", **sections):
         params[name].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_jsonl(root / "data/prompts/eval.jsonl", [Prompt(id=f"e{i}", text=t) for i, t in enumerate(PROMPTS)])
-    stage_metrics(root).write("train_reward", {"reward/accuracy": 0.7, "reward/registered_version": "3"})
+    (root / "metrics").mkdir(exist_ok=True)
+    params["paths"]["reward_release"] = str(hand_over_reward_model(root, models / "reward", version="3"))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "plots").mkdir(exist_ok=True)
     (root / "plots/ppo_curve.csv").write_text(
         "update,kl,beta,score,rlhf_reward,gold,gold_proxy\n"
@@ -72,9 +74,9 @@ def _register_policy(root, folder, aliases) -> str:
 def test_evaluate_measures_gates_plots_and_promote_acts_on_it(work_env, models):
     from rlhf_core.stages import evaluate, promote
 
-    params = _project(work_env, models)
     champion = _register_policy(work_env, models / "base", ["champion"])
     candidate = _register_policy(work_env, models / "policy", ["candidate"])
+    params = _project(work_env, models, evaluate={"champion": champion})
     stage_metrics(work_env).write("ppo", {"ppo/registered_version": int(candidate)})
 
     metrics = evaluate.run(params)
@@ -117,6 +119,7 @@ def test_evaluate_measures_gates_plots_and_promote_acts_on_it(work_env, models):
     tags = MlflowClient().get_model_version(tracking.POLICY_MODEL, candidate).tags
     assert tags["status"] == "rejected" and "over-optimisation" in tags["rejection_reasons"]
     assert tags["lineage.reward_model_version"] == "3" and tags["lineage.ppo_run_id"]
+    assert tags["lineage.reward_model_hash"] == tracking.hash_paths([models / "reward"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # both numeric paths, whatever the host CPU
@@ -171,3 +174,20 @@ def test_without_gold_a_blind_task_is_exported_and_returned_labels_give_the_win_
     assert second["eval/human_win_rate_vs_reference_n"] == len(PROMPTS)
     assert second[f"{gate}/value"] == pytest.approx(second["eval/human_win_rate_vs_reference_low"])
     assert second[f"{gate}/passed"] is True
+
+
+def test_evaluate_names_the_handed_over_reward_model_and_never_reads_the_champion_alias(work_env, models):
+    from rlhf_core.errors import DataError
+    from rlhf_core.stages import evaluate
+
+    _register_policy(work_env, models / "base", ["champion"])  # an alias the params do not pin
+    params = _project(work_env, models, policy="base", evaluate={"human_eval": "never"})
+    saved = evaluate.run(params)
+    assert saved["eval/champion_version"] is None  # evaluate.champion: none, whatever the alias says
+    assert saved["eval/reward_model_version"] == "3"
+    assert saved["eval/reward_model_hash"] == tracking.hash_paths([models / "reward"])
+
+    # a policy trained against another reward model is refused, naming both
+    stage_metrics(work_env).write("ppo", {"ppo/reward_model_hash": "0123456789abcdef"})
+    with pytest.raises(DataError, match="trained against reward model content 0123456789abcdef"):
+        evaluate.run(params)

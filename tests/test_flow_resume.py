@@ -44,7 +44,8 @@ def _kill_when_ppo_has_a_checkpoint(root, process, timeout=600):
 def test_flow_killed_during_ppo_resumes_without_recomputing_earlier_stages(tiny_project):
     write_params(
         tiny_project,
-        {"ppo": {"updates": 40, "checkpoint_every": 1, "gold_eval_every": 20}, "reward": {"champion_min_accuracy": 0.51}},
+        # 48 candidate prompts: the tiny reward model clears reward.champion_min_accuracy, so PPO runs
+        {"ppo": {"updates": 40, "checkpoint_every": 1, "gold_eval_every": 20}, "candidates": {"max_prompts": 48}},
     )
     first = subprocess.Popen(
         FLOW, cwd=tiny_project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True

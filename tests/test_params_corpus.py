@@ -141,6 +141,13 @@ def wrong_type(rng):
     return Case(text.encode(), f"{dotted}:", line + 1)
 
 
+def boolean_for_a_number(rng):
+    dotted = rng.choice(_leaves(2, "float") + _leaves(2, "int"))
+    word = rng.choice(["true", "false", "yes", "no", "on", "True"])
+    text, line = _replace_value(dotted, word)
+    return Case(text.encode(), f"{dotted}: Value error, expected a number, got {'true' if word in ('true', 'yes', 'on', 'True') else 'false'}", line + 1)
+
+
 def unknown_key(rng):
     dotted = rng.choice([key for key in _leaves(2) if key in KEY_LINES and len(key.split(".")[-1]) > 3])
     section, name = dotted.split(".")
@@ -241,7 +248,7 @@ CASES: dict[str, Callable[[random.Random], Case]] = {
     fn.__name__: fn
     for fn in (
         duplicate_section, duplicate_key, duplicate_nested_key, alias_bomb, recursive_alias, non_finite, at_chance,
-        wrong_type, unknown_key, missing_section, section_not_a_mapping, bad_yaml, tab_indent, empty, list_at_top,
+        wrong_type, boolean_for_a_number, unknown_key, missing_section, section_not_a_mapping, bad_yaml, tab_indent, empty, list_at_top,
         scalar_at_top, bom_then_error, utf16_or_32, utf16_without_bom, not_utf8, deep_nesting, huge_integer,
         impossible_date, two_documents, python_tag,
     )

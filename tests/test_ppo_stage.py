@@ -12,7 +12,7 @@ from rlhf_core.precision import default_device
 from rlhf_core.records import write_jsonl
 from rlhf_core.schemas import Prompt
 
-from .conftest import rlhf, stage_metrics
+from .conftest import hand_over_reward_model, rlhf, stage_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -35,23 +35,43 @@ def project(work_env, tiny_base_model):
     return work_env
 
 
-def _name_reward_champion(root) -> str:
-    with tracking.stage_run("train_reward", metrics_dir=root / "scratch") as run:
-        run.log_artifact(root / "models/reward", "reward_model")
-        return tracking.register_version(tracking.REWARD_MODEL, run, "reward_model", aliases=["champion"])
-
-
-def test_without_a_champion_reward_model_the_stage_says_so_in_one_line(project):
+def test_without_a_handed_over_reward_model_the_stage_says_so_in_one_line(project):
     from rlhf_core.errors import RLHFError
     from rlhf_core.stages import ppo
 
-    with pytest.raises(RLHFError, match="rlhf-reward-model@champion") as failure:
+    with pytest.raises(RLHFError, match="no reward model has been handed over") as failure:
         ppo.run(load_params(project / "params.yaml"))
     assert "\n" not in str(failure.value)
 
 
+def test_a_reward_model_that_missed_its_bar_stops_ppo_before_training(project):
+    hand_over_reward_model(project, project / "models/reward", version="2", accuracy=0.52, min_accuracy=0.55)
+    done = rlhf("ppo", cwd=project, check=False)
+    assert done.returncode == 2
+    assert "rlhf-reward-model version 2" in done.stderr and "missed reward.champion_min_accuracy" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (project / "models/policy").exists() and not stage_metrics(project).detail("ppo").exists()
+
+
+def test_a_reward_folder_that_is_not_the_handed_over_one_is_refused(project):
+    hand_over_reward_model(project, project / "models/reward")
+    (project / "models/reward/normalization.json").write_text('{"shift": 5.0, "scale": 1.0}')
+    done = rlhf("ppo", cwd=project, check=False)
+    assert done.returncode == 2 and "is not the reward model" in done.stderr
+
+
+def test_an_alias_as_the_starting_policy_is_refused_naming_the_flow(project):
+    hand_over_reward_model(project, project / "models/reward")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ppo"]["init_policy"] = "champion"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = rlhf("ppo", cwd=project, check=False)
+    assert done.returncode == 2 and "aliases are resolved by" in done.stderr and "--from-champion" in done.stderr
+
+
 def test_ppo_stage_trains_logs_every_update_saves_registers_and_resumes(project):
-    reward_version = _name_reward_champion(project)
+    reward_version = "4"
+    hand_over_reward_model(project, project / "models/reward", version=reward_version)
     rlhf("ppo", cwd=project)  # tiny overrides: 3 updates, checkpoint every update, gold every 2
 
     metrics = stage_metrics(project).read("ppo")
@@ -59,6 +79,7 @@ def test_ppo_stage_trains_logs_every_update_saves_registers_and_resumes(project)
     for key in ("final_kl", "final_score", "gold_start", "gold_end", "seconds_per_update_median"):
         assert isinstance(metrics[f"ppo/{key}"], float)
     assert metrics["ppo/reward_model_version"] == reward_version
+    assert metrics["ppo/reward_model_hash"] == tracking.hash_paths([project / "models/reward"])
     numeric_path = {"ppo/dtype": "float32", "ppo/device": default_device().type, "ppo/reward_dtype": "float32"}
     assert {k: metrics[k] for k in numeric_path} == numeric_path
 
@@ -76,6 +97,7 @@ def test_ppo_stage_trains_logs_every_update_saves_registers_and_resumes(project)
     version = MlflowClient().get_model_version_by_alias(tracking.POLICY_MODEL, "candidate")
     assert metrics["ppo/registered_version"] == int(version.version)
     assert version.tags["reward_model_version"] == reward_version and version.tags["init_policy"].startswith("base:")
+    assert version.tags["reward_model_hash"] == metrics["ppo/reward_model_hash"]
     client = MlflowClient()
     run = client.get_run(version.run_id)
     assert run.data.tags["stage"] == "ppo" and run.info.status == "FINISHED"

@@ -125,7 +125,7 @@ def test_salted_bundle_keeps_good_records_and_reports_each_bad_one_with_its_line
 def test_records_built_in_memory_are_located_by_position():
     bundle = PreferenceBundle(
         prompts=[PROMPT],
-        completions=list(completions(2).values()) + [Completion(id="x", prompt_id="p1", text="", policy_version="t")],
+        completions=list(completions(2).values()) + [Completion(id="x", prompt_id="p1", text="\u200b\u200b", policy_version="t")],
     )
     clean = validate_bundle(bundle, max_text_chars=100, source="import.jsonl")
     (reject,) = clean.rejects

@@ -158,3 +158,17 @@ def test_promote_stage_records_the_decision_and_logs_a_model_card(registry, monk
     metrics = promote.run(params)
     assert metrics["promote/promoted"] is False and metrics["promote/champion"] == version
     assert "repetition_rate" in metrics["promote/reasons"] and "promote/model_card" not in metrics
+
+
+def test_the_flow_pins_the_champion_alias_to_its_version_before_the_stages_run(registry):
+    from rlhf_core.tracking import resolved_aliases
+
+    assert resolved_aliases(from_champion=False) == {"evaluate.champion": "none"}
+    assert resolved_aliases(from_champion=True) == {
+        "evaluate.champion": "none", "candidates.policy": "base", "ppo.init_policy": "base"
+    }
+    version = _register(registry)
+    tracking.set_alias(tracking.POLICY_MODEL, "champion", version)
+    assert resolved_aliases(from_champion=True) == {
+        "evaluate.champion": version, "candidates.policy": version, "ppo.init_policy": version
+    }

@@ -15,11 +15,13 @@ import pytest
 from rlhf_core.artifacts import HEADLINES
 from rlhf_core.tracking import flatten
 
-from .conftest import isolate_env, stage_metrics
+from .conftest import isolate_env, stage_metrics, write_params
 
 pytestmark = pytest.mark.slow
 
 DVC = [sys.executable, "-m", "dvc"]
+#: enough candidate prompts that the tiny reward model clears reward.champion_min_accuracy (0.61 held out), so PPO runs
+LEARNABLE = {"candidates": {"max_prompts": 48}}
 
 
 def _run(cmd, cwd: Path) -> str:
@@ -47,6 +49,7 @@ def test_a_fresh_clone_with_the_dvc_remote_and_no_mlflow_store_reproduces_ppo_an
     tiny_project, tmp_path, monkeypatch
 ):
     remote = tmp_path / "dvc-remote"
+    write_params(tiny_project, LEARNABLE)
     _run([*DVC, "repro"], tiny_project)
     for stage, table in HEADLINES.items():  # every headline names a figure its stage writes (promote: once promoted)
         shown = json.loads(stage_metrics(tiny_project).headline(stage).read_text())

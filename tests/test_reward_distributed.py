@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -12,7 +11,7 @@ import pytest
 
 from rlhf_core.config import load_params
 
-from .conftest import BIN
+from .conftest import BIN, stage_metrics
 from .test_train_reward_stage import LEARNABLE, marker_bundle, reward_project, write_preferences
 
 pytestmark = pytest.mark.slow
@@ -40,7 +39,7 @@ def test_two_cpu_processes_share_the_training_and_only_the_main_one_writes(work_
     out = done.stdout + done.stderr
     assert out.count("train-reward: done (0 metrics)") == 1  # the second process trained and wrote nothing
 
-    metrics = json.loads((root / "metrics" / "train_reward.json").read_text())
+    metrics = stage_metrics(root).read("train_reward")
     cfg = load_params(root / "params.yaml").reward
     # Each step takes prompts_per_batch prompts on each of the 2 processes: half the steps of one process.
     steps_per_epoch = math.ceil(metrics["reward/train_prompts"] / (cfg.prompts_per_batch * 2))

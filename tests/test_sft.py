@@ -14,7 +14,7 @@ from rlhf_core import tracking
 from rlhf_core.artifacts import Layout
 from rlhf_core.config import SFTConfig, load_params
 from rlhf_core.generation import encode_queries
-from rlhf_core.records import read_jsonl, write_jsonl
+from rlhf_core.records import write_jsonl
 from rlhf_core.schemas import Demonstration, Prompt
 
 from .conftest import rlhf

@@ -245,7 +245,7 @@ def test_runaway_learning_rate_exits_2_saves_and_registers_nothing(work_env, tin
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "reward.learning_rate=1e+30: loss is nan at step 2; training stopped" in done.stderr
     assert [p.name for p in old.iterdir()] == ["model.safetensors"] and (old / "model.safetensors").read_text() == "the previous reward model"
-    assert not (root / "plots" / "reward_loss.csv").exists()
+    assert not (root / params.paths.reward_release).exists() and not (root / "plots" / "reward_loss.csv").exists()
     assert not stage_metrics(root).detail("train_reward").exists()
     import mlflow
 

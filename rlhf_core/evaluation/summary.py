@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from rlhf_core.errors import DataError
 from rlhf_core.evaluation.best_of_n import FrontierPoint
 from rlhf_core.evaluation.gates import GateResult
-from rlhf_core.records import write_json
+from rlhf_core.records import read_json_record, write_json
 
 class EvaluationSummary(BaseModel):
     """Which version was judged against which champion, every gate's verdict, the lineage and the metrics."""
@@ -34,12 +33,4 @@ class EvaluationSummary(BaseModel):
 
     @classmethod
     def read(cls, path: str | Path) -> "EvaluationSummary":
-        path = Path(path)
-        try:
-            return cls.model_validate_json(path.read_text())
-        except OSError:
-            raise DataError(f"{path}: no evaluation summary (run `rlhf evaluate` first)") from None
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(map(str, first["loc"]))
-            raise DataError(f"{path}: invalid evaluation summary ({where}: {first['msg']})") from None
+        return read_json_record(path, cls, "evaluation summary", "run `rlhf evaluate` first")

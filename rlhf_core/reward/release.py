@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from rlhf_core.errors import DataError, RLHFError
-from rlhf_core.records import write_json
+from rlhf_core.records import read_json_record, write_json
 
 
 class RewardRelease(BaseModel):
@@ -42,14 +42,7 @@ class RewardRelease(BaseModel):
 
     @classmethod
     def read(cls, path: str | Path) -> "RewardRelease":
-        path = Path(path)
-        try:
-            return cls.model_validate_json(path.read_text())
-        except OSError:
-            raise DataError(f"{path}: no reward model has been handed over (run `rlhf train-reward` first)") from None
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise DataError(f"{path}: invalid reward model record ({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+        return read_json_record(path, cls, "reward model record", "no reward model has been handed over: run `rlhf train-reward` first")
 
 
 def handed_over(release_file: str | Path, model_folder: str | Path) -> RewardRelease:

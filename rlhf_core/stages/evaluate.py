@@ -1,7 +1,7 @@
 """Stage ``evaluate``: is the candidate better than the reference and the champion, and did it game its reward model?
 
 Samples the candidate (``paths.policy``), the reference (the starting policy: the SFT model when sft is on, else ``paths.base_model``)
-and the registry's ``champion`` on the first ``evaluate.num_prompts`` held-out
+and the champion (``evaluate.champion``, a version the flow resolved) on the first ``evaluate.num_prompts`` held-out
 eval prompts, scores every response with the proxy and (simulated labelling)
 the gold function, and writes:
 
@@ -37,6 +37,7 @@ from rlhf_core.evaluation.scoring import Scorer
 from rlhf_core.evaluation.summary import EvaluationSummary
 from rlhf_core.preferences import PreferenceBundle
 from rlhf_core.records import read_jsonl, write_jsonl
+from rlhf_core.reward.release import RewardRelease, handed_over
 from rlhf_core.schemas import Prompt
 
 def load_eval_prompts(path: Path, limit: int) -> list[Prompt]:
@@ -48,17 +49,35 @@ def load_eval_prompts(path: Path, limit: int) -> list[Prompt]:
 
 
 def candidate_version(ppo_metrics: dict) -> str | None:
-    """The rlhf-policy version the PPO stage registered, else the ``candidate`` alias, else None."""
-    if ppo_metrics.get("ppo/registered_version") is not None:
-        return str(ppo_metrics["ppo/registered_version"])
-    ref = tracking.model_by_alias(tracking.POLICY_MODEL, "candidate")
-    return ref.version if ref else None
+    """The rlhf-policy version the PPO stage registered (None when the policy folder is not a registered version)."""
+    version = ppo_metrics.get("ppo/registered_version")
+    return None if version is None else str(version)
 
 
-def current_champion(candidate: str | None) -> tracking.ModelRef | None:
-    """The champion to beat (None when there is none, or when it is the candidate itself)."""
-    ref = tracking.model_by_alias(tracking.POLICY_MODEL, "champion")
-    return ref if ref is not None and ref.version != candidate else None
+def champion_to_beat(cfg: EvaluateConfig, candidate: str | None) -> tracking.ModelRef | None:
+    """The champion named by ``evaluate.champion`` (a version the flow resolved from the alias), or None.
+
+    None also when it is the candidate itself.  The stage never reads the alias:
+    it would move under a finished run and make its metrics unreproducible.
+    """
+    if cfg.champion == "none" or cfg.champion == candidate:
+        return None
+    ref = tracking.model_version(tracking.POLICY_MODEL, cfg.champion)
+    if ref is None:
+        raise DataError(f"evaluate.champion: {tracking.POLICY_MODEL} has no version {cfg.champion!r}")
+    return ref
+
+
+def handed_over_reward(params: Params, ppo_metrics: dict) -> RewardRelease:
+    """The reward model train_reward handed over, checked to be the one the candidate was trained against."""
+    release = handed_over(params.paths.reward_release, params.paths.reward_model)
+    trained_against = ppo_metrics.get("ppo/reward_model_hash")
+    if trained_against is not None and trained_against != release.content_hash:
+        raise DataError(
+            f"{params.paths.policy} was trained against reward model content {trained_against}, but "
+            f"{params.paths.reward_model} is {release.label}: run `dvc repro` so that ppo uses it"
+        )
+    return release
 
 
 def _pools(first: list[float], extra: list[float], sampled: EvalSamples) -> list[list[float]]:
@@ -163,13 +182,14 @@ def human_evaluation(cfg: EvaluateConfig, params: Params, prompts: list[Prompt],
     return metrics, rates
 
 
-def lineage(params: Params, version: str | None, train_reward: dict, eval_file: Path) -> dict[str, str]:
+def lineage(params: Params, version: str | None, release: RewardRelease, eval_file: Path) -> dict[str, str]:
     """Where the candidate came from: what promotion writes onto the registry version."""
     ref = tracking.model_version(tracking.POLICY_MODEL, version) if version else None
     return {
         "candidate_version": version or "",
         "ppo_run_id": (ref.run_id or "") if ref else "",
-        "reward_model_version": str(train_reward.get("reward/registered_version") or ""),
+        "reward_model_version": release.version,
+        "reward_model_hash": release.content_hash,
         "preference_data_hash": tracking.hash_paths([params.paths.preferences]),
         "eval_prompts_hash": tracking.hash_paths([eval_file]),
         "labeling_backend": params.labeling.backend,
@@ -214,13 +234,15 @@ def run(params: Params) -> dict:
     layout = Layout(paths)
     out = layout.evaluation
     eval_file = layout.prompts.eval
-    inputs = [eval_file, layout.metrics.detail("ppo"), layout.metrics.detail("train_reward")]
+    inputs = [eval_file, layout.metrics.detail("ppo"), paths.reward_release]
     with tracking.stage_run("evaluate", metrics_dir=paths.metrics, config_sections=[cfg, params.gates], inputs=inputs) as stage:
         stage.log_params({"evaluate": cfg.model_dump(), "gates": params.gates.model_dump()})
         prompts = load_eval_prompts(eval_file, cfg.num_prompts)
         texts = [p.text for p in prompts]
-        version = candidate_version(layout.metrics.read("ppo"))
-        champion_ref = current_champion(version)
+        ppo_metrics = layout.metrics.read("ppo")
+        version = candidate_version(ppo_metrics)
+        release = handed_over_reward(params, ppo_metrics)
+        champion_ref = champion_to_beat(cfg, version)
         reference = layout.starting_policy.require()  # what PPO started from and measured its KL against
         sampled = sample_policies(texts, Path(paths.policy), reference, champion_ref and champion_ref.path, cfg)
 
@@ -237,11 +259,12 @@ def run(params: Params) -> dict:
         overopt, verdict = overoptimisation_metrics(candidate, reference, ppo_rows, params.gates.gold_drop_tolerance)
         salt = hashlib.sha256(f"{version}|{cfg.seed}|{candidate.texts}".encode()).hexdigest()
         human, human_rates = human_evaluation(cfg, params, prompts, policies, salt)
-        train_reward = layout.metrics.read("train_reward")
 
         metrics: dict[str, object] = {
             "eval/candidate_version": version,
             "eval/champion_version": champion_ref.version if champion_ref else None,
+            "eval/reward_model_version": release.version,
+            "eval/reward_model_hash": release.content_hash,
             "eval/num_prompts": len(prompts),
             "eval/tokens_per_second": sampled.tokens / max(sampled.seconds, 1e-9),
             **numeric_path,
@@ -258,7 +281,7 @@ def run(params: Params) -> dict:
             distinct_2=metrics["eval/candidate/distinct_2"],
             repetition_rate=metrics["eval/candidate/repetition_rate"],
             overoptimisation=verdict,
-            reward_accuracy=train_reward.get("reward/accuracy"),
+            reward_accuracy=release.heldout_accuracy,
         )
         gates = apply_gates(evidence, params.gates)
         metrics = _finite({**metrics, **gate_metrics(gates)})
@@ -269,7 +292,7 @@ def run(params: Params) -> dict:
             candidate_version=version,
             champion_version=champion_ref.version if champion_ref else None,
             gates=gates,
-            lineage=lineage(params, version, train_reward, eval_file),
+            lineage=lineage(params, version, release, eval_file),
             metrics=metrics,
             frontier=points,
         ).write(out.summary)

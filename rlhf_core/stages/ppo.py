@@ -1,8 +1,12 @@
-"""Stage ``ppo``: fine-tune the policy with PPO against the champion reward model.
+"""Stage ``ppo``: fine-tune the policy with PPO against the reward model train_reward handed over.
 
 1. Start from ``ppo.init_policy`` (``base``: the layout's starting policy - the
    SFT model when the sft stage trained one, else the base model - or a
-   registered version), keep those weights as the frozen reference, and score with ``rlhf-reward-model@champion``.
+   registered version; the flow resolves the ``champion`` alias to a version
+   before the stage runs), keep those weights as the frozen reference, and
+   score with the reward model ``train_reward`` handed over (``paths.reward_model``
+   as named by ``paths.reward_release``); one that missed its accuracy bar stops
+   the stage before any training.
 2. Resume from the last checkpoint under ``<paths.checkpoints>/ppo`` when it
    belongs to this same run (settings, starting policy, reward model, prompts).
 3. Train on the training prompts (cycled in seeded order); log every update to
@@ -15,6 +19,12 @@
 
 Runs unchanged under ``accelerate launch``: every process trains on its share of
 each batch; only the main one logs, measures gold and writes files.
+
+``ppo.algorithm`` other than ``ppo`` runs TRL's RLOO, GRPO or DPO instead
+(:mod:`rlhf_core.optimisers`, one process, no resume) and writes the same
+outputs: the policy folder, the curve (empty cells where an algorithm has no
+value), the registry candidate, and metrics and MLflow curves under
+``<algorithm>/``; the hand-off keys evaluate reads stay ``ppo/``.
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ from pathlib import Path
 from rlhf_core import precision, tracking
 from rlhf_core.artifacts import Layout
 from rlhf_core.config import Params
-from rlhf_core.errors import DataError, RLHFError
+from rlhf_core.errors import DataError
 from rlhf_core.records import read_jsonl
+from rlhf_core.reward.release import RewardRelease, handed_over
 from rlhf_core.schemas import Prompt
 
 ARTIFACT_PATH = "policy"
@@ -37,14 +48,9 @@ CURVE_COLUMNS = [
 ]  # fmt: skip
 
 
-def champion_reward_model() -> tracking.ModelRef:
-    ref = tracking.model_by_alias(tracking.REWARD_MODEL, "champion")
-    if ref is None:
-        raise RLHFError(
-            f"no reward model to train against: the registry has no {tracking.REWARD_MODEL}@champion "
-            "(run `rlhf train-reward`; it names a champion only when the model passes reward.champion_min_accuracy)"
-        )
-    return ref
+def reward_lineage(release: RewardRelease) -> dict[str, str]:
+    """How every record of a run names its reward model: registry version and content hash."""
+    return {"reward_model_version": release.version, "reward_model_hash": release.content_hash}
 
 
 def read_prompts(path: Path, required: bool) -> list[str]:
@@ -58,7 +64,7 @@ def read_prompts(path: Path, required: bool) -> list[str]:
     return prompts
 
 
-def write_curve(path: Path, history: list[dict]) -> None:
+def write_curve(path: Path, history: list[dict], prefix: str = "ppo") -> None:
     """One row per update (row 0: the gold baseline before training); unmeasured cells stay empty."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -66,7 +72,7 @@ def write_curve(path: Path, history: list[dict]) -> None:
         writer = csv.writer(handle)
         writer.writerow(CURVE_COLUMNS)
         for row in history:
-            values = [row["update"]] + [row.get(f"ppo/{column}") for column in CURVE_COLUMNS[1:]]
+            values = [row["update"]] + [row.get(f"{prefix}/{column}") for column in CURVE_COLUMNS[1:]]
             writer.writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in values])
     tmp.replace(path)
 
@@ -94,6 +100,75 @@ def _step_metrics(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "update"}
 
 
+def _lineage(release: RewardRelease, run_id: str, start_label: str, train_file: Path, layout: Layout, algorithm: str):
+    lineage = {
+        **reward_lineage(release),
+        "ppo_run_id": run_id,
+        "init_policy": start_label,
+        "prompts_hash": tracking.hash_paths([train_file]),
+        "algorithm": algorithm,
+    }
+    pairs = layout.preferences.pairs
+    if pairs.exists():
+        lineage["preference_data_hash"] = tracking.hash_paths([pairs])
+    return lineage
+
+
+def run_trl_optimiser(params: Params, release: RewardRelease, start_path: Path, start_label: str) -> dict:
+    """``ppo.algorithm`` rloo, grpo or dpo (:mod:`rlhf_core.optimisers`), with the same outputs as PPO."""
+    from rlhf_core.gold import gold_score
+    from rlhf_core.optimisers.session import GoldSlice, export_policy, summary
+    from rlhf_core.reward import RewardModel
+
+    paths, cfg, algorithm = params.paths, params.ppo, params.ppo.algorithm
+    layout = Layout(paths)
+    train_file, pairs_file = layout.prompts.train, layout.preferences.pairs
+    train_prompts = read_prompts(train_file, required=True)
+    gold_prompts = read_prompts(layout.prompts.eval, required=False)[: cfg.gold_eval_prompts]
+    if algorithm == "dpo" and not pairs_file.exists():
+        raise DataError(f"{pairs_file}: no preference pairs for ppo.algorithm dpo (run `rlhf collect-preferences` first)")
+    reward = RewardModel.load(paths.reward_model)
+
+    def score_fn(prompts: list[str], responses: list[str], finished: list[bool]):
+        return reward.score(prompts, responses, finished, batch_size=cfg.batch_size)
+
+    gold = GoldSlice(gold_prompts, gold_score, score_fn, cfg.seed, cfg.max_new_tokens, cfg.temperature) if gold_prompts else None
+    inputs = [pairs_file] if algorithm == "dpo" else [train_file]
+    with tracking.stage_run("ppo", metrics_dir=paths.metrics, config_sections=[cfg], inputs=inputs) as stage:
+        numeric_path = {
+            **precision.record(algorithm, cfg.dtype, precision.default_device()), f"{algorithm}/reward_dtype": reward.dtype
+        }
+        stage.log_params({**cfg.model_dump(), **numeric_path})
+        stage.set_tags({**reward_lineage(release), "init_policy": start_label, "algorithm": algorithm})
+        options = dict(gold=gold, on_update=lambda row: stage.log_step(_step_metrics(row), step=row["update"]))
+        scratch = Path(paths.checkpoints) / algorithm
+        if algorithm == "dpo":
+            from rlhf_core.optimisers.dpo import train_dpo
+
+            trained = train_dpo(cfg, start_path, layout.preferences.read_pairs(), scratch, **options)
+        else:
+            from rlhf_core.optimisers.online import train_online
+
+            trained = train_online(algorithm, cfg, start_path, score_fn, train_prompts, scratch, **options)
+        write_curve(layout.ppo_curve.path, trained.history, prefix=algorithm)
+        export_policy(trained.model, trained.tokenizer, paths.policy)
+        stage.log_artifact(paths.policy, ARTIFACT_PATH)
+        metrics = {
+            **summary(algorithm, trained.history),
+            f"{algorithm}/trainable_parameters": trained.trainable_parameters,
+            **numeric_path,
+            "ppo/algorithm": algorithm,
+            "ppo/reward_model_version": release.version,
+            "ppo/reward_model_hash": release.content_hash,
+            "ppo/init_policy": start_label,
+        }
+        # Registered only once the policy, the curve and the metrics are complete.
+        metrics = stage.finish(metrics)
+        lineage = _lineage(release, stage.run_id, start_label, train_file, layout, algorithm)
+        version = tracking.register_version(tracking.POLICY_MODEL, stage, ARTIFACT_PATH, aliases=["candidate"], tags=lineage)
+        return stage.finish({**metrics, "ppo/registered_version": int(version)})
+
+
 def run(params: Params) -> dict:
     from accelerate import Accelerator
 
@@ -104,17 +179,19 @@ def run(params: Params) -> dict:
     from rlhf_core.reward import RewardModel
 
     paths, cfg = params.paths, params.ppo
-    reward_ref = champion_reward_model()
+    release = handed_over(paths.reward_release, paths.reward_model)
     layout = Layout(paths)
     # The starting policy is also PPO's frozen reference: with SFT on, the KL penalty is measured against it.
     start_path, start_label = tracking.resolve_policy(cfg.init_policy, layout.starting_policy)
+    if cfg.algorithm != "ppo":
+        return run_trl_optimiser(params, release, start_path, start_label)
     train_file = layout.prompts.train
     train_prompts = read_prompts(train_file, required=True)
     gold_prompts = read_prompts(layout.prompts.eval, required=False)[: cfg.gold_eval_prompts]
 
     # ---- models: the reward model scores on every process; the trainer wraps the policy for accelerate
     accelerator = Accelerator()
-    reward = RewardModel.load(reward_ref.path)  # scored in its own reward.dtype, the path its normalisation holds in
+    reward = RewardModel.load(paths.reward_model)  # scored in its own reward.dtype, the path its normalisation holds in
     reward.model.to(accelerator.device)
 
     def score_fn(prompts: list[str], responses: list[str], finished: list[bool]):
@@ -122,7 +199,7 @@ def run(params: Params) -> dict:
 
     trainer = build_trainer(cfg, start_path, score_fn, train_prompts, accelerator)
     fingerprint = run_fingerprint(
-        cfg, start=start_label, reward=f"{reward_ref.name}/{reward_ref.version}", prompts=tracking.hash_paths([train_file])
+        cfg, start=start_label, reward=f"{release.name}/{release.version}/{release.content_hash}", prompts=tracking.hash_paths([train_file])
     )
     checkpoints = Path(paths.checkpoints) / "ppo"
     history, resumed_from = resume(trainer, checkpoints, fingerprint, cfg.updates)
@@ -142,7 +219,7 @@ def run(params: Params) -> dict:
     with tracking.stage_run("ppo", metrics_dir=paths.metrics, config_sections=[cfg], inputs=[train_file]) as stage:
         numeric_path = {**precision.record("ppo", cfg.dtype, accelerator.device), "ppo/reward_dtype": reward.dtype}
         stage.log_params({**cfg.model_dump(), **numeric_path})
-        stage.set_tags({"reward_model_version": reward_ref.version, "init_policy": start_label, "run_fingerprint": fingerprint})
+        stage.set_tags({**reward_lineage(release), "init_policy": start_label, "run_fingerprint": fingerprint})
         for row in history:  # a resumed run repeats the curve so far, so that this MLflow run shows all of it
             stage.log_step(_step_metrics(row), step=row["update"])
         history = train(
@@ -151,21 +228,15 @@ def run(params: Params) -> dict:
         write_curve(layout.ppo_curve.path, history)
         export_policy(trainer.policy, cfg, start_path, paths.policy, trainer.tokenizer)
         stage.log_artifact(paths.policy, ARTIFACT_PATH)
-        lineage = {
-            "reward_model_version": reward_ref.version,
-            "ppo_run_id": stage.run_id,
-            "init_policy": start_label,
-            "prompts_hash": tracking.hash_paths([train_file]),
-        }
-        pairs = layout.preferences.pairs
-        if pairs.exists():
-            lineage["preference_data_hash"] = tracking.hash_paths([pairs])
+        lineage = _lineage(release, stage.run_id, start_label, train_file, layout, "ppo")
         metrics = {
             **summary(history),
             "ppo/resumed_from_update": int(resumed_from.name.split("-")[-1]) if resumed_from else 0,
             "ppo/trainable_parameters": sum(t.numel() for t in trainer.policy.trainable_state().values()),
             **numeric_path,
-            "ppo/reward_model_version": reward_ref.version,
+            "ppo/algorithm": "ppo",
+            "ppo/reward_model_version": release.version,
+            "ppo/reward_model_hash": release.content_hash,
             "ppo/init_policy": start_label,
         }
         # Registered only once the policy, the curve and the metrics are complete.

@@ -32,6 +32,7 @@ from rlhf_core.records import atomic_write_text, read_jsonl
 from rlhf_core.reward import RewardModel
 from rlhf_core.reward.data import PromptComparisons, load_prompt_comparisons, num_pairs, split_by_prompt
 from rlhf_core.reward.metrics import conversations, heldout_metrics, score_conversations
+from rlhf_core.reward.release import RewardRelease
 from rlhf_core.reward.normalization import BaseCompletions, candidate_base_completions, sample_base_completions
 from rlhf_core.reward.trainer import check_scores, fit_reward_model, is_main_process, loss_first_last, loss_window
 from rlhf_core.schemas import Prompt
@@ -51,9 +52,9 @@ def normalization_completions(params: Params, train: list[PromptComparisons]) ->
     Otherwise: the candidates when the base model wrote them, else fresh samples.
     """
     paths, cfg = params.paths, params.reward
-    found = candidate_base_completions(paths.candidates)
     if params.labeling.backend == "import":
         return imported_completions(train).subsample(cfg.normalization_samples, cfg.seed)
+    found = candidate_base_completions(paths.candidates)
     if found is None:
         prompts = training_prompts(params, train)
         start = Layout(paths).starting_policy.require()  # the SFT model when sft is on: the policy PPO starts from
@@ -61,13 +62,13 @@ def normalization_completions(params: Params, train: list[PromptComparisons]) ->
     return found.subsample(cfg.normalization_samples, cfg.seed)
 
 
-def training_prompts(params: Params, train: list[PromptComparisons]) -> list[str]:
-    """The prompts PPO trains on (the prompts stage's train split), else those of the preference data."""
 def imported_completions(train: list[PromptComparisons]) -> BaseCompletions:
     items = conversations(train)
     return BaseCompletions([p for p, _, _ in items], [r for _, r, _ in items], [f for _, _, f in items], "imported")
 
 
+def training_prompts(params: Params, train: list[PromptComparisons]) -> list[str]:
+    """The prompts PPO trains on (the prompts stage's train split), else those of the preference data."""
     layout = Layout(params.paths)
     for path in (layout.candidates.prompts, layout.prompts.train):
         if path.exists():
@@ -136,10 +137,10 @@ def run(params: Params) -> dict:
         start = time.perf_counter()
         stage.log_params(cfg.model_dump())
         fit = fit_reward_model(paths.base_model, cfg, train, output_dir)
-        reward_model = RewardModel(fit.model, fit.tokenizer, reads_stop_token=cfg.read_stop_token, dtype=cfg.dtype)
-        device = next(fit.model.parameters()).device
         if fit.lengths.note():
             print(f"train_reward: {fit.lengths.note()}", file=sys.stderr)
+        reward_model = RewardModel(fit.model, fit.tokenizer, reads_stop_token=cfg.read_stop_token, dtype=cfg.dtype)
+        device = next(fit.model.parameters()).device
         numeric_path = precision.record("reward", cfg.dtype, device)
         stage.log_params(numeric_path)
 
@@ -153,9 +154,9 @@ def run(params: Params) -> dict:
         check_scores(torch.tensor(list(scores.values())), heldout_scores, cfg.learning_rate)
         reward_model.fit_normalization(torch.tensor([scores[item] for item in base_items]))
         normalised = (heldout_scores - reward_model.shift) / reward_model.scale
+        loss_first, loss_last = loss_first_last(fit.losses)
         metrics = {**heldout_metrics(validation, scores), **noise_ceiling(paths.metrics, validation)}
         reward_model.save(paths.reward_model)
-        loss_first, loss_last = loss_first_last(fit.losses)
         write_loss_curve(Layout(paths).reward_loss.path, fit.losses)
         stage.log_curve("reward/train_loss", [loss for _, loss in fit.losses], start=1)
         metrics.update(
@@ -184,11 +185,21 @@ def run(params: Params) -> dict:
                 "train_seconds": fit.seconds,
                 "pairs_per_second": fit.pairs * cfg.epochs / fit.seconds if fit.seconds > 0 else None,
                 "stage_seconds": time.perf_counter() - start,
+                "content_hash": tracking.hash_paths([paths.reward_model]),
             }
         )
         # Registered only once the folder, the curve and the metrics are complete: a kill before this
         # line leaves no version, one after it a version whose outputs are all there.
         summary = stage.finish({**{f"reward/{k}": v for k, v in metrics.items() if v is not None}, **numeric_path})
         version, champion = register(stage, paths.reward_model, metrics["accuracy"], cfg.champion_min_accuracy)
+        release = RewardRelease(
+            name=tracking.REWARD_MODEL,
+            version=version,
+            content_hash=metrics["content_hash"],
+            heldout_accuracy=metrics["accuracy"],
+            min_accuracy=cfg.champion_min_accuracy,
+            run_id=stage.run_id,
+        )
+        release.write(paths.reward_release)
         return stage.finish({**summary, "reward/registered_version": int(version), "reward/champion": champion})
 
