@@ -30,15 +30,20 @@ def _run(cmd, cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
+#: wall-clock figures and registry bookkeeping, which differ between any two machines by design
+UNREPRODUCIBLE = ("second", "per_s", "tokens_s", "time", "run_id", "registered_version", "candidate_version")
+
+
 def _figures(metrics_file: Path) -> dict:
-    """The stage's metrics without wall-clock figures (they differ between any two runs)."""
+    """The stage's metrics without wall-clock figures (they differ between any two runs) or registry version numbers
+    (each counts what that machine's MLflow store already held, not anything the stage computed)."""
     flat = {}
 
     def walk(value, name):
         if isinstance(value, dict):
             for key, inner in value.items():
                 walk(inner, f"{name}/{key}" if name else key)
-        elif not any(word in name for word in ("second", "per_s", "tokens_s", "time", "run_id")):
+        elif not any(word in name for word in UNREPRODUCIBLE):
             flat[name] = value
 
     walk(json.loads(metrics_file.read_text()), "")
