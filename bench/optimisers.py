@@ -1,6 +1,7 @@
 """Benchmark: PPO, RLOO, GRPO, DPO and best-of-n from the reference on one gold-vs-KL frontier, seeds 0-2.
 
-Every optimiser starts from the same policy (paths.base_model) and trains on the
+Every optimiser starts from the same policy (the pipeline's starting policy: the SFT
+model when the sft stage trained one, else paths.base_model) and trains on the
 default data against the default reward model (paths.reward_model) with the
 params' ``ppo:`` section, at equal budgets: PPO, RLOO and GRPO sample the same
 ``ppo.updates x ppo.batch_size`` responses of at most ``ppo.max_new_tokens``
@@ -82,9 +83,10 @@ def _setup(job: dict):
         return reward.score(prompts, responses, finished, batch_size=cfg.batch_size)
 
     prompts = [p.text for p in layout.prompts.read_eval()][: job["eval_prompts"]]
-    reference = load_causal_lm(params.paths.base_model, dtype="float32").eval()
+    start = str(layout.starting_policy.require())  # what the ppo stage starts from and keeps as its reference
+    reference = load_causal_lm(start, dtype="float32").eval()
     probe = GoldSlice(prompts, gold_score, score_fn, 1234, cfg.max_new_tokens, cfg.temperature, reference=reference)
-    return params, layout, score_fn, probe
+    return params, layout, score_fn, probe, start
 
 
 class Timed:
@@ -103,24 +105,24 @@ class Timed:
 
 def run_algorithm(job: dict) -> dict:
     """Train one algorithm with one seed; its measured points, wall time and peak memory."""
-    params, layout, score_fn, probe = _setup(job)
+    params, layout, score_fn, probe, start_policy = _setup(job)
     cfg, algorithm = params.ppo, job["algorithm"]
     timed = Timed(probe)
     start = time.perf_counter()
     if algorithm == "ppo":
-        points = _run_ppo(cfg, params.paths.base_model, score_fn, [p.text for p in layout.prompts.read_train()], timed)
+        points = _run_ppo(cfg, start_policy, score_fn, [p.text for p in layout.prompts.read_train()], timed)
     else:
         gold = timed  # the TRL runs measure through their curve's gold slice
         with tempfile.TemporaryDirectory() as scratch:
             if algorithm == "dpo":
                 from rlhf_core.optimisers.dpo import train_dpo
 
-                trained = train_dpo(cfg, params.paths.base_model, layout.preferences.read_pairs(), scratch, gold=gold)
+                trained = train_dpo(cfg, start_policy, layout.preferences.read_pairs(), scratch, gold=gold)
             else:
                 from rlhf_core.optimisers.online import train_online
 
                 train = [p.text for p in layout.prompts.read_train()]
-                trained = train_online(algorithm, cfg, params.paths.base_model, score_fn, train, scratch, gold=gold)
+                trained = train_online(algorithm, cfg, start_policy, score_fn, train, scratch, gold=gold)
         points = [
             {"update": r["update"], **{k: r[f"{algorithm}/{k}"] for k in ("kl", "gold", "gold_proxy")}}
             for r in trained.history if f"{algorithm}/gold" in r
@@ -163,10 +165,10 @@ def run_best_of_n(job: dict) -> dict:
     from rlhf_core.evaluation.best_of_n import frontier
     from rlhf_core.generation import sample_completions
 
-    params, _, score_fn, probe = _setup(job)
+    params, _, score_fn, probe, start_policy = _setup(job)
     ns = job["best_of_n"]
     samples, _ = sample_completions(
-        probe.reference, load_tokenizer(params.paths.base_model), list(probe.prompts), num_samples=max(ns),
+        probe.reference, load_tokenizer(start_policy), list(probe.prompts), num_samples=max(ns),
         max_new_tokens=params.ppo.max_new_tokens, temperature=params.ppo.temperature, batch_size=64, seed=probe.seed,
     )  # fmt: skip
     prompts = [probe.prompts[s.prompt_index] for s in samples]

@@ -285,7 +285,7 @@ HEADLINES: dict[str, dict] = {
     "generate_candidates": {
         "completions": "candidates/completions", "tokens": "candidates/mean_tokens", "finished": "candidates/finished_rate",
         "empty": "candidates/empty_rate", "policy": "candidates/policy_version", "dtype": "candidates/dtype",
-        "tok_s": "candidates/tokens_per_second",
+        "tok_s": "candidates/tokens_per_second", "skipped": "candidates/skipped",
     },
     "collect_preferences": {
         "backend": "preferences/backend", "pairs": "preferences/pairs", "rejects": "preferences/rejects",

@@ -167,3 +167,26 @@ def test_preset_writes_its_settings_into_params_in_place_and_refuses_a_misspelt_
     (work_env / "bad.yaml").write_text("reward.read_layr: 12\n")
     bad = rlhf("reward", "preset", "bad.yaml", cwd=work_env, check=False)
     assert bad.returncode == 2 and "bad.yaml: " in bad.stderr and "read_layr" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_dvc_repro_trains_the_reward_model_on_an_import_without_sampling_candidates(tiny_project):
+    """`labeling.backend: import` + `dvc repro train_reward`: the candidates stage writes an empty bundle at once."""
+    import subprocess
+    import sys
+
+    from .conftest import stage_metrics, write_params
+
+    write_jsonl(tiny_project / "data" / "imports" / "hh.jsonl", HH_ROWS * 2)
+    write_params(tiny_project, {"labeling": {"backend": "import", "import_file": "hh.jsonl"}, "sft": {"source": "none"},
+                                "reward": {"finetune": "none", "read_layer": 1, "normalization_samples": 8}})
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro", "train_reward"], cwd=tiny_project,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "generate_candidates: skipped, labeling.backend is import" in done.stdout
+    candidates = json.loads(stage_metrics(tiny_project).detail("generate_candidates").read_text())
+    assert candidates["candidates/completions"] == 0 and "candidates/tokens" not in candidates
+    assert (tiny_project / "data" / "candidates" / "completions.jsonl").read_text() == ""
+    reward = json.loads(stage_metrics(tiny_project).detail("train_reward").read_text())
+    assert reward["reward/normalization_source"] == "imported" and reward["reward/train_pairs"] > 0
+    assert json.loads(stage_metrics(tiny_project).detail("collect_preferences").read_text())["preferences/backend"] == "import"

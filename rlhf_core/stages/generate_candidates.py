@@ -3,6 +3,11 @@
 Writes ``paths.candidates`` as a bundle without rankings (``prompts.jsonl`` and
 ``completions.jsonl``); each completion records the policy version and the seed
 that wrote it, how many tokens it has and whether the policy ended it itself.
+
+With ``labeling.backend: import`` the preferences come with their own
+completions and the reward model normalises on them, so nothing reads
+candidates: the stage writes an empty bundle at once instead of sampling, and
+``dvc repro`` trains on the import without this stage's minutes of sampling.
 """
 
 from __future__ import annotations
@@ -80,6 +85,13 @@ def run(params: Params) -> dict:
     with stage_run(
         "generate_candidates", metrics_dir=paths.metrics, config_sections=[cfg], inputs=[train_file]
     ) as stage:
+        if params.labeling.backend == "import":
+            shutil.rmtree(out.folder, ignore_errors=True)
+            out.write_candidates([], [])
+            print("generate_candidates: skipped, labeling.backend is import (the imported preferences bring their own "
+                  "completions)")
+            return stage.finish({"candidates/prompts": 0, "candidates/completions": 0,
+                                 "candidates/skipped": "labeling.backend is import"})
         prompts = layout.prompts.read_train()[: cfg.max_prompts]
         policy, policy_version = resolve_policy(cfg.policy, layout.starting_policy)
         numeric_path = precision.record("candidates", cfg.dtype, precision.default_device())
