@@ -115,9 +115,14 @@ def run_algorithm(job: dict) -> dict:
         gold = timed  # the TRL runs measure through their curve's gold slice
         with tempfile.TemporaryDirectory() as scratch:
             if algorithm == "dpo":
-                from rlhf_core.optimisers.dpo import train_dpo
+                from rlhf_core.optimisers.dpo import train_dpo, update_count
 
-                trained = train_dpo(cfg, start_policy, layout.preferences.read_pairs(), scratch, gold=gold)
+                pairs = layout.preferences.read_pairs()
+                # as many measurements along the run as the sampling algorithms get, however many steps an epoch is
+                measurements = max(1, math.ceil(cfg.updates / cfg.gold_eval_every))
+                every = max(1, math.ceil(update_count(cfg, len(pairs)) / measurements))
+                cfg = cfg.model_copy(update={"gold_eval_every": every})
+                trained = train_dpo(cfg, start_policy, pairs, scratch, gold=gold)
             else:
                 from rlhf_core.optimisers.online import train_online
 
