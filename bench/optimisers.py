@@ -16,7 +16,8 @@ Each run is a fresh subprocess (peak RSS per algorithm); wall time excludes the
 measurements.  Output: bench/results/optimisers_<date>.json (every point, every
 timing, machine load) and .png, and a markdown table on stdout: gold at fixed
 KLs (mean over seeds, 95% t-interval), the winner at each KL, wall time, peak
-memory and seconds per 1,000 episodes.
+memory and seconds per 1,000 episodes.  The JSON is replaced after every run, so
+a killed benchmark keeps the runs that finished (``--report FILE`` tabulates it).
 
     .venv/bin/python bench/optimisers.py                          # the full budget: params.yaml as it is, seeds 0-2
     .venv/bin/python bench/optimisers.py --updates 4 --eval-prompts 16   # a reduced budget
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--best-of-n", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="result JSON (default: bench/results/optimisers_<date>.json)")
+    parser.add_argument("--report", metavar="JSON", help="table and plot of a result file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -308,32 +310,44 @@ def main(argv=None) -> int:
         job = json.loads(args.child)
         print(json.dumps(run_best_of_n(job) if job["algorithm"] == "best_of_n" else run_algorithm(job)))
         return 0
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        plot(result["runs"], result["best_of_n"], Path(args.report).with_suffix(".png"))
+        print(markdown(summarise(result["runs"], result["best_of_n"])))
+        return 0
     base = {"params": args.params, "threads": args.threads, "eval_prompts": args.eval_prompts, "best_of_n": args.best_of_n}
     overrides = {"ppo.gold_eval_every": str(args.measure_every), "ppo.checkpoint_every": "1000000"}
     if args.updates:
         overrides["ppo.updates"] = str(args.updates)
     load = [os.getloadavg()]
     start = time.time()
+    out = Path(args.out or REPO / "bench" / "results" / f"optimisers_{datetime.date.today()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(runs: list[dict], complete: bool) -> dict:
+        """The result so far, replaced atomically after every run: a kill keeps the runs that finished."""
+        summary = summarise(runs, bon)
+        result = {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args), "overrides": overrides,
+            "load_averages": load, "cpus": os.cpu_count(), "wall_seconds": time.time() - start, "complete": complete,
+            "best_of_n": bon, "runs": runs, "summary": summary,
+        }  # fmt: skip
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, out)
+        return summary
+
     bon = _child({**base, "algorithm": "best_of_n", "overrides": overrides})
-    runs = []
+    runs: list[dict] = []
     for seed in args.seeds:
         for algorithm in args.algorithms:
             job = {**base, "algorithm": algorithm, "seed": seed,
                    "overrides": {**overrides, "ppo.seed": str(seed), "ppo.algorithm": algorithm}}  # fmt: skip
             runs.append(_child(job))
             load.append(os.getloadavg())
+            save(runs, complete=False)
             print(f"{algorithm} seed {seed}: {runs[-1]['train_seconds']:.0f} s", file=sys.stderr)
-    summary = summarise(runs, bon)
-    out = Path(args.out or REPO / "bench" / "results" / f"optimisers_{datetime.date.today()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args), "overrides": overrides,
-        "load_averages": load, "cpus": os.cpu_count(), "wall_seconds": time.time() - start,
-        "best_of_n": bon, "runs": runs, "summary": summary,
-    }  # fmt: skip
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+    summary = save(runs, complete=True)
     plot(runs, bon, out.with_suffix(".png"))
     print(markdown(summary))
     return 0
