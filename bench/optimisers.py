@@ -310,6 +310,8 @@ def main(argv=None) -> int:
         job = json.loads(args.child)
         print(json.dumps(run_best_of_n(job) if job["algorithm"] == "best_of_n" else run_algorithm(job)))
         return 0
+    from rlhf_core.records import atomic_write_text
+
     if args.report:
         result = json.loads(Path(args.report).read_text())
         plot(result["runs"], result["best_of_n"], Path(args.report).with_suffix(".png"))
@@ -322,7 +324,6 @@ def main(argv=None) -> int:
     load = [os.getloadavg()]
     start = time.time()
     out = Path(args.out or REPO / "bench" / "results" / f"optimisers_{datetime.date.today()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(runs: list[dict], complete: bool) -> dict:
         """The result so far, replaced atomically after every run: a kill keeps the runs that finished."""
@@ -332,9 +333,7 @@ def main(argv=None) -> int:
             "load_averages": load, "cpus": os.cpu_count(), "wall_seconds": time.time() - start, "complete": complete,
             "best_of_n": bon, "runs": runs, "summary": summary,
         }  # fmt: skip
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         return summary
 
     bon = _child({**base, "algorithm": "best_of_n", "overrides": overrides})
