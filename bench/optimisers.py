@@ -17,10 +17,12 @@ measurements.  Output: bench/results/optimisers_<date>.json (every point, every
 timing, machine load) and .png, and a markdown table on stdout: gold at fixed
 KLs (mean over seeds, 95% t-interval), the winner at each KL, wall time, peak
 memory and seconds per 1,000 episodes.  The JSON is replaced after every run, so
-a killed benchmark keeps the runs that finished (``--report FILE`` tabulates it).
+a killed benchmark keeps the runs that finished (``--report FILE`` tabulates it,
+``--resume`` runs the rest).
 
     .venv/bin/python bench/optimisers.py                          # the full budget: params.yaml as it is, seeds 0-2
     .venv/bin/python bench/optimisers.py --updates 4 --eval-prompts 16   # a reduced budget
+    .venv/bin/python bench/optimisers.py --updates 4 --out FILE --resume  # run only what FILE lacks
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="result JSON (default: bench/results/optimisers_<date>.json)")
     parser.add_argument("--report", metavar="JSON", help="table and plot of a result file")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the runs already in --out (same budget and measurements) and run only the missing ones",
+    )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -304,6 +310,20 @@ def _child(job: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _earlier(out: Path, base: dict, overrides: dict) -> dict | None:
+    """The result file to resume, when it measured the same budget the same way (else the benchmark starts over)."""
+    if not out.exists():
+        return None
+    try:
+        earlier = json.loads(out.read_text())
+        same = earlier["overrides"] == overrides and all(earlier["args"][k] == v for k, v in base.items())
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"--resume: {out} is not a result of this benchmark ({error})") from None
+    if not same:
+        raise SystemExit(f"--resume: {out} measured another budget or other measurements; choose another --out")
+    return earlier
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -324,28 +344,33 @@ def main(argv=None) -> int:
     load = [os.getloadavg()]
     start = time.time()
     out = Path(args.out or REPO / "bench" / "results" / f"optimisers_{datetime.date.today()}.json")
+    earlier = _earlier(out, base, overrides) if args.resume else None
+    before = earlier["wall_seconds"] if earlier else 0.0
 
     def save(runs: list[dict], complete: bool) -> dict:
         """The result so far, replaced atomically after every run: a kill keeps the runs that finished."""
         summary = summarise(runs, bon)
         result = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args), "overrides": overrides,
-            "load_averages": load, "cpus": os.cpu_count(), "wall_seconds": time.time() - start, "complete": complete,
-            "best_of_n": bon, "runs": runs, "summary": summary,
+            "load_averages": (earlier["load_averages"] if earlier else []) + load, "cpus": os.cpu_count(),
+            "wall_seconds": before + time.time() - start, "complete": complete, "best_of_n": bon, "runs": runs,
+            "summary": summary,
         }  # fmt: skip
         atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         return summary
 
-    bon = _child({**base, "algorithm": "best_of_n", "overrides": overrides})
-    runs: list[dict] = []
-    for seed in args.seeds:
-        for algorithm in args.algorithms:
-            job = {**base, "algorithm": algorithm, "seed": seed,
-                   "overrides": {**overrides, "ppo.seed": str(seed), "ppo.algorithm": algorithm}}  # fmt: skip
-            runs.append(_child(job))
-            load.append(os.getloadavg())
-            save(runs, complete=False)
-            print(f"{algorithm} seed {seed}: {runs[-1]['train_seconds']:.0f} s", file=sys.stderr)
+    bon = earlier["best_of_n"] if earlier else _child({**base, "algorithm": "best_of_n", "overrides": overrides})
+    runs: list[dict] = list(earlier["runs"]) if earlier else []
+    done = {(r["algorithm"], r["seed"]) for r in runs}
+    # the sampling algorithms first, DPO (the longest) last: a stopped benchmark has the most comparisons
+    order = sorted(args.algorithms, key=lambda a: a == "dpo")
+    for algorithm, seed in ((a, s) for a in order for s in args.seeds if (a, s) not in done):
+        job = {**base, "algorithm": algorithm, "seed": seed,
+               "overrides": {**overrides, "ppo.seed": str(seed), "ppo.algorithm": algorithm}}  # fmt: skip
+        runs.append(_child(job))
+        load.append(os.getloadavg())
+        save(runs, complete=False)
+        print(f"{algorithm} seed {seed}: {runs[-1]['train_seconds']:.0f} s", file=sys.stderr)
     summary = save(runs, complete=True)
     plot(runs, bon, out.with_suffix(".png"))
     print(markdown(summary))

@@ -89,6 +89,9 @@ def train_dpo(
         per_device_train_batch_size=cfg.dpo.pairs_per_batch,
         beta=cfg.dpo.beta,
         max_length=cfg.dpo.max_length,
+        # the reference's log-probabilities in one pass before training: no second model held, no reference
+        # forward per step (48 of the default pairs on a 2-core CPU: 106 s instead of 129, the pass included)
+        precompute_ref_log_probs=True,
     )  # fmt: skip
 
     def columns(logs: dict, seconds: float) -> dict:
