@@ -311,7 +311,7 @@ def _child(job: dict) -> dict:
 
 
 def _earlier(out: Path, base: dict, overrides: dict) -> dict | None:
-    """The result file to resume, when it measured the same budget the same way (else the benchmark starts over)."""
+    """The result file to resume (None when there is none yet); a file of another budget or measurement stops."""
     if not out.exists():
         return None
     try:
@@ -341,20 +341,18 @@ def main(argv=None) -> int:
     overrides = {"ppo.gold_eval_every": str(args.measure_every), "ppo.checkpoint_every": "1000000"}
     if args.updates:
         overrides["ppo.updates"] = str(args.updates)
-    load = [os.getloadavg()]
-    start = time.time()
     out = Path(args.out or REPO / "bench" / "results" / f"optimisers_{datetime.date.today()}.json")
     earlier = _earlier(out, base, overrides) if args.resume else None
-    before = earlier["wall_seconds"] if earlier else 0.0
+    load = (earlier["load_averages"] if earlier else []) + [os.getloadavg()]
+    start = time.time() - (earlier["wall_seconds"] if earlier else 0.0)  # a resumed file's wall time goes on
 
     def save(runs: list[dict], complete: bool) -> dict:
         """The result so far, replaced atomically after every run: a kill keeps the runs that finished."""
         summary = summarise(runs, bon)
         result = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args), "overrides": overrides,
-            "load_averages": (earlier["load_averages"] if earlier else []) + load, "cpus": os.cpu_count(),
-            "wall_seconds": before + time.time() - start, "complete": complete, "best_of_n": bon, "runs": runs,
-            "summary": summary,
+            "load_averages": load, "cpus": os.cpu_count(), "wall_seconds": time.time() - start, "complete": complete,
+            "best_of_n": bon, "runs": runs, "summary": summary,
         }  # fmt: skip
         atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         return summary
