@@ -47,6 +47,7 @@ class Rollout:
     response_ids: torch.Tensor  # (B, R), pad after the stop token
     response_mask: torch.Tensor  # (B, R), 1 up to and including the stop token
     finished: torch.Tensor  # (B,) bool: the stop token was emitted
+    sample_logprobs: torch.Tensor  # (B, R) log-probs of the sampled tokens at the sampling temperature, 0 after the end
 
 
 def load_policy(path: str | Path, dtype: str):
@@ -110,6 +111,33 @@ def sample_next_token(
     return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (the same rule ``generate`` uses)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class DecodeStep:
+    """One step of a causal LM over a KV cache: ``step(input_ids, attention_mask, position_ids, cache)`` gives the
+    next-token logits of every row and appends the new positions to ``cache``.
+
+    This one runs a Hugging Face causal LM's forward (logits of the last position only); PPO's
+    (:mod:`rlhf_core.ppo.rollout`) also keeps the frozen trunk's hidden states.
+    """
+
+    def __init__(self, model, config=None):
+        self.model, self.config = model, config if config is not None else model.config
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=True, logits_to_keep=1)  # fmt: skip
+        return out.logits[:, -1]
+
+
 @torch.no_grad()
 def sample_tokens(
     model,
@@ -126,40 +154,40 @@ def sample_tokens(
 ) -> Rollout:
     """Sample up to ``max_new_tokens`` per row with a KV cache; stop early when every row has ended.
 
-    With ``num_samples > 1`` each query is processed once and its cache repeated,
-    so the K samples of a prompt share one prompt pass; output rows are
-    query-major (query 0's samples first).
+    The one sampling loop of the project: candidates, evaluation and PPO's rollouts
+    all come from here.  ``model`` is a causal LM or a :class:`DecodeStep`.  With
+    ``num_samples > 1`` each query is processed once and its cache repeated, so
+    the K samples of a prompt share one prompt pass; output rows are query-major
+    (query 0's samples first).  Rows that have ended keep decoding pad tokens,
+    which the response mask hides.
     """
-    out = model(input_ids=query_ids, attention_mask=query_mask, position_ids=(query_mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True)
-    cache, logits = out.cache, out.logits[:, -1]
+    step = model if isinstance(model, DecodeStep) else DecodeStep(model)
+    cache = step.new_cache()
+    positions = positions_from_mask(query_mask)
+    logits = step(query_ids, query_mask, positions, cache)
     if num_samples > 1:
         cache.batch_repeat_interleave(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)
+        logits, positions = logits.repeat_interleave(num_samples, dim=0), positions.repeat_interleave(num_samples, dim=0)
         query_ids = query_ids.repeat_interleave(num_samples, dim=0)
         query_mask = query_mask.repeat_interleave(num_samples, dim=0)
-    mask = query_mask.clone()
-    next_position = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:] + 1
+    mask, next_position = query_mask, positions[:, -1:] + 1
     done = torch.zeros(query_ids.shape[0], dtype=torch.bool, device=query_ids.device)
-    tokens, live = [], []
-    for step in range(max_new_tokens):
-        token, _ = sample_next_token(logits, temperature, generator, top_p)
+    tokens, logprobs, live = [], [], []
+    for index in range(max_new_tokens):
+        token, logprob = sample_next_token(logits, temperature, generator, top_p)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         live.append(~done)
         tokens.append(token)
+        logprobs.append(logprob)
         done = done | (token == eos_token_id)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if bool(done.all()) or index == max_new_tokens - 1:
             break
-        # Rows that have ended keep decoding pad tokens; their outputs are masked out of the response.
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        out = model(
-            input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=next_position, cache=cache, use_cache=True
-        )
-        cache, logits = out.cache, out.logits[:, -1]
+        logits = step(token.unsqueeze(-1), mask, next_position, cache)
         next_position = next_position + 1
-    response = torch.stack(tokens, dim=1)
     response_mask = torch.stack(live, dim=1).long()
-    return Rollout(query_ids, query_mask, response, response_mask, done)
+    return Rollout(query_ids, query_mask, torch.stack(tokens, dim=1), response_mask, done,
+                   torch.stack(logprobs, dim=1) * response_mask)  # fmt: skip
 
 
 def sample_completions(

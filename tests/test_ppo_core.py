@@ -223,6 +223,26 @@ def test_training_pass_matches_sampling_and_reference_starts_equal(tiny_base_mod
     assert (rollout.trunk_hidden is None) == (mode == "full")
 
 
+@pytest.mark.parametrize("mode", ["freeze", "full"])
+def test_rollouts_and_candidates_come_from_one_sampling_loop(tiny_base_model, queries, mode):
+    """PPO's rollout is the candidates' sampler with the policy's decode step: same seed, same tokens and log-probs."""
+    from rlhf_core.generation import sample_tokens
+    from rlhf_core.ppo.policy import build_actor_critic
+
+    model = build_actor_critic(tiny_base_model, PPOConfig(mode=mode, freeze_layers=1), torch.device("cpu"))
+    tokenizer, ids, mask = queries
+    rollout = _rollout(model, queries, temperature=0.9, seed=5)
+    plain = sample_tokens(
+        model.lm, ids, mask, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=6, temperature=0.9, generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    assert torch.equal(rollout.response_ids, plain.response_ids) and torch.equal(rollout.finished, plain.finished)
+    assert torch.allclose(rollout.sample_logprobs, plain.sample_logprobs, atol=1e-5)
+    assert (rollout.sample_logprobs[rollout.response_mask == 0] == 0).all()
+    if mode == "freeze":  # the trunk's states of every position a later pass feeds
+        assert rollout.trunk_hidden.shape[:2] == rollout.input_ids.shape
+
+
 def test_frozen_trunk_states_from_sampling_equal_a_fresh_pass(tiny_base_model, queries):
     from rlhf_core.ppo.policy import build_actor_critic
 

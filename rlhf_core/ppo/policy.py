@@ -41,6 +41,7 @@ from torch import nn
 
 from rlhf_core.config import PPOConfig
 from rlhf_core.errors import RLHFError
+from rlhf_core.generation import positions_from_mask
 from rlhf_core import precision
 
 #: Linear layers of a Llama-style decoder layer that LoRA adapts.
@@ -81,11 +82,6 @@ class Attention:
     mask: object
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     position_ids: torch.Tensor
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding (the same rule ``generate`` uses)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def attention_inputs(parts: DecoderParts, hidden, attention_mask, position_ids, cache=None) -> Attention:

@@ -1,7 +1,8 @@
-"""Rollout: sample a batch of responses from the policy with a KV cache, keeping what PPO needs later.
+"""Rollout: the policy's responses to a batch of queries, keeping what PPO needs later.
 
-Queries are left-padded, responses right-padded after the stop token.  Besides
-the tokens, a rollout keeps
+Sampling is :func:`rlhf_core.generation.sample_tokens`, the project's one loop,
+with a decode step that runs the policy's own passes.  Besides the tokens, a
+rollout keeps
 
 * ``sample_logprobs`` - log-probs of the sampled tokens at the sampling
   temperature, as the sampler saw them (a check on the training pass);
@@ -17,18 +18,14 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from rlhf_core.generation import sample_next_token
-from rlhf_core.ppo.policy import ActorCritic, positions_from_mask
+from rlhf_core import generation
+from rlhf_core.ppo.policy import ActorCritic
 
 
 @dataclass
-class Rollout:
-    query_ids: torch.Tensor  # (B, Q) left-padded
-    query_mask: torch.Tensor  # (B, Q)
-    response_ids: torch.Tensor  # (B, R) pad after the stop token
-    response_mask: torch.Tensor  # (B, R) 1 up to and including the stop token
-    finished: torch.Tensor  # (B,) bool: the stop token was emitted
-    sample_logprobs: torch.Tensor  # (B, R)
+class PolicyRollout(generation.Rollout):
+    """A sampled batch with the frozen trunk's hidden states (see the module's docstring)."""
+
     trunk_hidden: torch.Tensor | None  # (B, Q + R - 1, H) when the trunk is frozen
 
     @property
@@ -44,9 +41,22 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.response_mask], dim=1)[:, :-1]
 
-    def rows(self, index: torch.Tensor | slice) -> "Rollout":
+    def rows(self, index: torch.Tensor | slice) -> "PolicyRollout":
         """The rollout restricted to some rows (a minibatch)."""
-        return Rollout(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index]) for f in fields(self)})
+        return PolicyRollout(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index]) for f in fields(self)})
+
+
+class PolicyStep(generation.DecodeStep):
+    """The policy's decode step; it keeps the trunk's hidden states of every position it runs."""
+
+    def __init__(self, policy: ActorCritic):
+        super().__init__(policy, config=policy.parts.config)
+        self.trunk_chunks: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        trunk_hidden, logits = self.model.sample_step(input_ids, attention_mask, position_ids, cache)
+        self.trunk_chunks.append(trunk_hidden)
+        return logits
 
 
 @torch.no_grad()
@@ -60,42 +70,12 @@ def sample_rollout(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator,
-) -> Rollout:
-    """Sample up to ``max_new_tokens`` per row (pure sampling: PPO needs the policy's own distribution).
-
-    Stops early once every row has emitted the stop token; rows that ended keep
-    decoding pad tokens, which the response mask hides.
-    """
-    from transformers import DynamicCache
-
-    batch = query_ids.shape[0]
-    cache = DynamicCache(config=policy.parts.config)
-    mask = query_mask.clone()
-    positions = positions_from_mask(mask)
-    step_ids, trunk_chunks = query_ids, []
-    done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
-    tokens, logprobs, live = [], [], []
-    for step in range(max_new_tokens):
-        trunk_hidden, logits = policy.sample_step(step_ids, mask, positions, cache)
-        trunk_chunks.append(trunk_hidden)
-        token, logprob = sample_next_token(logits, temperature, generator)
-        token = torch.where(done, torch.full_like(token, pad_token_id), token)
-        live.append(~done)
-        tokens.append(token)
-        logprobs.append(logprob)
-        done = done | (token == eos_token_id)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        step_ids = token.unsqueeze(-1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        positions = positions[:, -1:] + 1
-    response_mask = torch.stack(live, dim=1).long()
-    return Rollout(
-        query_ids=query_ids,
-        query_mask=query_mask,
-        response_ids=torch.stack(tokens, dim=1),
-        response_mask=response_mask,
-        finished=done,
-        sample_logprobs=torch.stack(logprobs, dim=1) * response_mask,
-        trunk_hidden=None if policy.trunk_trainable else torch.cat(trunk_chunks, dim=1),
-    )
+) -> PolicyRollout:
+    """Sample up to ``max_new_tokens`` per row (pure sampling: PPO needs the policy's own distribution)."""
+    step = PolicyStep(policy)
+    sampled = generation.sample_tokens(
+        step, query_ids, query_mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        max_new_tokens=max_new_tokens, temperature=temperature, generator=generator,
+    )  # fmt: skip
+    trunk_hidden = None if policy.trunk_trainable else torch.cat(step.trunk_chunks, dim=1)
+    return PolicyRollout(**{f.name: getattr(sampled, f.name) for f in fields(sampled)}, trunk_hidden=trunk_hidden)

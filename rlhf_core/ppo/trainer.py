@@ -40,7 +40,7 @@ from rlhf_core.errors import RLHFError
 from rlhf_core.ppo import core
 from rlhf_core.ppo.kl import make_kl_controller
 from rlhf_core.ppo.policy import ActorCritic, PassOutput, build_actor_critic
-from rlhf_core.ppo.rollout import Rollout, sample_rollout
+from rlhf_core.ppo.rollout import PolicyRollout, sample_rollout
 
 #: score_fn(prompts, responses, finished) -> scores (B,): any reward, a reward model or a hand-made rule.
 ScoreFn = Callable[[list[str], list[str], list[bool]], torch.Tensor]
@@ -76,7 +76,7 @@ class PromptCycle:
 class Experience:
     """A rollout with everything the optimisation needs, all (B, R)."""
 
-    rollout: Rollout
+    rollout: PolicyRollout
     mask: torch.Tensor
     old_logprobs: torch.Tensor
     old_values: torch.Tensor
@@ -181,7 +181,7 @@ class PPOTrainer:
         first = self.accelerator.process_index * self.local_batch
         return [self.prompts[i] for i in indices[first : first + self.local_batch]]
 
-    def sample(self, prompts: list[str], generator: torch.Generator) -> Rollout:
+    def sample(self, prompts: list[str], generator: torch.Generator) -> PolicyRollout:
         """Responses of the current policy to ``prompts`` (chat-formatted), as token tensors."""
         from rlhf_core.generation import encode_queries
 
@@ -197,7 +197,7 @@ class PPOTrainer:
             generator=generator,
         )
 
-    def decode(self, rollout: Rollout) -> list[str]:
+    def decode(self, rollout: PolicyRollout) -> list[str]:
         """Response texts without the stop token and padding."""
         lengths = rollout.response_mask.sum(1).tolist()
         rows = [ids[: n - 1 if done else n] for ids, n, done in zip(rollout.response_ids.tolist(), lengths, rollout.finished.tolist())]
@@ -219,7 +219,7 @@ class PPOTrainer:
         that sampled the rollout: it *is* the old-policy pass, so it runs once, with gradients, and serves both."""
         return self.cfg.minibatches * self.cfg.gradient_accumulation == 1
 
-    def _experience(self, rollout: Rollout, scores: torch.Tensor, beta: float):
+    def _experience(self, rollout: PolicyRollout, scores: torch.Tensor, beta: float):
         """Old log-probs and values, the KL to the reference, shaped rewards and GAE advantages."""
         cfg, n, mask = self.cfg, rollout.n_response, rollout.response_mask
         parts = [rollout.rows(rows) for rows in torch.arange(len(scores)).split(self.local_batch // cfg.minibatches)]
