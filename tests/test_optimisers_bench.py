@@ -90,12 +90,16 @@ def test_the_winner_at_each_kl_and_whether_its_interval_separates():
     assert at_two["winner"]["algorithm"] == "ppo" and at_two["winner"]["intervals_separate"]
     assert at_two["winner"]["by"] == pytest.approx(2 * (0.10 - 0.05))
     assert "best_of_n" not in at_two  # KL 2 is past best-of-4's log 4 - 3/4
-    assert "best_of_n" in summary["gold_at_kl"]["0.25"]
+    at_quarter = summary["gold_at_kl"]["0.25"]  # best-of-n is beside the optimisers, not one of them
+    assert at_quarter["winner"]["algorithm"] == "ppo"
+    assert at_quarter["winner"]["best_of_n_ahead_by"] == pytest.approx(
+        at_quarter["best_of_n"]["gold"][0] - at_quarter["ppo"]["gold"][0]
+    )
     assert summary["cost"]["dpo"]["seconds_per_1000_episodes"] is None
     assert summary["cost"]["ppo"]["train_seconds"][0] == pytest.approx(11.0)
 
     table = script.markdown(summary)
-    assert "| 2.0 |" in table and "ppo by 0.100 |" in table
+    assert "| 2.0 |" in table and "ppo by 0.100 |" in table and "; best-of-n " in table
 
 
 def test_report_tabulates_a_partial_file(tmp_path, monkeypatch, capsys):
