@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_core.config import BaseModelConfig, TinyModelConfig
-from rlhf_core.errors import RLHFError
+from rlhf_core.errors import ConfigError, RLHFError
 
 #: Tokenizer files of SmolLM2 shipped with the package, so tiny models need no download.
 TOKENIZER_ASSET = Path(__file__).parent / "assets" / "smollm2_tokenizer"
@@ -292,3 +292,11 @@ def load_causal_lm(path: str | Path, dtype: str | None = None):
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def frozen_layers(knob: str, requested: int, available: int) -> int:
+    """The lower decoder layers a stage keeps frozen: ``requested`` (the ``<stage>.freeze_layers`` knob named ``knob``),
+    refused when it leaves no layer above it to train - the one rule of the sft, reward and ppo stages."""
+    if requested >= available:
+        raise ConfigError(f"{knob}={requested}: the model has only {available} decoder layers; nothing above them would train")
+    return requested

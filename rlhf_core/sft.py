@@ -115,14 +115,13 @@ def best_of_n_demonstrations(
 
 def prepare_policy(base_model: str | Path, cfg: SFTConfig):
     """The policy to fine-tune (fp32 weights) and the PEFT config for ``mode: lora`` (else None)."""
-    from rlhf_core.base_model import load_causal_lm
+    from rlhf_core.base_model import frozen_layers, load_causal_lm
 
     model = load_causal_lm(base_model, dtype="float32")
     layers = model.model.layers
     if cfg.mode == "full":
         return model, None
-    if cfg.freeze_layers >= len(layers):
-        raise ConfigError(f"sft.freeze_layers={cfg.freeze_layers}: the model has only {len(layers)} layers; nothing would train")
+    frozen_layers("sft.freeze_layers", cfg.freeze_layers, len(layers))
     if cfg.mode == "lora":
         from peft import LoraConfig
 

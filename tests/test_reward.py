@@ -10,7 +10,7 @@ import torch
 
 from rlhf_core.artifacts import PreferenceFolder
 from rlhf_core.config import RewardConfig
-from rlhf_core.errors import DataError, RLHFError
+from rlhf_core.errors import ConfigError, DataError, RLHFError
 from rlhf_core.preferences import PreferenceBundle, bundle_pairs
 from rlhf_core.reward import RewardModel
 from rlhf_core.reward.build import build_reward_model, freeze_lower_layers, init_reward_head, load_sequence_classifier
@@ -219,9 +219,13 @@ def test_head_init_and_freezing(tiny_base_model, tokenizer):
     init_reward_head(model, seed=0)
     d = model.config.hidden_size
     assert float(model.score.weight.std()) == pytest.approx(1 / math.sqrt(d + 1), rel=0.3)
-    assert freeze_lower_layers(model, 5) == 2  # the tiny model has 2 layers
+    with pytest.raises(ConfigError, match="reward.freeze_layers=2: the model has only 2 decoder layers"):
+        freeze_lower_layers(model, 2)  # the tiny model has 2 layers: freezing both is refused, not capped
+    assert freeze_lower_layers(model, 1) == 1
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"model.norm.weight", "score.weight"}
+    assert {"model.norm.weight", "score.weight"} <= trainable
+    assert not any(n.startswith(("model.embed_tokens", "model.layers.0.")) for n in trainable)
+    assert any(n.startswith("model.layers.1.") for n in trainable)
 
     model, _ = build_reward_model(tiny_base_model, tokenizer, RewardConfig(finetune="freeze", freeze_layers=1))
     trainable = {n.split(".")[2] if n.startswith("model.layers") else n for n, p in model.named_parameters() if p.requires_grad}

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from rlhf_core.config import PPOConfig
-from rlhf_core.errors import RLHFError
 from rlhf_core.precision import default_device
 
 #: score_fn(prompts, responses, finished) -> one proxy score per response (the reward model, normalised)
@@ -41,14 +40,14 @@ def load_start_policy(path: str | Path, cfg: PPOConfig):
     fixed, as in PPO; ``lora``: TRL wraps the model in adapters on the layers
     above them, and its reference is the model with the adapters switched off.
     """
-    from rlhf_core.base_model import load_causal_lm
+    from rlhf_core.base_model import frozen_layers, load_causal_lm
     from rlhf_core.ppo.policy import decoder_parts
 
     model = load_causal_lm(path, dtype="float32")
     parts = decoder_parts(model)
     layers = len(parts.layers)
-    if cfg.mode != "full" and cfg.freeze_layers >= layers:
-        raise RLHFError(f"ppo.freeze_layers ({cfg.freeze_layers}) must be below the model's {layers} layers")
+    if cfg.mode != "full":
+        frozen_layers("ppo.freeze_layers", cfg.freeze_layers, layers)
     if cfg.mode == "freeze":
         model.requires_grad_(False)
         parts.layers[cfg.freeze_layers :].requires_grad_(True)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_core.base_model import frozen_layers
 from rlhf_core.config import PPOConfig
 from rlhf_core.errors import RLHFError
 from rlhf_core.generation import positions_from_mask
@@ -149,9 +150,7 @@ class ActorCritic(nn.Module):
         self.mode, self.dtype = cfg.mode, cfg.dtype
         parts = decoder_parts(lm)
         num_layers = len(parts.layers)
-        self.trunk_layers = 0 if cfg.mode == "full" else cfg.freeze_layers
-        if self.trunk_layers >= num_layers:
-            raise RLHFError(f"ppo.freeze_layers ({cfg.freeze_layers}) must be below the model's {num_layers} layers")
+        self.trunk_layers = 0 if cfg.mode == "full" else frozen_layers("ppo.freeze_layers", cfg.freeze_layers, num_layers)
         if cfg.mode == "lora":
             lm = _with_lora(lm, cfg, range(self.trunk_layers, num_layers))
             parts = decoder_parts(lm)

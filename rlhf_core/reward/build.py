@@ -67,9 +67,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def freeze_lower_layers(model, count: int) -> int:
-    """Freeze the input embeddings and the lower ``count`` decoder layers; returns how many layers were frozen."""
+    """Freeze the input embeddings and the lower ``count`` decoder layers (at least one must stay above them)."""
+    from rlhf_core.base_model import frozen_layers
+
     layers = decoder_layers(model)
-    count = min(count, len(layers))
+    count = frozen_layers("reward.freeze_layers", count, len(layers))
     for module in (model.get_input_embeddings(), *layers[:count]):
         for parameter in module.parameters():
             parameter.requires_grad_(False)

@@ -110,7 +110,7 @@ class FrozenTrunk:
     def __init__(self, model, num_layers: int):
         self.model = model
         self.layers = decoder_layers(model)
-        self.num_layers = min(num_layers, len(self.layers))
+        self.num_layers = num_layers  # checked against the model's layers where they were frozen (reward.build)
         self.norm = model.model.norm
 
     @contextmanager
