@@ -19,7 +19,7 @@ layers: what the trunk states and features cost scales with width and tokens, no
 
     .venv/bin/python bench/reward_real.py accuracy ../shared/data/hh-rlhf/harmless-base-dev-1800.jsonl.gz \\
         --params .work/hh-params.yaml
-    .venv/bin/python bench/reward_real.py memory --pairs 1000,2000,5000,10000 --finetune none,freeze
+    .venv/bin/python bench/reward_real.py memory --pairs 1000,2000,5000,10000 --modes none,freeze
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     acc.add_argument("--out", default=str(REPO / "bench" / "results" / f"reward_real_{date.today()}.json"))
     mem = actions.add_parser("memory", help="peak RSS and time against the number of synthetic pairs")
     mem.add_argument("--pairs", default="1000,2000,5000,10000", help="comma list of pair counts")
-    mem.add_argument("--finetune", default="none,freeze", help="comma list of reward.finetune modes")
+    mem.add_argument("--modes", default="none,freeze", help="comma list of reward.mode values")
     mem.add_argument("--params", default=str(REPO / "params.yaml"), help="params file whose reward section trains")
     mem.add_argument("--max-length", type=int, help="tokens per synthetic conversation (default: reward.max_length)")
     mem.add_argument("--work", default=str(REPO / ".work" / "bench" / "reward-memory"), help="scratch folder")
     mem.add_argument("--out", default=str(REPO / "bench" / "results" / f"reward_real_memory_{date.today()}.json"))
     one = actions.add_parser("one-size", help=argparse.SUPPRESS)  # a single memory point, in a fresh process
     one.add_argument("pairs", type=int)
-    one.add_argument("finetune")
+    one.add_argument("mode")
     one.add_argument("--params", required=True)
     one.add_argument("--max-length", type=int, required=True)
     one.add_argument("--work", required=True)
@@ -245,12 +245,12 @@ def one_size(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = load_params(args.params).reward.model_copy(
-        update={"finetune": args.finetune, "read_layer": None, "freeze_layers": 1, "epochs": 1.0, "max_length": args.max_length}
+        update={"mode": args.mode, "read_layer": None, "freeze_layers": 1, "epochs": 1.0, "max_length": args.max_length}
     )
     groups = synthetic_groups(args.pairs, cfg.max_length, seed=0)
     start = time.perf_counter()
     fit = fit_reward_model(Path(args.work) / "base", cfg, groups, Path(args.work) / "checkpoints")
-    print(json.dumps({"pairs": args.pairs, "finetune": args.finetune, "seconds": time.perf_counter() - start,
+    print(json.dumps({"pairs": args.pairs, "mode": args.mode, "seconds": time.perf_counter() - start,
                       "peak_rss_gb": peak_rss_gb(), "tokens_p50": fit.lengths.p50, "cut": fit.lengths.cut}))
     return 0
 
@@ -266,15 +266,15 @@ def measure_memory(args: argparse.Namespace) -> dict:
         build_tiny(shape, work / "base")
     max_length = args.max_length or load_params(args.params).reward.max_length
     rows = []
-    for finetune in [m for m in args.finetune.split(",") if m]:
+    for mode in [m for m in args.modes.split(",") if m]:
         for pairs in [int(n) for n in args.pairs.split(",") if n]:
             done = subprocess.run(
-                [sys.executable, __file__, "--threads", str(args.threads), "one-size", str(pairs), finetune,
+                [sys.executable, __file__, "--threads", str(args.threads), "one-size", str(pairs), mode,
                  "--params", args.params, "--max-length", str(max_length), "--work", str(work)],
                 capture_output=True, text=True, check=False,
             )
             if done.returncode != 0:
-                raise SystemExit(f"{finetune} at {pairs} pairs failed:\n{done.stderr[-2000:]}")
+                raise SystemExit(f"{mode} at {pairs} pairs failed:\n{done.stderr[-2000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1])
     return {"date": str(date.today()), "model": shape.model_dump(), "max_length": max_length,

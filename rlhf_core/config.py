@@ -247,7 +247,7 @@ class RewardConfig(Section):
     center_rewards_coefficient: float | None = Field(
         0.01, ge=0, description="Weight of (r_c + r_r)^2 that keeps rewards centred (Eisenstein et al. 2023); null: off."
     )
-    finetune: Literal["full", "freeze", "lora", "none"] = Field(
+    mode: Literal["full", "freeze", "lora", "none"] = Field(
         "freeze",
         description="full; freeze (embeddings and the lower freeze_layers layers); lora (adapters + head); none (the "
         "head alone, a linear probe on the frozen features: no trainer steps, memory independent of the data size).",
@@ -258,7 +258,7 @@ class RewardConfig(Section):
         description="Decoder layers the reward model keeps: the head reads the output of layer N (after the final "
         "norm) and the layers above are dropped from it; null keeps them all.",
     )
-    freeze_layers: int = Field(24, ge=0, description="Lower layers kept frozen when finetune='freeze'.")
+    freeze_layers: int = Field(24, ge=0, description="Lower layers kept frozen when mode='freeze'.")
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
     head_init: Literal["random", "probe"] = Field(
@@ -294,8 +294,8 @@ class RewardConfig(Section):
 
     @model_validator(mode="after")
     def _head_only_needs_the_probe(self) -> "RewardConfig":
-        if self.finetune == "none" and self.head_init != "probe":
-            raise ValueError("finetune: none trains only the head, as a linear probe: it needs head_init: probe")
+        if self.mode == "none" and self.head_init != "probe":
+            raise ValueError("mode: none trains only the head, as a linear probe: it needs head_init: probe")
         return self
 
 

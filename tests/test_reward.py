@@ -227,10 +227,10 @@ def test_head_init_and_freezing(tiny_base_model, tokenizer):
     assert not any(n.startswith(("model.embed_tokens", "model.layers.0.")) for n in trainable)
     assert any(n.startswith("model.layers.1.") for n in trainable)
 
-    model, _ = build_reward_model(tiny_base_model, tokenizer, RewardConfig(finetune="freeze", freeze_layers=1))
+    model, _ = build_reward_model(tiny_base_model, tokenizer, RewardConfig(mode="freeze", freeze_layers=1))
     trainable = {n.split(".")[2] if n.startswith("model.layers") else n for n, p in model.named_parameters() if p.requires_grad}
     assert "model.embed_tokens.weight" not in trainable and "0" not in trainable and "1" in trainable
-    _, peft_config = build_reward_model(tiny_base_model, tokenizer, RewardConfig(finetune="lora", lora_r=4))
+    _, peft_config = build_reward_model(tiny_base_model, tokenizer, RewardConfig(mode="lora", lora_r=4))
     assert peft_config.r == 4 and peft_config.task_type == "SEQ_CLS"
 
 
@@ -322,12 +322,12 @@ def test_state_file_holds_one_batch_in_memory_and_returns_what_was_written(tmp_p
 
 
 def test_head_only_model_scores_from_streamed_features_like_the_saved_model(tiny_base_model, tokenizer, tmp_path):
-    """finetune: none fits the head on last-token features; cut at read_layer, it reloads and scores the same."""
+    """reward.mode: none fits the head on last-token features; cut at read_layer, it reloads and scores the same."""
     from rlhf_core.reward.trainer import fit_reward_model
 
     write_bundle(tmp_path / "prefs", marker_bundle(6))
     groups = load_prompt_comparisons(tmp_path / "prefs", "none")
-    cfg = RewardConfig(finetune="none", read_layer=1, score_batch_size=3)
+    cfg = RewardConfig(mode="none", read_layer=1, score_batch_size=3)
     fit = fit_reward_model(tiny_base_model, cfg, groups, tmp_path / "out")
     assert fit.steps == 0 and fit.trainable_parameters == 64 and fit.losses and fit.losses[-1][1] < fit.losses[0][1]
     assert len(fit.model.model.layers) == 1 and fit.model.config.num_hidden_layers == 1
@@ -339,7 +339,7 @@ def test_head_only_model_scores_from_streamed_features_like_the_saved_model(tiny
     assert len(loaded.model.model.layers) == 1
     assert torch.allclose(loaded.raw_scores(prompts, responses, batch_size=5), cached, atol=1e-5)
     with pytest.raises(RLHFError, match=r"reward.read_layer=5, but the base model has 2 decoder layers"):
-        fit_reward_model(tiny_base_model, RewardConfig(finetune="none", read_layer=5), groups, tmp_path / "out")
+        fit_reward_model(tiny_base_model, RewardConfig(mode="none", read_layer=5), groups, tmp_path / "out")
 
 
 def test_long_conversations_lose_whole_turns_from_the_left_never_the_final_answer(tokenizer, capfd):
@@ -384,7 +384,7 @@ def test_each_distinct_completion_is_scored_once_per_step(tiny_base_model, token
 
     from datasets import Dataset
 
-    cfg = RewardConfig(prompts_per_batch=2, epochs=1, finetune="full")
+    cfg = RewardConfig(prompts_per_batch=2, epochs=1, mode="full")
     model, _ = build_reward_model(tiny_base_model, tokenizer, cfg)
     encoded = encode_groups(tokenizer, groups, cfg.read_stop_token)
     sequences, examples = encoded.sequences, encoded.examples
@@ -458,12 +458,12 @@ def test_non_finite_weights_and_constant_or_non_finite_scores_are_refused():
         check_scores(torch.tensor([0.1, float("nan"), 0.3]), torch.tensor([0.1, 0.3]), 1e-4)
 
 
-@pytest.mark.parametrize("finetune", ["full", "freeze"])
-def test_runaway_learning_rate_stops_training_at_the_first_nan_loss(tiny_base_model, tmp_path, finetune):
+@pytest.mark.parametrize("mode", ["full", "freeze"])
+def test_runaway_learning_rate_stops_training_at_the_first_nan_loss(tiny_base_model, tmp_path, mode):
     from rlhf_core.reward.trainer import fit_reward_model
 
     write_bundle(tmp_path / "prefs", marker_bundle(6))
     groups = load_prompt_comparisons(tmp_path / "prefs", "none")
-    cfg = RewardConfig(prompts_per_batch=2, epochs=1, finetune=finetune, freeze_layers=1, learning_rate=1e30)
+    cfg = RewardConfig(prompts_per_batch=2, epochs=1, mode=mode, freeze_layers=1, learning_rate=1e30)
     with pytest.raises(RLHFError, match=r"^reward.learning_rate=1e\+30: loss is nan at step 2; "):
         fit_reward_model(tiny_base_model, cfg, groups, tmp_path / "out")

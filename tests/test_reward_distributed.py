@@ -24,8 +24,8 @@ def free_port() -> int:
 
 
 def test_two_cpu_processes_share_the_training_and_only_the_main_one_writes(work_env, tiny_base_model):
-    # The default finetune mode (frozen lower layer, cached trunk states) under DDP.
-    root = reward_project(work_env, tiny_base_model, {"reward": {**LEARNABLE["reward"], "finetune": "freeze"}})
+    # The default mode (frozen lower layer, cached trunk states) under DDP.
+    root = reward_project(work_env, tiny_base_model, {"reward": {**LEARNABLE["reward"], "mode": "freeze"}})
     write_preferences(root, marker_bundle(30))
     # STACK.md: `accelerate launch --cpu --num_processes 2` silently starts one process; this is the form that starts two.
     cmd = [

@@ -63,7 +63,7 @@ def import_project(root, base_model, rows, overrides=None):
     source = root / "hh.jsonl"
     write_jsonl(source, rows)
     settings = {"labeling": {"backend": "import", "import_file": "hh.jsonl"},
-                "reward": {"finetune": "none", "read_layer": 1, "normalization_samples": 10, **(overrides or {})}}
+                "reward": {"mode": "none", "read_layer": 1, "normalization_samples": 10, **(overrides or {})}}
     reward_project(root, base_model, settings)
     bundle = import_preferences(source, "hh")
     folder = root / "data" / "preferences"
@@ -97,7 +97,7 @@ def test_reward_evaluate_reports_accuracy_interval_length_and_calibration(work_e
 
     source = import_project(work_env, tiny_base_model, HH_ROWS)
     tokenizer = reward_tokenizer(tiny_base_model, 64)
-    model, _ = build_reward_model(tiny_base_model, tokenizer, RewardConfig(finetune="none"))
+    model, _ = build_reward_model(tiny_base_model, tokenizer, RewardConfig(mode="none"))
     RewardModel(model, tokenizer).save(tmp_path / "rm")
     done = rlhf("reward", "evaluate", str(source), "--model", str(tmp_path / "rm"), "--out", "report.json", cwd=work_env)
     report = json.loads((work_env / "report.json").read_text())
@@ -155,12 +155,12 @@ def test_import_backend_without_import_file_names_the_key(tmp_path):
 
 
 def test_preset_writes_its_settings_into_params_in_place_and_refuses_a_misspelt_key(work_env):
-    (work_env / "hh.yaml").write_text("labeling.backend: import\nreward.finetune: none\nreward.read_layer: 12\n")
+    (work_env / "hh.yaml").write_text("labeling.backend: import\nreward.mode: none\nreward.read_layer: 12\n")
     before = (work_env / "params.yaml").read_text()
     done = rlhf("reward", "preset", "hh.yaml", cwd=work_env)
     assert "3 of 3 settings of hh.yaml changed" in done.stdout and "dvc repro" in done.stdout
     params = load_params(work_env / "params.yaml")
-    assert (params.labeling.backend, params.reward.finetune, params.reward.read_layer) == ("import", "none", 12)
+    assert (params.labeling.backend, params.reward.mode, params.reward.read_layer) == ("import", "none", 12)
     assert len((work_env / "params.yaml").read_text().splitlines()) == len(before.splitlines())  # edited in place
     assert "0 of 3 settings" in rlhf("reward", "preset", "hh.yaml", cwd=work_env).stdout
 
@@ -179,7 +179,7 @@ def test_dvc_repro_trains_the_reward_model_on_an_import_without_sampling_candida
 
     write_jsonl(tiny_project / "data" / "imports" / "hh.jsonl", HH_ROWS * 2)
     write_params(tiny_project, {"labeling": {"backend": "import", "import_file": "hh.jsonl"}, "sft": {"source": "none"},
-                                "reward": {"finetune": "none", "read_layer": 1, "normalization_samples": 8}})
+                                "reward": {"mode": "none", "read_layer": 1, "normalization_samples": 8}})
     done = subprocess.run([sys.executable, "-m", "dvc", "repro", "train_reward"], cwd=tiny_project,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 MARKER = "wonderful"
 WORDS = "river stone cloud paper window garden music light table road apple winter ocean pencil bridge forest".split()
 #: a reward model that can learn "contains the marker word" within seconds on the tiny model
-LEARNABLE = {"reward": {"finetune": "full", "learning_rate": 3e-3, "epochs": 5, "center_rewards_coefficient": None}}
+LEARNABLE = {"reward": {"mode": "full", "learning_rate": 3e-3, "epochs": 5, "center_rewards_coefficient": None}}
 
 
 def marker_bundle(num_prompts: int, k: int = 4, seed: int = 0, policy_version: str = "base:test") -> PreferenceBundle:
@@ -140,11 +140,11 @@ def test_learnable_preference_reaches_high_heldout_accuracy_and_registers_champi
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_normalisation_from_the_frozen_trunk_cache_holds_when_reloaded(work_env, tiny_base_model, dtype):
-    """With finetune: freeze the stage scores from cached trunk states; a reload runs whole passes in the saved dtype."""
+    """With reward.mode: freeze the stage scores from cached trunk states; a reload runs whole passes in the saved dtype."""
     from rlhf_core.reward import RewardModel
     from rlhf_core.stages import train_reward
 
-    root = reward_project(work_env, tiny_base_model, {"reward": {"finetune": "freeze", "epochs": 0.5, "dtype": dtype}})
+    root = reward_project(work_env, tiny_base_model, {"reward": {"mode": "freeze", "epochs": 0.5, "dtype": dtype}})
     write_preferences(root, marker_bundle(12))
     params = load_params(root / "params.yaml")
     assert train_reward.run(params)["reward/dtype"] == dtype

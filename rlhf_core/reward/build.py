@@ -1,6 +1,6 @@
 """A reward model to train: the base LM with a fresh scalar head, and the part of it that learns.
 
-``reward.finetune`` chooses what trains:
+``reward.mode`` chooses what trains:
 
 * ``full`` - every weight;
 * ``freeze`` - all but the embeddings and the lower ``reward.freeze_layers``
@@ -62,7 +62,7 @@ def init_reward_head(model, seed: int) -> None:
 def decoder_layers(model) -> torch.nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise RLHFError(f"{type(model).__name__}: reward.finetune=freeze needs a decoder model with `model.layers`")
+        raise RLHFError(f"{type(model).__name__}: reward.mode=freeze needs a decoder model with `model.layers`")
     return layers
 
 
@@ -102,17 +102,17 @@ def keep_lower_layers(model, count: int) -> None:
 
 
 def build_reward_model(base_model: str | Path, tokenizer, cfg: RewardConfig):
-    """(model, peft_config or None): the base LM with a fresh head, its trainable part set per ``cfg.finetune``."""
+    """(model, peft_config or None): the base LM with a fresh head, its trainable part set per ``cfg.mode``."""
     model = load_sequence_classifier(base_model, tokenizer.pad_token_id)
     if cfg.read_layer is not None:
         keep_lower_layers(model, cfg.read_layer)
     init_reward_head(model, cfg.seed)
-    if cfg.finetune == "freeze":
+    if cfg.mode == "freeze":
         freeze_lower_layers(model, cfg.freeze_layers)
-    elif cfg.finetune == "none":
+    elif cfg.mode == "none":
         model.requires_grad_(False)
         reward_head(model).requires_grad_(True)
-    return model, (lora_config(cfg) if cfg.finetune == "lora" else None)
+    return model, (lora_config(cfg) if cfg.mode == "lora" else None)
 
 
 def trainable_parameters(model) -> int:

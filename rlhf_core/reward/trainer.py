@@ -305,7 +305,7 @@ def init_head_as_probe(model, features: torch.Tensor, examples: list[dict], l2: 
 def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[PromptComparisons], output_dir: Path) -> FitResult:
     """Train a reward model on ``groups`` (every process of a distributed launch calls this).
 
-    ``finetune: none`` fits the head alone, as a linear probe on streamed last-token
+    ``mode: none`` fits the head alone, as a linear probe on streamed last-token
     features; ``freeze`` runs the frozen layers once per completion into a
     :class:`~rlhf_core.reward.trunk.StateFile` on disk and trains the layers above
     on it (:mod:`rlhf_core.reward.trunk`); with ``head_init: probe`` the head
@@ -321,14 +321,14 @@ def fit_reward_model(base_model: str | Path, cfg: RewardConfig, groups: list[Pro
         raise DataError("no training pairs")
     args = trainer_args(cfg, output_dir)
     model.to(args.device)  # the trunk pass and the probe run before the trainer would move the model
-    fit = fit_head_only if cfg.finetune == "none" else fit_with_trainer
+    fit = fit_head_only if cfg.mode == "none" else fit_with_trainer
     result = fit(model, peft_config, tokenizer, cfg, args, sequences, examples)
     result.pairs, result.lengths = num_pairs(groups), LengthReport.of(encoded)
     return result
 
 
 def fit_head_only(model, peft_config, tokenizer, cfg: RewardConfig, args, sequences, examples) -> FitResult:
-    """``finetune: none``: the head as a linear probe on the model's last-token features; no trainer steps."""
+    """``mode: none``: the head as a linear probe on the model's last-token features; no trainer steps."""
     start = time.perf_counter()
     batch = cfg.score_batch_size
     with autocast(cfg.dtype, args.device):
@@ -341,11 +341,11 @@ def fit_head_only(model, peft_config, tokenizer, cfg: RewardConfig, args, sequen
 
 
 def fit_with_trainer(model, peft_config, tokenizer, cfg: RewardConfig, args, sequences, examples) -> FitResult:
-    """``finetune: full | freeze | lora``: TRL's trainer on whole prompts, after the trunk pass and the probe."""
+    """``mode: full | freeze | lora``: TRL's trainer on whole prompts, after the trunk pass and the probe."""
     from datasets import Dataset
 
     batch = cfg.score_batch_size
-    frozen = cfg.finetune == "freeze"
+    frozen = cfg.mode == "freeze"
     # Without frozen layers the trunk is the embeddings alone: states for the probe, not for training.
     trunk = FrozenTrunk(model, cfg.freeze_layers if frozen else 0)
     states = StateFile(args.output_dir, model.config.hidden_size)

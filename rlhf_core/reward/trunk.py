@@ -1,6 +1,6 @@
 """The frozen lower part of the reward model, run once per completion.
 
-With ``reward.finetune: freeze`` the embeddings and the lower N decoder layers
+With ``reward.mode: freeze`` the embeddings and the lower N decoder layers
 never change, so their output for a completion is the same in every epoch and
 in the scoring that follows: :class:`FrozenTrunk` computes it once, without
 gradients, and training runs only the upper layers on the cached states.  On
@@ -234,7 +234,7 @@ class CachedTrunkScorer:
 
 
 class FeatureScorer:
-    """Raw rewards of a head-only model (``reward.finetune: none``): the head on cached last-token features.
+    """Raw rewards of a head-only model (``reward.mode: none``): the head on cached last-token features.
 
     The features of every completion seen in training are kept (d floats each),
     so normalisation and held-out scoring run the model only on new completions.
