@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from ppo_bench import summary  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
 from ppo_bench.baseline import TRL_VERSION  # noqa: E402
+from ppo_bench.host import machine  # noqa: E402
 from ppo_bench.workload import Workload, first_prompts  # noqa: E402
 from rlhf_core.artifacts import ModelFolder  # noqa: E402
 from rlhf_core.errors import RLHFError  # noqa: E402
@@ -153,22 +154,6 @@ def cpu_pressure() -> dict | None:
     except (OSError, IndexError):
         return None
     return {key: float(value) for key, value in (item.split("=") for item in some) if key.startswith("avg")}
-
-
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    meminfo = Path("/proc/meminfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "unknown")
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    mem_kib = next(int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal"))
-    return {
-        "cpu_model": model,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kib / 1024**2, 1),
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-        "python": sys.version.split()[0],
-    }
 
 
 def versions() -> dict:

@@ -1,0 +1,166 @@
+"""Benchmark: tokens/s of the project's sampler against Hugging Face ``generate`` and this machine's roofline.
+
+For each dtype (the weights loaded in it, as the candidates and evaluate stages
+load them) and batch size, the first B prompts of the shipped prompt set
+(chat-formatted, left-padded) are sampled for ``--new-tokens`` tokens - no stop
+token, so every row runs the full length - by
+
+* **ours**: :func:`rlhf_core.generation.sample_tokens`, the one loop that the
+  candidates, PPO and evaluation share (a KV cache, inverse-CDF sampling);
+* **hf**: ``model.generate(do_sample=True, min_new_tokens=max_new_tokens=N, top_k=0)``,
+  the same distribution (temperature 1, no truncation).
+
+Each figure is the best of ``--repeats`` runs after a warm-up; tokens/s is
+B x N / seconds, the prompt pass included.  The **roofline** at batch B bounds a
+decode step from below: it reads every weight once (weight bytes / the copy
+bandwidth measured in this run) and does 2 x weights x B FLOPs (/ the matmul
+peak measured in this run, in that dtype); tokens/s cannot beat B / the larger
+of the two.  The KV cache's reads and the prompt pass are left out, so the bound
+is slightly optimistic.
+
+    .venv/bin/python bench/sampling.py                                # batches 8-128, fp32 and bf16, the base model
+    .venv/bin/python bench/sampling.py --batches 8 16 --dtypes float32 --repeats 1
+
+Writes bench/results/sampling_<date>.json (machine, versions, roofline inputs,
+every timing) and prints a markdown table.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # ppo_bench, also when a test imports this file
+
+from ppo_bench.flops import matmul_peak_flops  # noqa: E402
+from ppo_bench.host import machine, memory_bandwidth  # noqa: E402
+from ppo_bench.workload import first_prompts, limit_threads  # noqa: E402
+
+DTYPES = ("float32", "bfloat16")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="causal LM folder (default: params.yaml paths.base_model)")
+    parser.add_argument("--params", default=str(REPO / "params.yaml"), help="params whose paths and prompts: section run")
+    parser.add_argument("--batches", nargs="+", type=int, default=[8, 16, 64, 128])
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens sampled per row (the ppo: default)")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure (the best counts)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul that measures the peak")
+    parser.add_argument("--out", help="result JSON (default: bench/results/sampling_<date>.json)")
+    return parser.parse_args(argv)
+
+
+def weight_count(model) -> int:
+    """Weights a decode step reads, each once (a tied embedding and LM head count once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def best_seconds(run, repeats: int) -> float:
+    run()  # warm-up: first-call allocations and lazy initialisation
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    from rlhf_core.generation import encode_queries, sample_tokens
+
+    texts = (prompts * (batch // max(1, len(prompts)) + 1))[:batch]
+    ids, mask = encode_queries(tokenizer, texts)
+
+    def ours():
+        rollout = sample_tokens(model, ids, mask, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
+                                max_new_tokens=new_tokens, generator=torch.Generator().manual_seed(0))  # fmt: skip
+        assert rollout.response_ids.shape == (batch, new_tokens)
+
+    @torch.no_grad()
+    def hf():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        assert out.shape == (batch, ids.shape[1] + new_tokens)
+
+    tokens = batch * new_tokens
+    ours_s, hf_s = best_seconds(ours, repeats), best_seconds(hf, repeats)
+    return {"batch": batch, "prompt_width": ids.shape[1], "padding_share": float(1 - mask.float().mean()),
+            "ours_tokens_per_s": tokens / ours_s, "hf_tokens_per_s": tokens / hf_s}  # fmt: skip
+
+
+def roofline(weights: int, element_bytes: int, batch: int, bandwidth: float, peak: float) -> dict:
+    read_s, compute_s = weights * element_bytes / bandwidth, 2 * weights * batch / peak
+    return {"roofline_tokens_per_s": batch / max(read_s, compute_s), "bound": "memory" if read_s >= compute_s else "compute"}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| dtype | batch | ours tok/s | HF generate tok/s | ours / HF | roofline tok/s (bound) | ours / roofline |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['dtype']} | {r['batch']} | {r['ours_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | "
+            f"{r['ours_vs_hf']:.2f}x | {r['roofline_tokens_per_s']:.0f} ({r['bound']}) | {r['ours_share_of_roofline']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from rlhf_core.config import load_params
+    from rlhf_core.errors import RLHFError
+    from rlhf_core.generation import load_policy
+    from rlhf_core.records import atomic_write_text
+
+    limit_threads(args.threads)
+    try:
+        params = load_params(args.params)
+        model_dir = Path(args.model or REPO / params.paths.base_model)
+        if not (model_dir / "config.json").exists():
+            raise RLHFError(f"no model at {model_dir}: run `dvc repro base_model` (or pass --model)")
+        prompts = first_prompts(REPO / params.paths.prompt_source, params.prompts.text_field, max(args.batches))
+    except RLHFError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    bandwidth = memory_bandwidth()
+    peaks = {dtype: matmul_peak_flops(dtype, size=args.matmul_size) for dtype in args.dtypes}
+    rows = []
+    for dtype in args.dtypes:
+        model, tokenizer = load_policy(model_dir, dtype)
+        weights, element_bytes = weight_count(model), torch.finfo(model.dtype).bits // 8
+        for batch in args.batches:
+            row = {"dtype": dtype, **measure(model, tokenizer, prompts, batch, args.new_tokens, args.repeats),
+                   **roofline(weights, element_bytes, batch, bandwidth, peaks[dtype])}  # fmt: skip
+            row["ours_vs_hf"] = row["ours_tokens_per_s"] / row["hf_tokens_per_s"]
+            row["ours_share_of_roofline"] = row["ours_tokens_per_s"] / row["roofline_tokens_per_s"]
+            rows.append(row)
+            print(f"{dtype} batch {batch}: ours {row['ours_tokens_per_s']:.0f} tok/s, hf {row['hf_tokens_per_s']:.0f}",
+                  file=sys.stderr)  # fmt: skip
+        del model
+    result = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args), "machine": machine(),
+        "versions": {name: metadata.version(name) for name in ("torch", "transformers")},
+        "model": str(model_dir), "weights": weights, "new_tokens": args.new_tokens,
+        "memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_peak_gflop_s": {d: p / 1e9 for d, p in peaks.items()},
+        "rows": rows,
+    }  # fmt: skip
+    out = Path(args.out or REPO / "bench" / "results" / f"sampling_{datetime.date.today()}.json")
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
