@@ -40,12 +40,18 @@ from rlhf_core.artifacts import ModelFolder  # noqa: E402
 from rlhf_core.errors import RLHFError  # noqa: E402
 
 #: The sides, in the order they alternate, with their changes to params.yaml's ``ppo:`` section.  Full fine-tuning
-#: gets a value model of its own and no bf16, like TRL's fp32 policy + separate value model.
+#: gets a value model of its own and no bf16, like TRL's fp32 policy + separate value model.  The ``-bf16`` sides
+#: run both engines in bf16 mixed precision (for CPUs with fast bf16); each ours side is compared with the TRL side
+#: of its dtype (:data:`BASELINE_OF`).
 SIDES = {
     "ours-default": ("ours", {}),
     "trl": ("trl", {}),
     "ours-full": ("ours", {"mode": "full", "dtype": "float32", "value_model": "separate"}),
+    "ours-bf16": ("ours", {"dtype": "bfloat16"}),
+    "trl-bf16": ("trl", {"dtype": "bfloat16"}),
 }
+DEFAULT_SIDES = ["ours-default", "trl", "ours-full"]
+BASELINE_OF = {"ours-default": "trl", "ours-full": "trl", "ours-bf16": "trl-bf16"}
 MATMUL_DTYPES = ("float32", "bfloat16")
 
 
@@ -57,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="times the sequence of sides is repeated")
     parser.add_argument("--prompts", type=int, default=64, help="first N prompts (by id) of paths.prompt_source")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on every side")
-    parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES), help="sides to run, in order")
+    parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=DEFAULT_SIDES,
+                        help="sides to run, in order (ours-bf16 and trl-bf16: both in bf16 mixed precision)")
     parser.add_argument("--trl-dir", default=str(REPO / ".work" / "bench" / f"trl-{TRL_VERSION}"), help="where trl 1.12.0 lives")
     parser.add_argument("--out", help="result JSON (default: bench/results/ppo_vs_trl_<date>.json)")
     parser.add_argument("--work-dir", default=str(REPO / ".work" / "bench"), help="where each run keeps its logs and reward model")
@@ -274,17 +281,17 @@ def progress_line(result: dict) -> str:
 
 
 def summarise(runs: list[dict], sides: list[str], peaks: dict[str, float]) -> dict:
-    """Per-side figures, ratios against TRL, issue 5's checks and the markdown table."""
+    """Per-side figures, ratios against the TRL side of the same dtype, the speed checks and the markdown table."""
     per_side = {name: summary.side_summary([r for r in runs if r["side"] == name and "error" not in r], peaks) for name in sides}
-    trl = per_side.get("trl", {})
-    ratios = {
-        name: summary.ratios(side, trl)
-        for name, side in per_side.items()
-        if name != "trl" and side.get("steady_updates") and trl.get("steady_updates")
-    }
+    ratios = {}
+    for name, side in per_side.items():
+        baseline = per_side.get(BASELINE_OF.get(name, ""), {})
+        if side.get("steady_updates") and baseline.get("steady_updates"):
+            ratios[name] = summary.ratios(side, baseline)
     return {
         "summary": per_side,
         "ratios": ratios,
+        "speedup": {name: ratio["speedup"] for name, ratio in ratios.items()},  # per ours side, vs TRL in its dtype
         "checks": summary.checks(ratios.get("ours-default"), ratios.get("ours-full")),
         "failures": [{k: r[k] for k in ("side", "round", "error", "stderr_tail")} for r in runs if "error" in r],
         "markdown": summary.markdown_table(per_side, ratios),

@@ -16,7 +16,10 @@ decode step from below: it reads every weight once (weight bytes / the copy
 bandwidth measured in this run) and does 2 x weights x B FLOPs (/ the matmul
 peak measured in this run, in that dtype); tokens/s cannot beat B / the larger
 of the two.  The KV cache's reads and the prompt pass are left out, so the bound
-is slightly optimistic.
+is slightly optimistic.  Beside it, the rate at which this machine's matmul
+streams weights of the model's layer shapes at that batch
+(``weight_stream_gb_s``): a decode step cannot read its weights faster than its
+matmuls do, whatever the copy bandwidth.
 
     .venv/bin/python bench/sampling.py                                # batches 8-128, fp32 and bf16, the base model
     .venv/bin/python bench/sampling.py --batches 8 16 --dtypes float32 --repeats 1
@@ -96,7 +99,20 @@ def measure(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, r
     tokens = batch * new_tokens
     ours_s, hf_s = best_seconds(ours, repeats), best_seconds(hf, repeats)
     return {"batch": batch, "prompt_width": ids.shape[1], "padding_share": float(1 - mask.float().mean()),
-            "ours_tokens_per_s": tokens / ours_s, "hf_tokens_per_s": tokens / hf_s}  # fmt: skip
+            "ours_tokens_per_s": tokens / ours_s,
+            "hf_tokens_per_s": tokens / hf_s, "weight_stream_gb_s": weight_stream(model, batch, repeats) / 1e9}  # fmt: skip
+
+
+def weight_stream(model, batch: int, repeats: int) -> float:
+    """Bytes/s at which ``F.linear`` reads the model's own layer weights at ``batch`` rows, one layer after another
+    (far more weights than any cache holds): the rate a decode step's matmuls can stream its weights."""
+    import torch
+    import torch.nn.functional as F
+
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.shape[0] < 10_000]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in linears}
+    seconds = best_seconds(lambda: [F.linear(inputs[w.shape[1]], w) for w in linears], repeats)
+    return sum(w.numel() * w.element_size() for w in linears) / seconds
 
 
 def roofline(weights: int, element_bytes: int, batch: int, bandwidth: float, peak: float) -> dict:
@@ -105,12 +121,15 @@ def roofline(weights: int, element_bytes: int, batch: int, bandwidth: float, pea
 
 
 def markdown(result: dict) -> str:
-    lines = ["| dtype | batch | ours tok/s | HF generate tok/s | ours / HF | roofline tok/s (bound) | ours / roofline |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| dtype | batch | ours tok/s | HF generate tok/s | ours / HF | roofline tok/s (bound) "
+             "| ours / roofline | matmul weight stream GB/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:
+        stream = f"{r['weight_stream_gb_s']:.1f}" if "weight_stream_gb_s" in r else "-"
         lines.append(
             f"| {r['dtype']} | {r['batch']} | {r['ours_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | "
-            f"{r['ours_vs_hf']:.2f}x | {r['roofline_tokens_per_s']:.0f} ({r['bound']}) | {r['ours_share_of_roofline']:.0%} |"
+            f"{r['ours_vs_hf']:.2f}x | {r['roofline_tokens_per_s']:.0f} ({r['bound']}) | {r['ours_share_of_roofline']:.0%} "
+            f"| {stream} |"
         )
     return "\n".join(lines)
 

@@ -393,7 +393,7 @@ class PPOConfig(Section):
     )
     dtype: Dtype = Field(
         "float32",
-        description="bfloat16: mixed precision (fp32 weights, bf16 autocast; one-token decode steps stay fp32 on a CPU); "
+        description="bfloat16: mixed precision (fp32 weights, bf16 autocast; rollouts sample from a bf16 copy of the weights); "
         "fast only on CUDA or CPUs with AVX-512 BF16 / AMX (rlhf_core/precision.py).",
     )
     checkpoint_every: int = Field(2, gt=0, description="Updates between resumable checkpoints (and one at the end).")

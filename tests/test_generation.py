@@ -61,3 +61,45 @@ def test_samples_of_one_prompt_share_its_pass_and_match_greedy(tiny_base_model):
                             temperature=1e-4, generator=torch.Generator().manual_seed(0), num_samples=3)
     assert torch.equal(rollout.response_ids, greedy.repeat_interleave(3, dim=0))
     assert torch.equal(rollout.query_ids, ids.repeat_interleave(3, dim=0))
+
+
+def test_a_model_without_the_llama_layout_samples_through_its_own_forward():
+    """The sampling loop needs only a causal LM's forward and cache (here one with per-head q/k norms)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    model = Qwen3ForCausalLM(config).eval()
+    ids, mask = torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    rollout = sample_tokens(model, ids, mask, eos_token_id=-1, pad_token_id=0, max_new_tokens=4,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert rollout.response_ids.shape == (2, 4) and rollout.response_mask.all()
+
+
+# --------------------------------------------------------------------------- the sampling step
+
+
+def test_inverse_cdf_draws_in_proportion_and_never_a_token_of_weight_zero():
+    from rlhf_core.generation import CDF_BLOCK, sample_next_token
+
+    vocab = 3 * CDF_BLOCK + 17  # blocks of every kind, the last one partial
+    logits = torch.full((vocab,), -float("inf"))
+    chosen = torch.tensor([3, CDF_BLOCK - 1, CDF_BLOCK, 2 * CDF_BLOCK + 5, vocab - 1])
+    logits[chosen] = torch.tensor([0.0, 1.0, 2.0, 0.5, 1.5])
+    draws = 20000
+    token, logprob = sample_next_token(logits.expand(draws, vocab), 1.0, torch.Generator().manual_seed(0))
+    assert set(token.tolist()) <= set(chosen.tolist())
+    expected = torch.softmax(logits[chosen], -1)
+    observed = torch.tensor([(token == c).float().mean() for c in chosen])
+    assert (observed - expected).abs().max() < 4 * (expected * (1 - expected) / draws).sqrt().max()
+    assert torch.allclose(logprob, torch.log_softmax(logits, -1)[token], atol=1e-6)
+
+
+def test_temperature_and_nucleus_truncation():
+    from rlhf_core.generation import sample_next_token
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).expand(4000, 4)
+    token, logprob = sample_next_token(logits, 2.0, torch.Generator().manual_seed(0), top_p=0.8)
+    # tempered: [0.379, 0.294, 0.208, 0.120]; the smallest prefix whose mass reaches 0.8 keeps the first three
+    assert set(token.tolist()) == {0, 1, 2}
+    assert torch.allclose(logprob, torch.log_softmax(logits / 2.0, -1).gather(-1, token[:, None]).squeeze(-1), atol=1e-6)

@@ -316,3 +316,28 @@ def test_exported_policy_is_the_trained_policy(tiny_base_model, queries, tmp_pat
     logits = exported(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits[:, -rollout.n_response :]
     mask = rollout.response_mask.bool()
     assert torch.allclose(logits[mask], expected[mask], atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["freeze", "lora", "full"])
+def test_bf16_rollouts_sample_from_a_copy_that_follows_training(tiny_base_model, queries, mode):
+    """With ppo.dtype bfloat16 a rollout decodes through a bf16 copy of the weights, refreshed before every rollout:
+    its log-probs are the training pass's to bf16 rounding, and the copy is never part of the policy's state."""
+    from rlhf_core.ppo.policy import build_actor_critic
+
+    model = build_actor_critic(tiny_base_model, PPOConfig(mode=mode, freeze_layers=1, dtype="bfloat16"), torch.device("cpu"))
+    rollout = _rollout(model, queries, temperature=0.7, seed=3)
+    sampler = model.__dict__["_sampling_copy"]
+    assert sampler.parts.embed.weight.dtype == torch.bfloat16 and model.parts.embed.weight.dtype == torch.float32
+    assert not any("_sampling_copy" in name for name, _ in model.named_parameters())
+    assert rollout.trunk_hidden is None if mode == "full" else rollout.trunk_hidden.dtype == torch.float32
+    logits = model(rollout.input_ids, rollout.attention_mask, rollout.trunk_hidden, rollout.n_response).logits
+    trained = torch.log_softmax(logits / 0.7, -1).gather(-1, rollout.response_ids[..., None]).squeeze(-1)
+    mask = rollout.response_mask.bool()
+    assert (trained[mask] - rollout.sample_logprobs[mask]).abs().max() < 0.1
+
+    name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith("value"))
+    with torch.no_grad():
+        param.add_(0.5)
+    _rollout(model, queries)
+    twins = [dst for src, dst in sampler._trained if src is param]
+    assert twins and torch.equal(twins[0], param.detach().to(torch.bfloat16)), name

@@ -23,6 +23,7 @@ def test_tokens_per_second_of_both_samplers_and_the_roofline(tiny_base_model, tm
     assert result["machine"]["cpu_model"] and "amx_bf16" in result["machine"]
     for row in result["rows"]:
         assert row["ours_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0
+        assert row["weight_stream_gb_s"] > 0
         assert row["ours_vs_hf"] == pytest.approx(row["ours_tokens_per_s"] / row["hf_tokens_per_s"])
         assert row["bound"] in ("memory", "compute") and row["roofline_tokens_per_s"] > 0
     fp32, bf16 = result["rows"][0], result["rows"][2]  # same batch: half the bytes per weight, so a higher memory bound

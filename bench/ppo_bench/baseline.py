@@ -108,7 +108,7 @@ def trl_config(workload: Workload, output_dir: str):
         whiten_rewards=ppo["whiten_rewards"],
         seed=ppo["seed"],
         num_sample_generations=0,  # its debugging generations are not part of an update
-        bf16=False,
+        bf16=ppo["dtype"] == "bfloat16",  # mixed precision (fp32 weights), as ours with ppo.dtype bfloat16
         use_cpu=True,
         report_to="none",
         save_strategy="no",

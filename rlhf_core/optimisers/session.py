@@ -41,7 +41,7 @@ def load_start_policy(path: str | Path, cfg: PPOConfig):
     above them, and its reference is the model with the adapters switched off.
     """
     from rlhf_core.base_model import frozen_layers, load_causal_lm
-    from rlhf_core.ppo.policy import decoder_parts
+    from rlhf_core.decoder import decoder_parts
 
     model = load_causal_lm(path, dtype="float32")
     parts = decoder_parts(model)

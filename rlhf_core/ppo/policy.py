@@ -22,11 +22,11 @@ The value function is a scalar head on the policy's last hidden state
 (``separate``: a trainable copy of the layers above the trunk with a head).
 
 With ``ppo.dtype: bfloat16`` (:mod:`rlhf_core.precision`), weights stay fp32 and
-the passes over whole sequences (prefill, reference, old policy, training) run
-under bf16 autocast.  On a CPU the one-token decode steps stay fp32: at a few
-rows per matmul bf16 is no faster there (measured on an AMX Xeon), and autocast
-would re-cast every frozen weight at every step.  Log-probs and values are always computed in fp32 from the final
-hidden states.
+the passes over whole sequences (reference, old policy, training) run under
+bf16 autocast; rollouts sample from a bf16 copy of the weights, refreshed before
+each rollout (:class:`rlhf_core.ppo.rollout.PolicyStep`), since autocast would
+re-cast every weight at every one-token decode step.  Log-probs and values are
+always computed in fp32 from the final hidden states.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from torch import nn
 
 from rlhf_core.base_model import frozen_layers
 from rlhf_core.config import PPOConfig
+from rlhf_core.decoder import DecoderParts, decoder_parts
 from rlhf_core.errors import RLHFError
 from rlhf_core.generation import positions_from_mask
 from rlhf_core import precision
@@ -50,30 +51,6 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # --------------------------------------------------------------------------- pieces of a decoder-only LM
-
-
-@dataclass
-class DecoderParts:
-    """Handles on the modules of a Llama-style causal LM (Llama, Mistral, Qwen2 and SmolLM share the layout)."""
-
-    embed: nn.Module
-    layers: nn.ModuleList
-    norm: nn.Module
-    rotary: nn.Module
-    lm_head: nn.Module
-    config: object
-
-
-def decoder_parts(lm) -> DecoderParts:
-    causal = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    body = getattr(causal, "model", None)
-    names = ("embed_tokens", "layers", "norm", "rotary_emb")
-    if body is None or not all(hasattr(body, n) for n in names) or not hasattr(causal, "lm_head"):
-        raise RLHFError(
-            f"{type(causal).__name__}: PPO needs a decoder-only LM laid out like Llama "
-            "(model.embed_tokens, model.layers, model.norm, model.rotary_emb, lm_head)"
-        )
-    return DecoderParts(body.embed_tokens, body.layers, body.norm, body.rotary_emb, causal.lm_head, causal.config)
 
 
 @dataclass
@@ -196,6 +173,19 @@ class ActorCritic(nn.Module):
             modules["lm_head"] = parts.lm_head
         return copy.deepcopy(nn.ModuleDict(modules))
 
+    def sampling_copy(self):
+        """The bf16 copy of the decoder that rollouts sample from with ``ppo.dtype: bfloat16``
+        (:class:`rlhf_core.decoder.SamplingCopy`), made on first use and refreshed from the trained weights here."""
+        from rlhf_core.decoder import SamplingCopy
+
+        device = self.parts.embed.weight.device
+        sampler = self.__dict__.get("_sampling_copy")  # a plain attribute: not a submodule, never in a checkpoint
+        if sampler is None or sampler.parts.embed.weight.device != device:
+            sampler = self.__dict__["_sampling_copy"] = SamplingCopy(self.parts, precision.torch_dtype(self.dtype))
+        else:
+            sampler.refresh()
+        return sampler
+
     def autocast(self, tokens_per_row: int = 2):
         """``ppo.dtype``'s autocast, except that one-token decode steps on a CPU stay fp32 (see the module's docstring)."""
         device = next(self.parameters()).device
@@ -210,15 +200,21 @@ class ActorCritic(nn.Module):
         hidden = (embed or self.parts.embed)(input_ids)
         return run_layers(self.parts.layers[: self.trunk_layers] if layers is None else layers, hidden, attention)
 
-    def sample_step(self, input_ids, attention_mask, position_ids, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of sampling with a KV cache: (trunk hidden states of the new positions, next-token logits)."""
-        with self.autocast(tokens_per_row=input_ids.shape[1]):
-            hidden = self.parts.embed(input_ids)
-            attention = attention_inputs(self.parts, hidden, attention_mask, position_ids, cache)
-            trunk_hidden = run_layers(self.parts.layers[: self.trunk_layers], hidden, attention, cache)
-            hidden = run_layers(self.parts.layers[self.trunk_layers :], trunk_hidden, attention, cache)
-            hidden = self.parts.norm(hidden[:, -1])
-            return trunk_hidden, fp32_linear(hidden, self.parts.lm_head)
+    def sample_step(self, input_ids, attention_mask, position_ids, cache, parts=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of sampling with a KV cache: (trunk hidden states of the new positions, next-token logits).
+
+        ``parts`` is the decoder to run: the policy's own (default, under ``ppo.dtype``'s autocast, one-token steps on a
+        CPU in fp32) or a :class:`rlhf_core.decoder.SamplingCopy`'s, which runs in its own dtype.
+        """
+        own = parts is None
+        parts = self.parts if own else parts
+        with self.autocast(tokens_per_row=input_ids.shape[1]) if own else nullcontext():
+            hidden = parts.embed(input_ids)
+            attention = attention_inputs(parts, hidden, attention_mask, position_ids, cache)
+            trunk_hidden = run_layers(parts.layers[: self.trunk_layers], hidden, attention, cache)
+            hidden = run_layers(parts.layers[self.trunk_layers :], trunk_hidden, attention, cache)
+            hidden = parts.norm(hidden[:, -1])
+            return trunk_hidden, fp32_linear(hidden, parts.lm_head) if own else parts.lm_head(hidden).float()
 
     def _attention(self, input_ids, attention_mask) -> Attention:
         probe = self.parts.embed.weight.new_empty(*input_ids.shape, 1)  # mask creation reads only shape/dtype/device

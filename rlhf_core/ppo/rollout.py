@@ -47,15 +47,25 @@ class PolicyRollout(generation.Rollout):
 
 
 class PolicyStep(generation.DecodeStep):
-    """The policy's decode step; it keeps the trunk's hidden states of every position it runs."""
+    """The policy's decode step; it keeps the trunk's hidden states of every position it runs.
+
+    With ``ppo.dtype: float32`` it runs the policy's own weights.  With
+    ``bfloat16`` it runs a bf16 copy of them (:class:`rlhf_core.decoder.SamplingCopy`,
+    refreshed from the trained weights before each rollout) instead of autocast,
+    which would re-cast every weight at every one-token step: a decode step then
+    streams half the bytes, which is where a CPU decode step spends its time.
+    The log-probs PPO trains on are the old-policy pass's, not the sampler's, so
+    sampling in bf16 changes which tokens are drawn, not the loss's arithmetic.
+    """
 
     def __init__(self, policy: ActorCritic):
         super().__init__(policy, config=policy.parts.config)
         self.trunk_chunks: list[torch.Tensor] = []
+        self.parts = policy.sampling_copy().parts if policy.dtype == "bfloat16" else None
 
     def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        trunk_hidden, logits = self.model.sample_step(input_ids, attention_mask, position_ids, cache)
-        self.trunk_chunks.append(trunk_hidden)
+        trunk_hidden, logits = self.model.sample_step(input_ids, attention_mask, position_ids, cache, parts=self.parts)
+        self.trunk_chunks.append(trunk_hidden.float())  # later passes read fp32 states
         return logits
 
 

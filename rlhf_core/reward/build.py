@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rlhf_core.config import RewardConfig
+from rlhf_core.decoder import decoder_parts
 from rlhf_core.errors import RLHFError
 
 
@@ -59,18 +60,11 @@ def init_reward_head(model, seed: int) -> None:
             head.bias.zero_()
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise RLHFError(f"{type(model).__name__}: reward.mode=freeze needs a decoder model with `model.layers`")
-    return layers
-
-
 def freeze_lower_layers(model, count: int) -> int:
     """Freeze the input embeddings and the lower ``count`` decoder layers (at least one must stay above them)."""
     from rlhf_core.base_model import frozen_layers
 
-    layers = decoder_layers(model)
+    layers = decoder_parts(model).layers
     count = frozen_layers("reward.freeze_layers", count, len(layers))
     for module in (model.get_input_embeddings(), *layers[:count]):
         for parameter in module.parameters():
@@ -92,7 +86,7 @@ def keep_lower_layers(model, count: int) -> None:
     layer, which is tuned to predict the next token (bench/README.md, reward_real);
     the saved model is that much cheaper to run in every later stage.
     """
-    layers = decoder_layers(model)
+    layers = decoder_parts(model).layers
     if count > len(layers):
         raise RLHFError(f"reward.read_layer={count}, but the base model has {len(layers)} decoder layers")
     model.model.layers = layers[:count]

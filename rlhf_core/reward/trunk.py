@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core.reward.build import decoder_layers
+from rlhf_core.decoder import decoder_parts
 from rlhf_core.reward.model import (
     encode_conversations,
     finished_flags,
@@ -109,9 +109,9 @@ class FrozenTrunk:
 
     def __init__(self, model, num_layers: int):
         self.model = model
-        self.layers = decoder_layers(model)
+        parts = decoder_parts(model)  # the split PPO's policy makes too (rlhf_core.decoder)
+        self.layers, self.norm = parts.layers, parts.norm
         self.num_layers = num_layers  # checked against the model's layers where they were frozen (reward.build)
-        self.norm = model.model.norm
 
     @contextmanager
     def _view(self, layers: list, norm) -> Iterator[None]:
