@@ -109,7 +109,9 @@ def weight_stream(model, batch: int, repeats: int) -> float:
     import torch
     import torch.nn.functional as F
 
-    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.shape[0] < 10_000]
+    from rlhf_core.decoder import decoder_parts
+
+    linears = [m.weight for m in decoder_parts(model).layers.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in linears}
     seconds = best_seconds(lambda: [F.linear(inputs[w.shape[1]], w) for w in linears], repeats)
     return sum(w.numel() * w.element_size() for w in linears) / seconds

@@ -51,14 +51,13 @@ class DecodeStep:
     next-token logits of every row and appends the new positions to ``cache``.
 
     This one runs the model's own forward over a ``DynamicCache``, logits of the
-    last position only.  ``new_cache`` is told the batch and the longest length
-    the cache will reach, for steps that preallocate theirs.
+    last position only.
     """
 
     def __init__(self, model, config=None):
         self.model, self.config = model, config if config is not None else model.config
 
-    def new_cache(self, batch: int, max_length: int, device: torch.device):
+    def new_cache(self):
         from transformers import DynamicCache
 
         return DynamicCache(config=self.config)

@@ -174,7 +174,7 @@ def sample_tokens(
     """
     step = model if isinstance(model, DecodeStep) else DecodeStep(model)
     width = query_ids.shape[1]
-    cache = step.new_cache(query_ids.shape[0], width + max_new_tokens, query_ids.device)
+    cache = step.new_cache()
     positions = positions_from_mask(query_mask)
     logits = step(query_ids, query_mask, positions, cache)
     if num_samples > 1:
