@@ -376,8 +376,8 @@ class PPOConfig(Section):
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     whiten_rewards: bool = Field(False, description="Scale per-token rewards to unit variance (mean kept).")
     missing_eos_penalty: float | None = Field(
-        -1.0, description="Score that replaces the reward model's for a response that never emits the stop token "
-        "(the EOS trick); null turns it off."
+        None, description="Score that replaces the reward model's for a response that never emits the stop token "
+        "(the EOS trick, e.g. -1); null leaves the reward model's."
     )
     kl: KLConfig = KLConfig()
     mode: Literal["full", "freeze", "lora"] = Field(

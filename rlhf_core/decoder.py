@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rlhf_core.errors import RLHFError
@@ -66,6 +67,50 @@ class DecodeStep:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          use_cache=True, logits_to_keep=1)  # fmt: skip
         return out.logits[:, -1]
+
+    def prefill(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """The prompts' pass: like a step, but rows of very different lengths run in groups of similar length
+        (:func:`prefill_groups`), each trimmed to its own width, and their caches are left-padded back into one
+        batch - a left-padded prompt batch is otherwise mostly padding, and prefill is compute-bound."""
+        groups = prefill_groups(attention_mask.sum(-1).tolist())
+        if len(groups) == 1:
+            return self(input_ids, attention_mask, position_ids, cache)
+        width, parts, logits = input_ids.shape[1], [], []
+        for rows in groups:
+            index = torch.tensor(rows, device=input_ids.device)
+            start = width - int(attention_mask[index].sum(-1).max())  # the group's leading all-padding columns
+            part = self.new_cache()
+            logits.append(self(input_ids[index, start:], attention_mask[index, start:], position_ids[index, start:], part))
+            parts.append((start, part))
+        if not all(type(layer).__name__ == "DynamicLayer" for _, part in parts for layer in part.layers):
+            cache_type = type(parts[0][1].layers[0]).__name__
+            raise RLHFError(f"grouped prefill needs a DynamicCache of full-attention layers, not {cache_type}")
+        back = torch.argsort(torch.tensor([row for rows in groups for row in rows], device=input_ids.device))
+        for layer in range(len(parts[0][1].layers)):
+            keys = torch.cat([F.pad(part.layers[layer].keys, (0, 0, start, 0)) for start, part in parts])
+            values = torch.cat([F.pad(part.layers[layer].values, (0, 0, start, 0)) for start, part in parts])
+            cache.update(keys[back], values[back], layer)
+        return torch.cat(logits)[back]
+
+
+#: Padding share a prefill group may carry before a longer row starts a new group, and the smallest group.
+PREFILL_PADDING, PREFILL_MIN_ROWS = 0.25, 8
+
+
+def prefill_groups(lengths: list[int], padding: float = PREFILL_PADDING, min_rows: int = PREFILL_MIN_ROWS) -> list[list[int]]:
+    """Row indexes in groups of similar length, shortest first: a group grows while its padded size (rows x its
+    longest row) stays within ``1 + padding`` of its real tokens, and always to ``min_rows`` rows."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for row in sorted(range(len(lengths)), key=lambda r: lengths[r]):
+        grown = len(current) + 1
+        if len(current) >= min_rows and grown * lengths[row] > (1 + padding) * (real + lengths[row]):
+            groups.append(current)
+            current, real = [], 0
+        current.append(row)
+        real += lengths[row]
+    return groups + [current] if current else groups
 
 
 class SamplingCopy:

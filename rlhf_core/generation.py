@@ -28,6 +28,7 @@ class Sample:
     token_ids: list[int]
     num_tokens: int
     finished: bool
+    logprob: float = 0.0  # sum of the sampled tokens' log-probs at the sampling temperature (untruncated)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,8 @@ def sample_tokens(
 
     The one sampling loop of the project: candidates, evaluation and PPO's rollouts
     all come from here.  ``model`` is a causal LM or a
-    :class:`rlhf_core.decoder.DecodeStep`.  The attention mask of the whole
+    :class:`rlhf_core.decoder.DecodeStep`, whose ``prefill`` runs the prompts (in groups of similar length for a
+    plain model, so that left padding costs little compute).  The attention mask of the whole
     response is allocated once.  With
     ``num_samples > 1`` each query is processed once and its cache repeated, so
     the K samples of a prompt share one prompt pass; output rows are query-major
@@ -176,7 +178,7 @@ def sample_tokens(
     width = query_ids.shape[1]
     cache = step.new_cache()
     positions = positions_from_mask(query_mask)
-    logits = step(query_ids, query_mask, positions, cache)
+    logits = step.prefill(query_ids, query_mask, positions, cache)
     if num_samples > 1:
         cache.batch_repeat_interleave(num_samples)
         logits, positions = logits.repeat_interleave(num_samples, dim=0), positions.repeat_interleave(num_samples, dim=0)
@@ -247,9 +249,9 @@ def sample_completions(
                 ids = rollout.response_ids[row, :length].tolist()
                 finished = bool(rollout.finished[row])
                 text_ids = ids[:-1] if finished else ids
-                samples.append(
-                    Sample(prompt_index, sample_index, tokenizer.decode(text_ids, skip_special_tokens=True), ids, length, finished)
-                )
+                text = tokenizer.decode(text_ids, skip_special_tokens=True)
+                logprob = float(rollout.sample_logprobs[row].sum())
+                samples.append(Sample(prompt_index, sample_index, text, ids, length, finished, logprob))
                 tokens += length
             bar.update(rollout.response_ids.shape[0])
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")

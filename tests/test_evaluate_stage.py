@@ -134,7 +134,9 @@ def test_a_candidate_equal_to_the_reference_ties_everywhere_with_zero_kl(work_en
     run = MlflowClient().search_runs([tracking.experiment_id()], "tags.stage = 'evaluate'")[0]
     assert run.data.params["eval/dtype"] == dtype and run.data.params["eval/device"] == saved["eval/device"]
     assert saved["eval/candidate_version"] is None and saved["eval/champion_version"] is None
-    assert saved["eval/kl"] == 0.0 and saved["eval/length_ratio"] == 1.0  # same seed, same model: same samples
+    # same seed, same model: same samples; the KL is the sampler's log-probs minus a scoring pass's (rounding only)
+    assert saved["eval/kl"] == pytest.approx(0.0, abs=1e-3 if dtype == "float32" else 0.1)
+    assert saved["eval/length_ratio"] == 1.0
     assert saved["eval/gold_win_rate_vs_reference"] == 0.5 and saved["eval/proxy_win_rate_vs_reference"] == 0.5
     assert saved["eval/overopt/proxy_gain"] == 0.0
     assert saved["eval/gate/win_rate_vs_champion/passed"] is True  # no champion yet

@@ -168,6 +168,22 @@ def test_response_logprobs_match_an_unpadded_forward(tiny_base_model):
         assert value == pytest.approx(float(expected), abs=1e-4)
 
 
+def test_sampled_logprobs_equal_a_forward_pass_over_the_responses(tiny_base_model):
+    """Evaluation takes the candidate's own log-probs from its sampler: they must be what a scoring pass computes."""
+    from rlhf_core.base_model import load_causal_lm, load_tokenizer
+    from rlhf_core.evaluation.likelihood import response_logprobs
+    from rlhf_core.generation import sample_completions
+
+    model, tokenizer = load_causal_lm(tiny_base_model).eval(), load_tokenizer(tiny_base_model)
+    prompts = ["Explain how tides work in two sentences, please.", "Hi", "Why is the sky blue?"]
+    samples, _ = sample_completions(model, tokenizer, prompts, num_samples=2, max_new_tokens=6, temperature=0.8, batch_size=4, seed=3)
+    scored = response_logprobs(
+        model, tokenizer, [prompts[s.prompt_index] for s in samples], [s.token_ids for s in samples], temperature=0.8, batch_size=4
+    )
+    assert all(s.logprob < 0 for s in samples)
+    assert [s.logprob for s in samples] == pytest.approx(scored, abs=1e-3)
+
+
 def test_length_batches_sort_by_length_and_respect_both_caps():
     from rlhf_core.evaluation.likelihood import length_batches
 

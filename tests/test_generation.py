@@ -103,3 +103,39 @@ def test_temperature_and_nucleus_truncation():
     # tempered: [0.379, 0.294, 0.208, 0.120]; the smallest prefix whose mass reaches 0.8 keeps the first three
     assert set(token.tolist()) == {0, 1, 2}
     assert torch.allclose(logprob, torch.log_softmax(logits / 2.0, -1).gather(-1, token[:, None]).squeeze(-1), atol=1e-6)
+
+
+def test_prefill_groups_bound_padding_and_keep_every_row_once():
+    from rlhf_core.decoder import prefill_groups
+
+    lengths = [40, 12, 80, 11, 13, 12, 85, 10, 41, 14, 12, 39, 11, 13, 38, 12, 84, 10]
+    groups = prefill_groups(lengths, padding=0.25, min_rows=4)
+    assert sorted(row for group in groups for row in group) == list(range(len(lengths)))
+    assert len(groups) > 1
+    for group in groups:
+        widest, real = max(lengths[r] for r in group), sum(lengths[r] for r in group)
+        assert len(group) * widest <= 1.25 * real or len(group) <= 4
+    assert prefill_groups([30] * 5) == [[0, 1, 2, 3, 4]]  # equal lengths: one pass
+    assert prefill_groups([]) == []
+
+
+@DTYPES
+def test_grouped_prefill_samples_what_one_padded_pass_samples(tiny_base_model, dtype):
+    """Prompts of very different lengths are prefilled in groups; the samples and log-probs must not change."""
+    from rlhf_core.decoder import DecodeStep
+
+    class OnePass(DecodeStep):
+        def prefill(self, input_ids, attention_mask, position_ids, cache):
+            return self(input_ids, attention_mask, position_ids, cache)
+
+    model, tokenizer = load_policy(tiny_base_model, dtype)
+    prompts = [("word " * n).strip() + "?" for n in [1, 2, 3, 2, 1, 2, 3, 1, 2, 40, 41, 42, 40, 43, 41, 40, 42, 44]]
+    ids, mask = encode_queries(tokenizer, prompts)
+    runs = [
+        sample_tokens(step, ids, mask, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id, max_new_tokens=5,
+                      temperature=1.0, generator=torch.Generator().manual_seed(7))  # fmt: skip
+        for step in (DecodeStep(model), OnePass(model))
+    ]
+    assert torch.equal(runs[0].response_ids, runs[1].response_ids)
+    tolerance = 1e-4 if dtype == "float32" else 5e-2
+    assert torch.allclose(runs[0].sample_logprobs, runs[1].sample_logprobs, atol=tolerance)

@@ -68,10 +68,10 @@ def _logprobs(model, tokenizer, prompts: list[str], samples: list[Sample], cfg: 
 
 
 def _candidate(path: Path, prompts: list[str], cfg: EvaluateConfig) -> tuple[Sampled, list[float], int]:
-    """The candidate's responses, their log-probs under it, and its vocabulary size."""
+    """The candidate's responses, their log-probs under it (the sampler's own, no second pass), and its vocabulary size."""
     model, tokenizer = load_policy(path, cfg.dtype)
     sampled = _sample(model, tokenizer, prompts, 1, cfg, cfg.seed, "candidate")
-    return sampled, _logprobs(model, tokenizer, prompts, sampled.samples, cfg), len(tokenizer)
+    return sampled, [s.logprob for s in sampled.samples], len(tokenizer)
 
 
 def _reference(path: Path, prompts: list[str], candidate: list[Sample], cfg: EvaluateConfig, vocab: int):

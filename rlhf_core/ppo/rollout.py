@@ -68,6 +68,9 @@ class PolicyStep(generation.DecodeStep):
         self.trunk_chunks.append(trunk_hidden.float())  # later passes read fp32 states
         return logits
 
+    def prefill(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        return self(input_ids, attention_mask, position_ids, cache)  # one pass: the trunk states stay one batch
+
 
 @torch.no_grad()
 def sample_rollout(
