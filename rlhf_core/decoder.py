@@ -4,8 +4,10 @@
 keeps its embeddings, decoder layers, final norm, rotary embedding and LM head
 (Llama, Mistral, Qwen2 and SmolLM share it); PPO and the reward model split
 off their frozen lower layers through it.  :class:`DecodeStep` is one step of
-the project's sampling loop (:func:`rlhf_core.generation.sample_tokens`), and
-:class:`SamplingCopy` the bf16 weights that PPO's rollouts sample from.
+the project's sampling loop (:func:`rlhf_core.generation.sample_tokens`),
+:class:`SamplingCopy` the bf16 weights that PPO's rollouts sample from, and
+:func:`shared_prefix_states` runs sequences that begin alike (several answers
+to one prompt) with their common prefix computed once.
 """
 
 from __future__ import annotations
@@ -138,3 +140,121 @@ class SamplingCopy:
     def refresh(self) -> None:
         for src, dst in self._trained:
             dst.copy_(src)
+
+
+def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded on the right to the longest sequence."""
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+#: Shortest token prefix worth sharing between sequences (a shared system-prompt header alone is not).
+MIN_SHARED_PREFIX = 16
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shared_prefix_groups(sequences: list[list[int]], min_prefix: int = MIN_SHARED_PREFIX) -> list[tuple[int, list[int]]]:
+    """``(prefix length, row indexes)`` for sequences that begin with the same tokens, e.g. several responses to one
+    prompt; every other row is a group of its own with prefix 0.
+
+    Rows are taken in lexicographic order, so rows with a common start are
+    neighbours; a row joins the group before it when the tokens it then skips
+    outweigh those the group's other rows must recompute because the shared
+    prefix shrinks.  A prefix always leaves each row at least one token of its
+    own (the position a reward head reads).
+    """
+    groups: list[tuple[int, list[int]]] = []
+    prefix, rows = 0, []
+    for row in sorted(range(len(sequences)), key=lambda r: sequences[r]):
+        seq = sequences[row]
+        if rows:
+            shared = min(prefix, _common_prefix(sequences[rows[0]], seq), len(seq) - 1)
+            cap = shared if len(rows) > 1 else min(shared, len(sequences[rows[0]]) - 1)
+            if cap >= min_prefix and cap - (len(rows) - 1) * (prefix - cap) > 0:
+                prefix = cap
+                rows.append(row)
+                continue
+            groups.append((prefix if len(rows) > 1 else 0, rows))
+        prefix, rows = len(seq), [row]
+    if rows:
+        groups.append((prefix if len(rows) > 1 else 0, rows))
+    return groups
+
+
+def decoder_body(model):
+    """The transformer body (embeddings, layers, final norm) of a causal LM or sequence classifier, peft-wrapped or not."""
+    decoder_parts(model)  # the layout check, with its error
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model
+
+
+@torch.no_grad()
+def shared_prefix_states(body, sequences: list[list[int]], groups: list[tuple[int, list[int]]], pad_token_id: int,
+                         batch_size: int):  # fmt: skip
+    """Yield ``(row, hidden)`` for the rows of ``groups`` with a prefix: ``hidden`` (length, d) is ``body``'s output
+    for every position of ``sequences[row]``, the group's prefix computed once.
+
+    Groups go in batches of at most ``batch_size`` rows (a larger group repeats
+    its prefix once per batch): the prefixes run first, right-padded, with a
+    KV cache; the rows' own tokens then run on top of it, in groups of
+    similar length (:func:`prefill_groups`), each row over its group's part
+    of the cache at the positions it holds in the sequence.
+    Causal attention makes each state the one a pass over the whole sequence
+    computes, up to float rounding.
+    """
+    from transformers import DynamicCache
+
+    device = next(body.parameters()).device
+    pieces = [(p, rows[i : i + batch_size]) for p, rows in groups if p for i in range(0, len(rows), batch_size)]
+    pieces.sort(key=lambda piece: piece[0])
+    chunk: list[tuple[int, list[int]]] = []
+
+    def run(chunk):
+        lengths = [p for p, _ in chunk]
+        width = max(lengths)
+        ids, mask = pad_right([sequences[rows[0]][:p] for p, rows in chunk], pad_token_id)
+        cache = DynamicCache(config=body.config)
+        positions = torch.arange(width).expand(len(chunk), width)
+        head = body(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                    cache=cache, use_cache=True).last_hidden_state  # fmt: skip
+        owner = [g for g, (_, rows) in enumerate(chunk) for _ in rows]
+        rows = [row for _, rows in chunk for row in rows]
+        tails = [sequences[row][lengths[g] :] for g, row in zip(owner, rows)]
+        # The rows' own tokens run in groups of similar length: one prefix can have answers of any length.
+        for part in prefill_groups([len(tail) for tail in tails]):
+            index = torch.tensor([owner[r] for r in part], device=device)
+            repeated = DynamicCache(config=body.config)
+            for layer, kv in enumerate(cache.layers):
+                if not getattr(kv, "is_initialized", False):
+                    break  # a view of the lower layers fills only theirs
+                repeated.update(kv.keys[index], kv.values[index], layer)
+            tail_ids, tail_mask = pad_right([tails[r] for r in part], pad_token_id)
+            starts = torch.tensor([lengths[owner[r]] for r in part])
+            tail_positions = starts[:, None] + torch.arange(tail_ids.shape[1])
+            full_mask = torch.cat([mask[index.cpu()], tail_mask], dim=1)
+            out = body(input_ids=tail_ids.to(device), attention_mask=full_mask.to(device),
+                       position_ids=tail_positions.to(device), cache=repeated, use_cache=True).last_hidden_state  # fmt: skip
+            for i, r in enumerate(part):
+                g = owner[r]
+                yield rows[r], torch.cat([head[g, : lengths[g]], out[i, : len(tails[r])]])
+
+    for piece in pieces:
+        if chunk and sum(len(rows) for _, rows in chunk) + len(piece[1]) > batch_size:
+            yield from run(chunk)
+            chunk = []
+        chunk.append(piece)
+    if chunk:
+        yield from run(chunk)

@@ -139,3 +139,30 @@ def test_grouped_prefill_samples_what_one_padded_pass_samples(tiny_base_model, d
     assert torch.equal(runs[0].response_ids, runs[1].response_ids)
     tolerance = 1e-4 if dtype == "float32" else 5e-2
     assert torch.allclose(runs[0].sample_logprobs, runs[1].sample_logprobs, atol=tolerance)
+
+
+def test_shared_prefix_groups_share_only_real_prefixes_and_keep_every_row_once():
+    from rlhf_core.decoder import MIN_SHARED_PREFIX, shared_prefix_groups
+
+    prompt, other = list(range(100, 140)), list(range(200, 230))
+    sequences = [
+        prompt + [1, 2, 3], other + [5], prompt + [1, 2, 4, 4], prompt + [9], other + [6, 7],
+        list(range(100, 110)) + [50, 51, 52],  # shares 10 tokens with the prompt: fewer than MIN_SHARED_PREFIX
+        prompt,  # the prompt alone: a row always keeps at least its last token
+        [7, 7, 7], [7, 7, 7],  # identical but short
+    ]
+    groups = shared_prefix_groups(sequences)
+    assert sorted(row for _, rows in groups for row in rows) == list(range(len(sequences)))
+    by_row = {row: (prefix, rows) for prefix, rows in groups for row in rows}
+    assert by_row[0][1] == by_row[2][1] == by_row[3][1] == by_row[6][1] and by_row[0][0] == len(prompt) - 1
+    assert sorted(by_row[1][1]) == [1, 4] and by_row[1][0] == len(other)
+    for row in (5, 7, 8):
+        assert by_row[row] == (0, [row])
+    for prefix, rows in groups:
+        assert len(rows) == 1 or prefix >= MIN_SHARED_PREFIX
+        for row in rows:
+            assert prefix < len(sequences[row]) and sequences[row][:prefix] == sequences[rows[0]][:prefix]
+    # A row that would shrink a large group's prefix by more than it saves starts a group of its own.
+    crowd = [prompt + [i] for i in range(6)] + [prompt[:20] + [999]]
+    assert sorted(len(rows) for _, rows in shared_prefix_groups(crowd)) == [1, 6]
+    assert shared_prefix_groups([]) == []

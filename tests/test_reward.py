@@ -467,3 +467,36 @@ def test_runaway_learning_rate_stops_training_at_the_first_nan_loss(tiny_base_mo
     cfg = RewardConfig(prompts_per_batch=2, epochs=1, mode=mode, freeze_layers=1, learning_rate=1e30)
     with pytest.raises(RLHFError, match=r"^reward.learning_rate=1e\+30: loss is nan at step 2; "):
         fit_reward_model(tiny_base_model, cfg, groups, tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_responses_sharing_a_prompt_read_it_once_and_score_like_one_pass_each(tiny_base_model, tokenizer, dtype):
+    """Grouped by shared prefix (prompt once, answers of any length on its cache, groups split across batches), the
+    scores and frozen-trunk states are those of a separate forward pass over each whole sequence."""
+    from rlhf_core.decoder import shared_prefix_groups
+    from rlhf_core.precision import autocast
+    from rlhf_core.reward.trunk import FrozenTrunk
+
+    model = RewardModel(load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id), tokenizer, dtype=dtype)
+    init_reward_head(model.model, seed=0)
+    story, sky = "Tell me a long story about a dragon and a knight.", "Why is the sky blue on a clear day?"
+    answers = ["Once", "Once upon a time there was a dragon who", "No.", "", "A knight rode out at dawn to find it",
+               "They became friends", "The end.", "Dragons", "It was a dark and stormy night in the"]
+    prompts = [story] * len(answers) + [sky] * 3 + ["Hi"]
+    responses = answers + ["Scattering.", "Because of Rayleigh scattering of sunlight", "I do not know"] + ["Hello"]
+    sequences, _ = encode_conversations(tokenizer, prompts, responses, [False] * len(prompts))
+    groups = shared_prefix_groups(sequences)
+    assert sorted(len(rows) for prefix, rows in groups if prefix) == [3, len(answers)]
+
+    with torch.no_grad(), autocast(dtype, torch.device("cpu")):
+        one_each = torch.stack([model.model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, 0] for seq in sequences])
+        lower = [model.model.model(input_ids=torch.tensor([seq]), use_cache=False, output_hidden_states=True).hidden_states[1][0]
+                 for seq in sequences]  # fmt: skip
+    tolerance = 1e-5 if dtype == "float32" else 3e-2
+    for batch_size in (4, 16):
+        grouped = model.raw_scores(prompts, responses, batch_size=batch_size)
+        assert torch.allclose(grouped, one_each.float(), atol=tolerance), (batch_size, grouped, one_each)
+    with autocast(dtype, torch.device("cpu")):
+        states = FrozenTrunk(model.model, 1).states(sequences, tokenizer.pad_token_id, batch_size=4)
+    for seq, expected in zip(sequences, lower):
+        assert torch.allclose(states[tuple(seq)], expected.float(), atol=tolerance)

@@ -35,18 +35,31 @@ class Scorer:
         )
         return [float(x) for x in scores.tolist()]
 
+    def proxy_lists(self, prompts: Sequence[str], lists: Sequence[Sequence[Sample]]) -> list[list[float]]:
+        """:meth:`proxy` of several lists of samples (e.g. several policies' responses) in one pass, so that the
+        responses to one prompt read the prompt once (:func:`rlhf_core.decoder.shared_prefix_groups`)."""
+        scores = self.proxy(prompts, [s for samples in lists for s in samples])
+        out, at = [], 0
+        for samples in lists:
+            out.append(scores[at : at + len(samples)])
+            at += len(samples)
+        return out
+
     def gold(self, prompts: Sequence[str], samples: Sequence[Sample]) -> list[float] | None:
         if not self.with_gold:
             return None
         return [gold_score(prompts[s.prompt_index], s.text) for s in samples]
 
-    def responses(self, name: str, prompts: Sequence[str], samples: Sequence[Sample]) -> Responses:
-        """One policy's scored responses (``samples``: one per prompt, in prompt order)."""
+    def responses(
+        self, name: str, prompts: Sequence[str], samples: Sequence[Sample], proxy: list[float] | None = None
+    ) -> Responses:
+        """One policy's scored responses (``samples``: one per prompt, in prompt order; ``proxy``: their
+        :meth:`proxy` scores when already computed)."""
         return Responses(
             name=name,
             texts=[s.text for s in samples],
             token_ids=[list(s.token_ids) for s in samples],
             finished=[s.finished for s in samples],
-            proxy=self.proxy(prompts, samples),
+            proxy=self.proxy(prompts, samples) if proxy is None else proxy,
             gold=self.gold(prompts, samples),
         )

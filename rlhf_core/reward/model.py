@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_core.decoder import decoder_body, decoder_parts, pad_right, shared_prefix_groups, shared_prefix_states
 from rlhf_core.errors import RLHFError
 from rlhf_core.precision import autocast, default_device, torch_dtype
 
@@ -120,17 +121,6 @@ def encode_conversations(
         raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and {len(finished)} finished flags")
     encoded = [encode_conversation(tokenizer, p, r, f) for p, r, f in zip(prompts, responses, finished)]
     return [ids for ids, _ in encoded], sum(full > tokenizer.model_max_length for _, full in encoded)
-
-
-def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), padded on the right to the longest sequence."""
-    width = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
-    return input_ids, attention_mask
 
 
 def finished_flags(prompts: list[str], finished: list[bool] | None, reads_stop_token: bool) -> list[bool]:
@@ -247,13 +237,43 @@ class RewardModel:
         """The head's output for each (prompt, response), float32 on the CPU, in input order."""
         flags = finished_flags(prompts, finished, self.reads_stop_token)
         sequences, _ = encode_conversations(self.tokenizer, prompts, responses, flags)
+        groups = shared_prefix_groups(sequences)
+        alone = [rows[0] for prefix, rows in groups if not prefix]
 
         def batch(rows: list[int]) -> dict[str, torch.Tensor]:
-            input_ids, attention_mask = pad_right([sequences[i] for i in rows], self.tokenizer.pad_token_id)
+            input_ids, attention_mask = pad_right([sequences[alone[i]] for i in rows], self.tokenizer.pad_token_id)
             return {"input_ids": input_ids, "attention_mask": attention_mask}
 
+        out = torch.zeros(len(sequences), dtype=torch.float32)
         with autocast(self.dtype, next(self.model.parameters()).device):
-            return scores_in_length_order(self.model, [len(s) for s in sequences], batch, batch_size, desc)
+            if alone:
+                out[alone] = scores_in_length_order(self.model, [len(sequences[i]) for i in alone], batch, batch_size, desc)
+            if len(alone) < len(sequences):
+                out += self._shared_prefix_scores(sequences, groups, batch_size, desc)
+        return out
+
+    @torch.no_grad()
+    def _shared_prefix_scores(self, sequences, groups, batch_size: int, desc: str | None) -> torch.Tensor:
+        """Scores of the rows of ``groups`` that share a prefix (zero elsewhere): several responses to one prompt
+        read the prompt once (:func:`rlhf_core.decoder.shared_prefix_states`)."""
+        from tqdm.auto import tqdm
+
+        rows, last = [], []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            total = sum(len(r) for p, r in groups if p)
+            states = shared_prefix_states(decoder_body(self.model), sequences, groups, self.tokenizer.pad_token_id, batch_size)
+            for row, hidden in tqdm(states, total=total, desc=desc, unit="row", disable=desc is None):
+                rows.append(row)
+                last.append(hidden[-1])
+            head = decoder_parts(self.model).lm_head
+            scores = head(torch.stack(last)).squeeze(-1).float().cpu()
+        finally:
+            self.model.train(was_training)
+        out = torch.zeros(len(sequences), dtype=torch.float32)
+        out[rows] = scores
+        return out
 
     def score(
         self,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core.decoder import decoder_parts
+from rlhf_core.decoder import decoder_parts, shared_prefix_groups, shared_prefix_states
 from rlhf_core.reward.model import (
     encode_conversations,
     finished_flags,
@@ -147,9 +147,17 @@ class FrozenTrunk:
         was_training = self.model.training
         self.model.eval()
         # The final norm belongs to the upper part: the lower view ends at the last frozen layer's output.
+        as_lists = [list(key) for key in todo]
+        groups = shared_prefix_groups(as_lists)
+        alone = sorted((todo[rows[0]] for prefix, rows in groups if not prefix), key=len)
         with self._view(list(self.layers)[: self.num_layers], torch.nn.Identity()):
-            for first in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=desc is None):
-                rows = todo[first : first + batch_size]
+            # Several completions of one prompt run the prompt once, the others in length-sorted batches.
+            shared = shared_prefix_states(self.model.model, as_lists, groups, pad_token_id, batch_size)
+            total = sum(len(rows) for prefix, rows in groups if prefix)
+            for row, hidden in tqdm(shared, total=total, desc=desc, unit="row", disable=desc is None or not total):
+                into[todo[row]] = hidden.float().cpu().clone()
+            for first in tqdm(range(0, len(alone), batch_size), desc=desc, unit="batch", disable=desc is None):
+                rows = alone[first : first + batch_size]
                 input_ids, mask = pad_right([list(key) for key in rows], pad_token_id)
                 hidden = self.model.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 for row, key in enumerate(rows):

@@ -91,11 +91,14 @@ def _pools(first: list[float], extra: list[float], sampled: EvalSamples) -> list
 
 def _scored(scorer: Scorer, prompts: list[str], sampled: EvalSamples):
     """Responses of every policy, and the best-of-n pools' proxy (and gold) scores per prompt."""
-    candidate = scorer.responses("candidate", prompts, sampled.candidate)
-    reference = scorer.responses("reference", prompts, sampled.reference)
-    champion = scorer.responses("champion", prompts, sampled.champion) if sampled.champion else None
     extra = [s for pool in sampled.reference_extra for s in pool]
-    proxy_pools = _pools(reference.proxy, scorer.proxy(prompts, extra), sampled)
+    # One proxy pass over every policy's responses and the pools: the responses to one prompt read it once.
+    lists = [sampled.candidate, sampled.reference, extra] + ([sampled.champion] if sampled.champion else [])
+    proxy = scorer.proxy_lists(prompts, lists)
+    candidate = scorer.responses("candidate", prompts, sampled.candidate, proxy[0])
+    reference = scorer.responses("reference", prompts, sampled.reference, proxy[1])
+    champion = scorer.responses("champion", prompts, sampled.champion, proxy[3]) if sampled.champion else None
+    proxy_pools = _pools(reference.proxy, proxy[2], sampled)
     extra_gold = scorer.gold(prompts, extra)
     gold_pools = _pools(reference.gold, extra_gold, sampled) if extra_gold is not None else None
     return candidate, reference, champion, proxy_pools, gold_pools
