@@ -359,7 +359,7 @@ class PPOConfig(Section):
     init_policy: str = Field(
         "base", description="'base' or a version of rlhf-policy to start from (--from-champion sets the champion's)."
     )
-    updates: int = Field(8, gt=0, description="PPO updates (rollout + optimisation) in the run.")
+    updates: int = Field(16, gt=0, description="PPO updates (rollout + optimisation) in the run.")
     batch_size: int = Field(16, gt=0, description="Prompts (episodes) per update, over all processes.")
     max_new_tokens: int = Field(32, gt=0, description="Longest response sampled.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same one.")
