@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))  # ppo_bench, also when a test imports this file
 
 from ppo_bench.host import machine  # noqa: E402
-from ppo_bench.workload import first_prompts, limit_threads  # noqa: E402
+from ppo_bench.workload import limit_threads, model_and_prompts  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 WORDS = ("the a of answer is that you should try to be clear and helpful when it rains we go home "
@@ -127,7 +127,6 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from rlhf_core.config import load_params
     from rlhf_core.errors import RLHFError
     from rlhf_core.records import atomic_write_text
     from rlhf_core.reward import RewardModel
@@ -136,11 +135,7 @@ def main(argv=None) -> int:
 
     limit_threads(args.threads)
     try:
-        params = load_params(args.params)
-        model_dir = Path(args.model or REPO / params.paths.base_model)
-        if not (model_dir / "config.json").exists():
-            raise RLHFError(f"no model at {model_dir}: run `dvc repro base_model` (or pass --model)")
-        prompts = first_prompts(REPO / params.paths.prompt_source, params.prompts.text_field, args.prompts)
+        params, model_dir, prompts = model_and_prompts(REPO, args.params, args.model, args.prompts)
     except RLHFError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "bench"))  # ppo_bench, also when a test imports t
 
 from ppo_bench.flops import matmul_peak_flops  # noqa: E402
 from ppo_bench.host import machine, memory_bandwidth  # noqa: E402
-from ppo_bench.workload import first_prompts, limit_threads  # noqa: E402
+from ppo_bench.workload import limit_threads, model_and_prompts  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 
@@ -140,18 +140,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from rlhf_core.config import load_params
     from rlhf_core.errors import RLHFError
     from rlhf_core.generation import load_policy
     from rlhf_core.records import atomic_write_text
 
     limit_threads(args.threads)
     try:
-        params = load_params(args.params)
-        model_dir = Path(args.model or REPO / params.paths.base_model)
-        if not (model_dir / "config.json").exists():
-            raise RLHFError(f"no model at {model_dir}: run `dvc repro base_model` (or pass --model)")
-        prompts = first_prompts(REPO / params.paths.prompt_source, params.prompts.text_field, max(args.batches))
+        _, model_dir, prompts = model_and_prompts(REPO, args.params, args.model, max(args.batches))
     except RLHFError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ to one prompt) with their common prefix computed once.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -157,15 +158,6 @@ def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
 MIN_SHARED_PREFIX = 16
 
 
-def _common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def shared_prefix_groups(sequences: list[list[int]], min_prefix: int = MIN_SHARED_PREFIX) -> list[tuple[int, list[int]]]:
     """``(prefix length, row indexes)`` for sequences that begin with the same tokens, e.g. several responses to one
     prompt; every other row is a group of its own with prefix 0.
@@ -181,7 +173,7 @@ def shared_prefix_groups(sequences: list[list[int]], min_prefix: int = MIN_SHARE
     for row in sorted(range(len(sequences)), key=lambda r: sequences[r]):
         seq = sequences[row]
         if rows:
-            shared = min(prefix, _common_prefix(sequences[rows[0]], seq), len(seq) - 1)
+            shared = min(prefix, len(os.path.commonprefix([sequences[rows[0]], seq])), len(seq) - 1)
             cap = shared if len(rows) > 1 else min(shared, len(sequences[rows[0]]) - 1)
             if cap >= min_prefix and cap - (len(rows) - 1) * (prefix - cap) > 0:
                 prefix = cap

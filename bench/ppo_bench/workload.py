@@ -38,6 +38,19 @@ def first_prompts(source: Path, text_field: str, count: int) -> list[str]:
     return [row[text_field] for row in rows[:count]]
 
 
+def model_and_prompts(repo: Path, params_file: str, model: str | None, count: int):
+    """(params, model folder, the first ``count`` prompts) a benchmark runs on: ``model`` or the params'
+    ``paths.base_model``, and the params' prompt set; an :class:`RLHFError` naming what is missing."""
+    from rlhf_core.config import load_params
+    from rlhf_core.errors import RLHFError
+
+    params = load_params(params_file)
+    model_dir = Path(model or repo / params.paths.base_model)
+    if not (model_dir / "config.json").exists():
+        raise RLHFError(f"no model at {model_dir}: run `dvc repro base_model` (or pass --model)")
+    return params, model_dir, first_prompts(repo / params.paths.prompt_source, params.prompts.text_field, count)
+
+
 def limit_threads(threads: int) -> None:
     """The same thread count on every side: torch's intra-op pool and any OpenMP/MKL pool."""
     import torch
