@@ -249,13 +249,14 @@ class RewardModel:
             if alone:
                 out[alone] = scores_in_length_order(self.model, [len(sequences[i]) for i in alone], batch, batch_size, desc)
             if len(alone) < len(sequences):
-                out += self._shared_prefix_scores(sequences, groups, batch_size, desc)
+                rows, scores = self._shared_prefix_scores(sequences, groups, batch_size, desc)
+                out[rows] = scores
         return out
 
     @torch.no_grad()
-    def _shared_prefix_scores(self, sequences, groups, batch_size: int, desc: str | None) -> torch.Tensor:
-        """Scores of the rows of ``groups`` that share a prefix (zero elsewhere): several responses to one prompt
-        read the prompt once (:func:`rlhf_core.decoder.shared_prefix_states`)."""
+    def _shared_prefix_scores(self, sequences, groups, batch_size: int, desc: str | None) -> tuple[list[int], torch.Tensor]:
+        """``(rows, scores)`` of the rows of ``groups`` that share a prefix: several responses to one prompt read
+        the prompt once (:func:`rlhf_core.decoder.shared_prefix_states`)."""
         from tqdm.auto import tqdm
 
         rows, last = [], []
@@ -271,9 +272,7 @@ class RewardModel:
             scores = head(torch.stack(last)).squeeze(-1).float().cpu()
         finally:
             self.model.train(was_training)
-        out = torch.zeros(len(sequences), dtype=torch.float32)
-        out[rows] = scores
-        return out
+        return rows, scores
 
     def score(
         self,
