@@ -31,18 +31,15 @@ Writes bench/results/prefix_scoring_<date>.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import random
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))  # ppo_bench, also when a test imports this file
 
-from ppo_bench.host import machine  # noqa: E402
+from ppo_bench.host import write_result  # noqa: E402
 from ppo_bench.workload import limit_threads, model_and_prompts  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
@@ -128,7 +125,6 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from rlhf_core.errors import RLHFError
-    from rlhf_core.records import atomic_write_text
     from rlhf_core.reward import RewardModel
     from rlhf_core.reward.build import init_reward_head, load_sequence_classifier
     from rlhf_core.reward.model import reward_tokenizer
@@ -148,13 +144,7 @@ def main(argv=None) -> int:
             row = {"dtype": dtype, "workload": name, **measure(model, ps, responses, args.batch_size, args.repeats)}
             rows.append(row)
             print(f"{dtype} {name}: one pass {row['one_pass_s']:.1f} s, grouped {row['grouped_s']:.1f} s", file=sys.stderr)
-    result = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args), "machine": machine(),
-        "versions": {name: metadata.version(name) for name in ("torch", "transformers")}, "model": str(model_dir),
-        "rows": rows,
-    }  # fmt: skip
-    out = Path(args.out or REPO / "bench" / "results" / f"prefix_scoring_{datetime.date.today()}.json")
-    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    result = write_result("prefix_scoring", args, {"model": str(model_dir), "rows": rows})
     print(markdown(result))
     return 0
 

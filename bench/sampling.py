@@ -31,18 +31,15 @@ every timing) and prints a markdown table.  See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))  # ppo_bench, also when a test imports this file
 
 from ppo_bench.flops import matmul_peak_flops  # noqa: E402
-from ppo_bench.host import machine, memory_bandwidth  # noqa: E402
+from ppo_bench.host import memory_bandwidth, write_result  # noqa: E402
 from ppo_bench.workload import limit_threads, model_and_prompts  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
@@ -142,7 +139,6 @@ def main(argv=None) -> int:
 
     from rlhf_core.errors import RLHFError
     from rlhf_core.generation import load_policy
-    from rlhf_core.records import atomic_write_text
 
     limit_threads(args.threads)
     try:
@@ -165,15 +161,11 @@ def main(argv=None) -> int:
             print(f"{dtype} batch {batch}: ours {row['ours_tokens_per_s']:.0f} tok/s, hf {row['hf_tokens_per_s']:.0f}",
                   file=sys.stderr)  # fmt: skip
         del model
-    result = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args), "machine": machine(),
-        "versions": {name: metadata.version(name) for name in ("torch", "transformers")},
+    result = write_result("sampling", args, {
         "model": str(model_dir), "weights": weights, "new_tokens": args.new_tokens,
         "memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_peak_gflop_s": {d: p / 1e9 for d, p in peaks.items()},
         "rows": rows,
-    }  # fmt: skip
-    out = Path(args.out or REPO / "bench" / "results" / f"sampling_{datetime.date.today()}.json")
-    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    })  # fmt: skip
     print(markdown(result))
     return 0
 

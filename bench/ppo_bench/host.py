@@ -24,6 +24,24 @@ def machine() -> dict:
     }
 
 
+def write_result(name: str, args, fields: dict) -> dict:
+    """A benchmark's result - when, its arguments, the machine, torch and transformers versions, then ``fields`` -
+    written atomically to ``args.out`` (default: bench/results/<name>_<date>.json); returns it."""
+    import datetime
+    import json
+    from importlib import metadata
+
+    from rlhf_core.records import atomic_write_text
+
+    result = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args), "machine": machine(),
+        "versions": {package: metadata.version(package) for package in ("torch", "transformers")}, **fields,
+    }  # fmt: skip
+    out = Path(args.out or Path(__file__).resolve().parents[1] / "results" / f"{name}_{datetime.date.today()}.json")
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def memory_bandwidth(mib: int = 256, repeats: int = 5) -> float:
     """Best bytes/s of copying a ``mib`` MiB fp32 tensor into another (bytes read plus bytes written), after a warm-up.
 
