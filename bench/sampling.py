@@ -8,7 +8,10 @@ token, so every row runs the full length - by
 * **ours**: :func:`rlhf_core.generation.sample_tokens`, the one loop that the
   candidates, PPO and evaluation share (a KV cache, inverse-CDF sampling);
 * **hf**: ``model.generate(do_sample=True, min_new_tokens=max_new_tokens=N, top_k=0)``,
-  the same distribution (temperature 1, no truncation).
+  the same distribution (temperature 1, no truncation);
+* **ours, plain linear** (fp32, batches up to ``rlhf_core.decoder.SKINNY_ROWS``):
+  the sampler with its one-token steps' linear layers as ``F.linear`` instead of
+  ``weight @ x.T``, timed in turns with **ours** so that a drifting load hits both.
 
 Each figure is the best of ``--repeats`` runs after a warm-up; tokens/s is
 B x N / seconds, the prompt pass included.  The **roofline** at batch B bounds a
@@ -17,9 +20,9 @@ bandwidth measured in this run) and does 2 x weights x B FLOPs (/ the matmul
 peak measured in this run, in that dtype); tokens/s cannot beat B / the larger
 of the two.  The KV cache's reads and the prompt pass are left out, so the bound
 is slightly optimistic.  Beside it, the rate at which this machine's matmul
-streams weights of the model's layer shapes at that batch
-(``weight_stream_gb_s``): a decode step cannot read its weights faster than its
-matmuls do, whatever the copy bandwidth.
+streams weights of the model's layer shapes at that batch, as ``x @ W.T``
+(``weight_stream_gb_s``) and as ``W @ x.T`` (``weight_stream_wxt_gb_s``): a decode
+step cannot read its weights faster than its matmuls do, whatever the copy bandwidth.
 
     .venv/bin/python bench/sampling.py                                # batches 8-128, fp32 and bf16, the base model
     .venv/bin/python bench/sampling.py --batches 8 16 --dtypes float32 --repeats 1
@@ -74,9 +77,23 @@ def best_seconds(run, repeats: int) -> float:
     return best
 
 
+def best_seconds_interleaved(runs, repeats: int) -> list[float]:
+    """The best of ``repeats`` timings of each run, the runs taking turns (a drifting machine load hits all alike)."""
+    for run in runs:
+        run()  # warm-up
+    best = [float("inf")] * len(runs)
+    for _ in range(repeats):
+        for index, run in enumerate(runs):
+            start = time.perf_counter()
+            run()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best
+
+
 def measure(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, repeats: int) -> dict:
     import torch
 
+    from rlhf_core import decoder
     from rlhf_core.generation import encode_queries, sample_tokens
 
     texts = (prompts * (batch // max(1, len(prompts)) + 1))[:batch]
@@ -93,16 +110,30 @@ def measure(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, r
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         assert out.shape == (batch, ids.shape[1] + new_tokens)
 
+    def plain():  # the sampler without its skinny linears
+        skinny_rows, decoder.SKINNY_ROWS = decoder.SKINNY_ROWS, 0
+        try:
+            ours()
+        finally:
+            decoder.SKINNY_ROWS = skinny_rows
+
     tokens = batch * new_tokens
-    ours_s, hf_s = best_seconds(ours, repeats), best_seconds(hf, repeats)
-    return {"batch": batch, "prompt_width": ids.shape[1], "padding_share": float(1 - mask.float().mean()),
-            "ours_tokens_per_s": tokens / ours_s,
-            "hf_tokens_per_s": tokens / hf_s, "weight_stream_gb_s": weight_stream(model, batch, repeats) / 1e9}  # fmt: skip
+    row = {"batch": batch, "prompt_width": ids.shape[1], "padding_share": float(1 - mask.float().mean())}
+    if model.dtype == torch.float32 and batch <= decoder.SKINNY_ROWS:  # where they apply: timed in turns with ours
+        ours_s, plain_s = best_seconds_interleaved([ours, plain], repeats)
+        row["ours_plain_linear_tokens_per_s"] = tokens / plain_s
+    else:
+        ours_s = best_seconds(ours, repeats)
+    hf_s = best_seconds(hf, repeats)
+    return {**row, "ours_tokens_per_s": tokens / ours_s, "hf_tokens_per_s": tokens / hf_s,
+            "weight_stream_gb_s": weight_stream(model, batch, repeats) / 1e9,
+            "weight_stream_wxt_gb_s": weight_stream(model, batch, repeats, transposed=True) / 1e9}  # fmt: skip
 
 
-def weight_stream(model, batch: int, repeats: int) -> float:
-    """Bytes/s at which ``F.linear`` reads the model's own layer weights at ``batch`` rows, one layer after another
-    (far more weights than any cache holds): the rate a decode step's matmuls can stream its weights."""
+def weight_stream(model, batch: int, repeats: int, transposed: bool = False) -> float:
+    """Bytes/s at which ``F.linear`` (``transposed``: ``weight @ x.T``, as the sampler's skinny steps run) reads the
+    model's own layer weights at ``batch`` rows, one layer after another (far more weights than any cache holds):
+    the rate a decode step's matmuls can stream its weights."""
     import torch
     import torch.nn.functional as F
 
@@ -110,7 +141,10 @@ def weight_stream(model, batch: int, repeats: int) -> float:
 
     linears = [m.weight for m in decoder_parts(model).layers.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in linears}
-    seconds = best_seconds(lambda: [F.linear(inputs[w.shape[1]], w) for w in linears], repeats)
+    if transposed:
+        seconds = best_seconds(lambda: [torch.mm(w, inputs[w.shape[1]].t()) for w in linears], repeats)
+    else:
+        seconds = best_seconds(lambda: [F.linear(inputs[w.shape[1]], w) for w in linears], repeats)
     return sum(w.numel() * w.element_size() for w in linears) / seconds
 
 
@@ -120,15 +154,16 @@ def roofline(weights: int, element_bytes: int, batch: int, bandwidth: float, pea
 
 
 def markdown(result: dict) -> str:
-    lines = ["| dtype | batch | ours tok/s | HF generate tok/s | ours / HF | roofline tok/s (bound) "
-             "| ours / roofline | matmul weight stream GB/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| dtype | batch | ours tok/s | ours, plain linear | HF generate tok/s | ours / HF | roofline tok/s (bound) "
+             "| ours / roofline | weight stream GB/s: x @ W.T | W @ x.T |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:
-        stream = f"{r['weight_stream_gb_s']:.1f}" if "weight_stream_gb_s" in r else "-"
+        plain = f"{r['ours_plain_linear_tokens_per_s']:.0f}" if "ours_plain_linear_tokens_per_s" in r else "-"
+        streams = " | ".join(f"{r[k]:.1f}" if k in r else "-" for k in ("weight_stream_gb_s", "weight_stream_wxt_gb_s"))
         lines.append(
-            f"| {r['dtype']} | {r['batch']} | {r['ours_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | "
+            f"| {r['dtype']} | {r['batch']} | {r['ours_tokens_per_s']:.0f} | {plain} | {r['hf_tokens_per_s']:.0f} | "
             f"{r['ours_vs_hf']:.2f}x | {r['roofline_tokens_per_s']:.0f} ({r['bound']}) | {r['ours_share_of_roofline']:.0%} "
-            f"| {stream} |"
+            f"| {streams} |"
         )
     return "\n".join(lines)
 

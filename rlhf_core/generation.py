@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_core.base_model import load_tokenizer
-from rlhf_core.decoder import DecodeStep
+from rlhf_core.decoder import DecodeStep, skinny_linears
 from rlhf_core.precision import default_device
 
 
@@ -172,7 +172,9 @@ def sample_tokens(
     ``num_samples > 1`` each query is processed once and its cache repeated, so
     the K samples of a prompt share one prompt pass; output rows are query-major
     (query 0's samples first).  Rows that have ended keep decoding pad tokens,
-    which the response mask hides.
+    which the response mask hides.  The one-token steps of a batch of at most
+    :data:`rlhf_core.decoder.SKINNY_ROWS` rows run their fp32 linear layers as
+    ``weight @ x.T`` (:func:`rlhf_core.decoder.skinny_linears`).
     """
     step = model if isinstance(model, DecodeStep) else DecodeStep(model)
     width = query_ids.shape[1]
@@ -188,17 +190,18 @@ def sample_tokens(
     next_position = positions[:, -1:] + 1
     done = torch.zeros(query_ids.shape[0], dtype=torch.bool, device=query_ids.device)
     tokens, logprobs, live = [], [], []
-    for index in range(max_new_tokens):
-        token, logprob = sample_next_token(logits, temperature, generator, top_p)
-        token = torch.where(done, torch.full_like(token, pad_token_id), token)
-        live.append(~done)
-        tokens.append(token)
-        logprobs.append(logprob)
-        done = done | (token == eos_token_id)
-        if bool(done.all()) or index == max_new_tokens - 1:
-            break
-        logits = step(token.unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
-        next_position = next_position + 1
+    with skinny_linears(step.model):
+        for index in range(max_new_tokens):
+            token, logprob = sample_next_token(logits, temperature, generator, top_p)
+            token = torch.where(done, torch.full_like(token, pad_token_id), token)
+            live.append(~done)
+            tokens.append(token)
+            logprobs.append(logprob)
+            done = done | (token == eos_token_id)
+            if bool(done.all()) or index == max_new_tokens - 1:
+                break
+            logits = step(token.unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
+            next_position = next_position + 1
     response_mask = torch.stack(live, dim=1).long()
     return Rollout(query_ids, query_mask, torch.stack(tokens, dim=1), response_mask, done,
                    torch.stack(logprobs, dim=1) * response_mask)  # fmt: skip

@@ -166,3 +166,49 @@ def test_shared_prefix_groups_share_only_real_prefixes_and_keep_every_row_once()
     crowd = [prompt + [i] for i in range(6)] + [prompt[:20] + [999]]
     assert sorted(len(rows) for _, rows in shared_prefix_groups(crowd)) == [1, 6]
     assert shared_prefix_groups([]) == []
+
+
+def test_skinny_linears_agree_with_linear_and_touch_only_skinny_fp32_calls_without_gradients():
+    from rlhf_core.decoder import SKINNY_ROWS, skinny_linears
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 8, bias=False))
+    half = torch.nn.Linear(24, 40).to(torch.bfloat16)
+    skinny, wide = torch.randn(2, 3, 24), torch.randn(SKINNY_ROWS + 1, 24)
+    with torch.no_grad():
+        expected = model(skinny)
+    with skinny_linears(model), skinny_linears(half):
+        assert all("forward" in m.__dict__ for m in model) and "forward" not in half.__dict__
+        with torch.no_grad():
+            got = model(skinny)
+            assert torch.equal(model(wide), torch.nn.functional.linear(model[0](wide), model[1].weight))
+        trained = model(skinny)  # with gradients: the usual path, and they flow
+        trained.sum().backward()
+    assert got.shape == expected.shape == (2, 3, 8)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert model[0].weight.grad is not None
+    assert not any("forward" in m.__dict__ for m in model)  # restored after the block
+
+
+def test_skinny_linears_restore_the_layers_when_the_block_raises(tiny_base_model):
+    from rlhf_core.decoder import skinny_linears
+
+    model, _ = load_policy(tiny_base_model, "float32")
+    with pytest.raises(RuntimeError), skinny_linears(model):
+        assert any("forward" in m.__dict__ for m in model.modules())
+        raise RuntimeError("stop")
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_the_sampler_draws_the_same_tokens_with_and_without_skinny_linears(tiny_base_model, monkeypatch):
+    import rlhf_core.decoder as decoder
+
+    model, tokenizer = load_policy(tiny_base_model, "float32")
+    ids, mask = encode_queries(tokenizer, PROMPTS)
+    runs = []
+    for rows in (decoder.SKINNY_ROWS, 0):
+        monkeypatch.setattr(decoder, "SKINNY_ROWS", rows)
+        runs.append(sample_tokens(model, ids, mask, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
+                                  max_new_tokens=8, generator=torch.Generator().manual_seed(3)))  # fmt: skip
+    assert torch.equal(runs[0].response_ids, runs[1].response_ids)
+    assert torch.allclose(runs[0].sample_logprobs, runs[1].sample_logprobs, atol=1e-4)
