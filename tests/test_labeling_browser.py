@@ -83,10 +83,12 @@ def test_label_in_a_real_browser_and_export(work_env, tmp_path):
         page.screenshot(path=str(tmp_path / "labelling_page.png"), full_page=True)
         page.click("#submit")
         expect(progress).to_have_text("Done 1 of 3")
+        page.wait_for_load_state("load")  # the next item's page shows its progress before its script listens for keys
 
         # Item 2: skipped from the keyboard.
         page.keyboard.press("s")
         expect(progress).to_have_text("Done 2 of 3")
+        page.wait_for_load_state("load")
 
         # Item 3: ranked from the keyboard, then the last entry dragged to the top.
         third = [completion_id(page, key) for key in (1, 2, 3, 4)]
@@ -211,6 +213,7 @@ def test_a_rating_session_in_a_real_browser_ends_in_the_ratings_export(work_env,
         page.screenshot(path=str(tmp_path / "rating_page.png"), full_page=True)
         submit.click()
         expect(progress).to_have_text("Done 1 of 2")
+        page.wait_for_load_state("load")  # shown before the page's script listens for keys
         page.locator("h2").first.click()  # focus outside any comment box
         page.keyboard.press("s")
         expect(progress).to_have_text("Done 2 of 2")
