@@ -68,19 +68,14 @@ def weight_count(model) -> int:
 
 
 def best_seconds(run, repeats: int) -> float:
-    run()  # warm-up: first-call allocations and lazy initialisation
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_seconds_interleaved([run], repeats)[0]
 
 
 def best_seconds_interleaved(runs, repeats: int) -> list[float]:
-    """The best of ``repeats`` timings of each run, the runs taking turns (a drifting machine load hits all alike)."""
+    """The best of ``repeats`` timings of each run after a warm-up (first-call allocations and lazy
+    initialisation), the runs taking turns (a drifting machine load hits all alike)."""
     for run in runs:
-        run()  # warm-up
+        run()
     best = [float("inf")] * len(runs)
     for _ in range(repeats):
         for index, run in enumerate(runs):
@@ -119,11 +114,10 @@ def measure(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, r
 
     tokens = batch * new_tokens
     row = {"batch": batch, "prompt_width": ids.shape[1], "padding_share": float(1 - mask.float().mean())}
-    if model.dtype == torch.float32 and batch <= decoder.SKINNY_ROWS:  # where they apply: timed in turns with ours
-        ours_s, plain_s = best_seconds_interleaved([ours, plain], repeats)
-        row["ours_plain_linear_tokens_per_s"] = tokens / plain_s
-    else:
-        ours_s = best_seconds(ours, repeats)
+    skinny = model.dtype == torch.float32 and batch <= decoder.SKINNY_ROWS  # where they apply: timed in turns with ours
+    ours_s, *plain_s = best_seconds_interleaved([ours, plain] if skinny else [ours], repeats)
+    if plain_s:
+        row["ours_plain_linear_tokens_per_s"] = tokens / plain_s[0]
     hf_s = best_seconds(hf, repeats)
     return {**row, "ours_tokens_per_s": tokens / ours_s, "hf_tokens_per_s": tokens / hf_s,
             "weight_stream_gb_s": weight_stream(model, batch, repeats) / 1e9,
@@ -141,10 +135,8 @@ def weight_stream(model, batch: int, repeats: int, transposed: bool = False) -> 
 
     linears = [m.weight for m in decoder_parts(model).layers.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in linears}
-    if transposed:
-        seconds = best_seconds(lambda: [torch.mm(w, inputs[w.shape[1]].t()) for w in linears], repeats)
-    else:
-        seconds = best_seconds(lambda: [F.linear(inputs[w.shape[1]], w) for w in linears], repeats)
+    product = (lambda x, w: torch.mm(w, x.t())) if transposed else F.linear
+    seconds = best_seconds(lambda: [product(inputs[w.shape[1]], w) for w in linears], repeats)
     return sum(w.numel() * w.element_size() for w in linears) / seconds
 
 

@@ -99,7 +99,7 @@ class DecodeStep:
 
 
 #: Rows (batch x positions) up to which a decode step's fp32 linear layers on a CPU run as ``weight @ x.T``: MKL's
-#: sgemm streams a weight 1.2-2.4x faster in that orientation when x has few rows, and the sampler gains 7-28% at
+#: sgemm streams a weight 1.2-2.4x faster in that orientation when x has few rows, and the sampler gains 2-13% at
 #: batch 8-128 (bench/README.md, ``sampling.py``); a prompt pass (hundreds of rows) keeps ``F.linear``.
 SKINNY_ROWS = 128
 
