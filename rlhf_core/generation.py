@@ -161,6 +161,7 @@ def sample_tokens(
     top_p: float = 1.0,
     generator: torch.Generator,
     num_samples: int = 1,
+    feed_last: bool = False,
 ) -> Rollout:
     """Sample up to ``max_new_tokens`` per row with a KV cache; stop early when every row has ended.
 
@@ -174,7 +175,11 @@ def sample_tokens(
     (query 0's samples first).  Rows that have ended keep decoding pad tokens,
     which the response mask hides.  The one-token steps of a batch of at most
     :data:`rlhf_core.decoder.SKINNY_ROWS` rows run their fp32 linear layers as
-    ``weight @ x.T`` (:func:`rlhf_core.decoder.skinny_linears`).
+    ``weight @ x.T`` (:func:`rlhf_core.decoder.skinny_linears`).  With
+    ``feed_last`` the last sampled tokens also go through one more step (its
+    logits unused), for a ``model`` that keeps what its steps compute: PPO's
+    rollout then holds the trunk states of every response token, which the
+    reward model can read (:class:`rlhf_core.reward.trunk.RolloutTrunkScorer`).
     """
     step = model if isinstance(model, DecodeStep) else DecodeStep(model)
     width = query_ids.shape[1]
@@ -202,6 +207,8 @@ def sample_tokens(
                 break
             logits = step(token.unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
             next_position = next_position + 1
+        if feed_last:
+            step(token.unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
     response_mask = torch.stack(live, dim=1).long()
     return Rollout(query_ids, query_mask, torch.stack(tokens, dim=1), response_mask, done,
                    torch.stack(logprobs, dim=1) * response_mask)  # fmt: skip

@@ -12,7 +12,7 @@ from ppo_bench.workload import Workload, limit_threads, peak_rss_bytes
 
 
 def reward_score_fn(reward_model_path: str, batch_size: int):
-    """``score_fn(prompts, responses, finished)`` over the benchmark's reward model, read on
+    """The benchmark's reward model and ``score_fn(prompts, responses, finished)`` over it, read on
     ``rlhf_core.generation.conversation_text`` (through ``RewardModel.score``), in the dtype its folder
     records - as the ``ppo`` stage loads its reward model."""
     from rlhf_core.reward.model import RewardModel
@@ -22,7 +22,7 @@ def reward_score_fn(reward_model_path: str, batch_size: int):
     def score_fn(prompts: list[str], responses: list[str], finished: list[bool]):
         return reward.score(prompts, responses, finished, batch_size=batch_size)
 
-    return score_fn
+    return reward, score_fn
 
 
 def record_rollout_sizes(trainer) -> list[PassSizes]:
@@ -56,11 +56,14 @@ def run(workload: Workload) -> dict:
 
     from rlhf_core.config import PPOConfig
     from rlhf_core.ppo.trainer import build_trainer
+    from rlhf_core.reward.trunk import RolloutTrunkScorer
 
     source = engine_source_sha256()
     cfg = PPOConfig.model_validate(workload.ppo)
-    score_fn = reward_score_fn(workload.reward_model, cfg.batch_size)
+    reward, score_fn = reward_score_fn(workload.reward_model, cfg.batch_size)
     trainer = build_trainer(cfg, workload.model, score_fn, workload.prompts)
+    # As the ppo stage: rollouts are scored from their trunk states when the reward model shares the policy's trunk.
+    trainer.score_fn = RolloutTrunkScorer.for_policy(reward, trainer.policy, cfg.batch_size) or score_fn
     policy = trainer.policy
     shape = DecoderShape.of_actor_critic(policy)
     sizes = record_rollout_sizes(trainer)

@@ -9,7 +9,10 @@ rollout keeps
 * ``trunk_hidden`` - the frozen trunk's hidden states for every position that a
   later pass feeds (queries and all response tokens but the last).  Sampling
   computes them anyway; keeping them means the reference, old-policy, value and
-  training passes of this batch never run the frozen layers again.
+  training passes of this batch never run the frozen layers again;
+* ``trunk_last`` - with ``feed_last``, the trunk states of the last response
+  token too, so that the reward model can read every response's trunk states
+  from the rollout (:meth:`PolicyRollout.sampled_sequences`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class PolicyRollout(generation.Rollout):
     """A sampled batch with the frozen trunk's hidden states (see the module's docstring)."""
 
     trunk_hidden: torch.Tensor | None  # (B, Q + R - 1, H) when the trunk is frozen
+    trunk_last: torch.Tensor | None = None  # (B, 1, H): the last response position's, when it was fed
 
     @property
     def n_response(self) -> int:
@@ -40,6 +44,19 @@ class PolicyRollout(generation.Rollout):
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.response_mask], dim=1)[:, :-1]
+
+    def sampled_sequences(self) -> list[tuple[list[int], torch.Tensor]]:
+        """Each row's tokens (query and response, no padding) with the trunk states computed for them, (T, H) on the
+        CPU: every position's when the last token was fed, else all but the last response token's."""
+        if self.trunk_hidden is None:
+            raise ValueError("this rollout kept no trunk states (the trunk trains)")
+        states = self.trunk_hidden if self.trunk_last is None else torch.cat([self.trunk_hidden, self.trunk_last], dim=1)
+        width, out = self.query_ids.shape[1], []
+        for row in range(self.query_ids.shape[0]):
+            start = width - int(self.query_mask[row].sum())  # left padding
+            ids = self.query_ids[row, start:].tolist() + self.response_ids[row, : int(self.response_mask[row].sum())].tolist()
+            out.append((ids, states[row, start : start + len(ids)].cpu()))
+        return out
 
     def rows(self, index: torch.Tensor | slice) -> "PolicyRollout":
         """The rollout restricted to some rows (a minibatch)."""
@@ -83,12 +100,20 @@ def sample_rollout(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator,
+    feed_last: bool = False,
 ) -> PolicyRollout:
-    """Sample up to ``max_new_tokens`` per row (pure sampling: PPO needs the policy's own distribution)."""
+    """Sample up to ``max_new_tokens`` per row (pure sampling: PPO needs the policy's own distribution); with
+    ``feed_last`` (and a frozen trunk) keep the last response token's trunk states too."""
     step = PolicyStep(policy)
+    feed_last = feed_last and not policy.trunk_trainable
     sampled = generation.sample_tokens(
         step, query_ids, query_mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        max_new_tokens=max_new_tokens, temperature=temperature, generator=generator,
+        max_new_tokens=max_new_tokens, temperature=temperature, generator=generator, feed_last=feed_last,
     )  # fmt: skip
-    trunk_hidden = None if policy.trunk_trainable else torch.cat(step.trunk_chunks, dim=1)
-    return PolicyRollout(**{f.name: getattr(sampled, f.name) for f in fields(sampled)}, trunk_hidden=trunk_hidden)
+    trunk_hidden = trunk_last = None
+    if not policy.trunk_trainable:
+        states = torch.cat(step.trunk_chunks, dim=1)
+        cut = query_ids.shape[1] + sampled.response_ids.shape[1] - 1
+        trunk_hidden, trunk_last = states[:, :cut], (states[:, cut:] if feed_last else None)
+    fields_ = {f.name: getattr(sampled, f.name) for f in fields(sampled)}
+    return PolicyRollout(**fields_, trunk_hidden=trunk_hidden, trunk_last=trunk_last)

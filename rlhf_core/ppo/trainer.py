@@ -42,7 +42,8 @@ from rlhf_core.ppo.kl import make_kl_controller
 from rlhf_core.ppo.policy import ActorCritic, PassOutput, build_actor_critic
 from rlhf_core.ppo.rollout import PolicyRollout, sample_rollout
 
-#: score_fn(prompts, responses, finished) -> scores (B,): any reward, a reward model or a hand-made rule.
+#: score_fn(prompts, responses, finished) -> scores (B,): any reward, a reward model or a hand-made rule.  One with
+#: ``reads_rollout_trunk = True`` is also given ``sampled=rollout.sampled_sequences()`` (the trunk states).
 ScoreFn = Callable[[list[str], list[str], list[bool]], torch.Tensor]
 
 
@@ -135,7 +136,7 @@ class PPOTrainer:
         # 2. Score the decoded responses; the EOS trick replaces the score of responses that never ended.
         tick = time.perf_counter()
         responses = self.decode(rollout)
-        scores = self._score(prompts, responses, rollout.finished)
+        scores = self._score(prompts, responses, rollout.finished, rollout)
         shaped_scores = core.apply_missing_eos_penalty(scores, rollout.finished, cfg.missing_eos_penalty)
         times["score"] = time.perf_counter() - tick
 
@@ -195,7 +196,14 @@ class PPOTrainer:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             generator=generator,
+            feed_last=self.scores_from_trunk,
         )
+
+    @property
+    def scores_from_trunk(self) -> bool:
+        """Whether the score function reads the rollout's trunk states (``reads_rollout_trunk``, e.g.
+        :class:`rlhf_core.reward.trunk.RolloutTrunkScorer`) and the rollout has them (the trunk is frozen)."""
+        return bool(getattr(self.score_fn, "reads_rollout_trunk", False)) and not self.policy.trunk_trainable
 
     def decode(self, rollout: PolicyRollout) -> list[str]:
         """Response texts without the stop token and padding."""
@@ -203,8 +211,9 @@ class PPOTrainer:
         rows = [ids[: n - 1 if done else n] for ids, n, done in zip(rollout.response_ids.tolist(), lengths, rollout.finished.tolist())]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def _score(self, prompts: list[str], responses: list[str], finished: torch.Tensor) -> torch.Tensor:
-        scores = torch.as_tensor(self.score_fn(prompts, responses, finished.tolist()), dtype=torch.float32)
+    def _score(self, prompts: list[str], responses: list[str], finished: torch.Tensor, rollout=None) -> torch.Tensor:
+        extra = {"sampled": rollout.sampled_sequences()} if rollout is not None and self.scores_from_trunk else {}
+        scores = torch.as_tensor(self.score_fn(prompts, responses, finished.tolist(), **extra), dtype=torch.float32)
         scores = scores.reshape(-1).to(self.accelerator.device)
         if scores.numel() != len(prompts):
             raise RLHFError(f"the reward function returned {scores.numel()} scores for {len(prompts)} responses")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core.decoder import decoder_parts, shared_prefix_groups, shared_prefix_states
+from rlhf_core.decoder import DecoderParts, decoder_parts, shared_prefix_groups, shared_prefix_states
 from rlhf_core.reward.model import (
     encode_conversations,
     finished_flags,
@@ -273,3 +273,85 @@ class FeatureScorer:
         features = torch.stack([self.cache[tuple(seq)] for seq in encoded])
         head = self.model.score
         return head(features.to(head.weight.device, head.weight.dtype)).squeeze(-1).float().cpu()
+
+
+#: config fields that shape what a decoder's embeddings and layers compute besides their weights
+TRUNK_CONFIG_FIELDS = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "hidden_act",
+    "attention_bias", "mlp_bias", "rope_theta", "rope_scaling", "rope_parameters",
+)  # fmt: skip
+
+
+def same_trunk(a: DecoderParts, b: DecoderParts, layers: int) -> bool:
+    """Whether the embeddings and first ``layers`` decoder layers of ``a`` and ``b`` compute the same function: the
+    same weights, rotary frequencies and layer settings."""
+    if layers < 1 or min(len(a.layers), len(b.layers)) < layers:
+        return False
+    if any(getattr(a.config, key, None) != getattr(b.config, key, None) for key in TRUNK_CONFIG_FIELDS):
+        return False
+    freqs = [getattr(parts.rotary, "inv_freq", None) for parts in (a, b)]
+    if any(f is None for f in freqs) or freqs[0].shape != freqs[1].shape or not torch.equal(freqs[0], freqs[1].to(freqs[0].device)):
+        return False
+    if getattr(a.rotary, "attention_scaling", 1.0) != getattr(b.rotary, "attention_scaling", 1.0):
+        return False
+    for one, other in [(a.embed, b.embed), *zip(a.layers[:layers], b.layers[:layers])]:
+        mine, theirs = one.state_dict(), other.state_dict()
+        if mine.keys() != theirs.keys():
+            return False
+        for name, tensor in mine.items():
+            match = theirs[name]
+            if tensor.shape != match.shape or tensor.dtype != match.dtype or not torch.equal(tensor, match.to(tensor.device)):
+                return False
+    return True
+
+
+class RolloutTrunkScorer:
+    """Normalised rewards of a policy's responses that start from the trunk states its rollout already computed.
+
+    PPO's policy and the reward model both start from the SFT model, and with
+    ``ppo.mode`` and ``reward.mode`` at ``freeze`` both keep its embeddings and
+    lower layers (24 of 30 by default): the hidden states the sampler computed
+    for a response after those layers are then exactly what the reward model's
+    own lower layers would compute, so scoring the rollout needs only the
+    reward model's upper layers (6 of 30).  :meth:`for_policy` checks that the
+    weights really are the same (and that both compute in fp32) and gives None
+    otherwise.  A row whose conversation the reward model reads as other tokens
+    than the sampled ones (a sampled token sequence that tokenises differently,
+    a conversation cut to ``reward.max_length``) is computed in full.  Scores
+    agree with :meth:`rlhf_core.reward.RewardModel.score` to float rounding;
+    ``rows_read`` / ``rows_scored`` count how many rows read the rollout's states.
+    """
+
+    reads_rollout_trunk = True  # rlhf_core.ppo.trainer passes ``sampled`` (PolicyRollout.sampled_sequences)
+
+    def __init__(self, reward, layers: int, batch_size: int):
+        self.reward, self.batch_size = reward, batch_size
+        self.trunk = FrozenTrunk(reward.model, layers)
+        self.rows_read = self.rows_scored = 0
+
+    @classmethod
+    def for_policy(cls, reward, policy, batch_size: int) -> "RolloutTrunkScorer | None":
+        """A scorer for the rollouts of ``policy`` (:class:`rlhf_core.ppo.policy.ActorCritic`), or None when its trunk
+        trains, the reward model's trunk holds other weights, or either side does not compute in fp32."""
+        if policy.trunk_trainable or policy.dtype != "float32" or reward.dtype != "float32":
+            return None
+        layers = policy.trunk_layers
+        return cls(reward, layers, batch_size) if same_trunk(decoder_parts(reward.model), policy.parts, layers) else None
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: list[str], responses: list[str], finished: list[bool] | None = None,
+        sampled: list[tuple[list[int], torch.Tensor]] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Scores of ``(prompts, responses)``; ``sampled`` holds each row's sampled tokens and their trunk states."""
+        reward = self.reward
+        flags = finished_flags(prompts, finished, reward.reads_stop_token)
+        encoded, _ = encode_conversations(reward.tokenizer, prompts, responses, flags)
+        cache: dict[tuple[int, ...], torch.Tensor] = {}
+        for seq, (ids, states) in zip(encoded, sampled or []):
+            if len(seq) <= states.shape[0] and ids[: len(seq)] == seq:
+                cache[tuple(seq)] = states[: len(seq)].float().cpu()
+        self.rows_read += sum(tuple(seq) in cache for seq in encoded)
+        self.rows_scored += len(encoded)
+        scorer = CachedTrunkScorer(self.trunk, reward.tokenizer, cache, reward.reads_stop_token)
+        return (scorer.raw_scores(prompts, responses, finished, self.batch_size) - reward.shift) / reward.scale

@@ -177,6 +177,7 @@ def run(params: Params) -> dict:
     from rlhf_core.ppo.policy import export_policy
     from rlhf_core.ppo.trainer import build_trainer
     from rlhf_core.reward import RewardModel
+    from rlhf_core.reward.trunk import RolloutTrunkScorer
 
     paths, cfg = params.paths, params.ppo
     release = handed_over(paths.reward_release, paths.reward_model)
@@ -198,6 +199,9 @@ def run(params: Params) -> dict:
         return reward.score(prompts, responses, finished, batch_size=cfg.batch_size)
 
     trainer = build_trainer(cfg, start_path, score_fn, train_prompts, accelerator)
+    # Rollouts are scored from the trunk states sampling computed when the reward model shares the policy's trunk.
+    shared = RolloutTrunkScorer.for_policy(reward, trainer.policy, cfg.batch_size)
+    trainer.score_fn = shared or score_fn
     fingerprint = run_fingerprint(
         cfg, start=start_label, reward=f"{release.name}/{release.version}/{release.content_hash}", prompts=tracking.hash_paths([train_file])
     )
@@ -233,6 +237,8 @@ def run(params: Params) -> dict:
             **summary(history),
             "ppo/resumed_from_update": int(resumed_from.name.split("-")[-1]) if resumed_from else 0,
             "ppo/trainable_parameters": sum(t.numel() for t in trainer.policy.trainable_state().values()),
+            # share of rollout rows the reward model scored from the rollout's trunk states (0: it shares no trunk)
+            "ppo/reward_rows_from_rollout_trunk": shared.rows_read / shared.rows_scored if shared and shared.rows_scored else 0.0,
             **numeric_path,
             "ppo/algorithm": "ppo",
             "ppo/reward_model_version": release.version,
