@@ -91,11 +91,46 @@ class DecodeStep:
             cache_type = type(parts[0][1].layers[0]).__name__
             raise RLHFError(f"grouped prefill needs a DynamicCache of full-attention layers, not {cache_type}")
         back = torch.argsort(torch.tensor([row for rows in groups for row in rows], device=input_ids.device))
+
+        def join(tensors: list[torch.Tensor]) -> torch.Tensor:
+            """One (..., T, d) tensor per group, left-padded back to the batch's width, in the batch's row order."""
+            return torch.cat([F.pad(t, (0, 0, start, 0)) for (start, _), t in zip(parts, tensors)])[back]
+
         for layer in range(len(parts[0][1].layers)):
-            keys = torch.cat([F.pad(part.layers[layer].keys, (0, 0, start, 0)) for start, part in parts])
-            values = torch.cat([F.pad(part.layers[layer].values, (0, 0, start, 0)) for start, part in parts])
-            cache.update(keys[back], values[back], layer)
+            cache.update(join([part.layers[layer].keys for _, part in parts]), join([part.layers[layer].values for _, part in parts]), layer)
+        self.rejoin(len(groups), join)
         return torch.cat(logits)[back]
+
+    def rejoin(self, groups: int, join) -> None:
+        """After a grouped prefill: a step that keeps per-call outputs joins its last ``groups`` ones with ``join``."""
+
+    def repeat_rows(self, times: int) -> None:
+        """After the prefill, when each prompt's cache is repeated ``times`` times: repeat what the step keeps too."""
+
+
+class RecordingStep(DecodeStep):
+    """A :class:`DecodeStep` that also keeps, for every position it runs, the hidden state after the model's first
+    ``layers`` decoder layers - the output of a frozen trunk, which a reward model or reference that shares the trunk
+    reads instead of computing it again (:meth:`states`: (B, positions run, d), fp32)."""
+
+    def __init__(self, model, layers: int, config=None):
+        super().__init__(model, config)
+        self.layers, self.chunks = layers, []
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=True, logits_to_keep=1, output_hidden_states=True)  # fmt: skip
+        self.chunks.append(out.hidden_states[self.layers].float())  # [0] is the embeddings' output
+        return out.logits[:, -1]
+
+    def rejoin(self, groups: int, join) -> None:
+        self.chunks[-groups:] = [join(self.chunks[-groups:])]
+
+    def repeat_rows(self, times: int) -> None:
+        self.chunks = [chunk.repeat_interleave(times, dim=0) for chunk in self.chunks]
+
+    def states(self) -> torch.Tensor:
+        return torch.cat(self.chunks, dim=1)
 
 
 #: Rows (batch x positions) up to which a decode step's fp32 linear layers on a CPU run as ``weight @ x.T``: MKL's

@@ -9,14 +9,14 @@ samples whatever else the process has done.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from rlhf_core.base_model import load_tokenizer
-from rlhf_core.decoder import DecodeStep, skinny_linears
+from rlhf_core.decoder import DecodeStep, RecordingStep, skinny_linears
 from rlhf_core.precision import default_device
 
 
@@ -29,6 +29,9 @@ class Sample:
     num_tokens: int
     finished: bool
     logprob: float = 0.0  # sum of the sampled tokens' log-probs at the sampling temperature (untruncated)
+    # with sample_completions(trunk_layers=k): the prompt's and the response's tokens, and the hidden states after the
+    # first k layers at each of them ((T, d) fp32) - what a model sharing those layers reads instead of computing them
+    trunk: tuple[list[int], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,16 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R), 1 up to and including the stop token
     finished: torch.Tensor  # (B,) bool: the stop token was emitted
     sample_logprobs: torch.Tensor  # (B, R) log-probs of the sampled tokens at the sampling temperature, 0 after the end
+
+    def with_states(self, states: torch.Tensor) -> list[tuple[list[int], torch.Tensor]]:
+        """Each row's tokens (query and response, no padding) and its rows of ``states`` ((B, T, d) over the padded
+        layout, T up to Q + R), as (T_row, d) copies on the CPU: a row's states stop where ``states`` does."""
+        width, out = self.query_ids.shape[1], []
+        for row in range(self.query_ids.shape[0]):
+            start = width - int(self.query_mask[row].sum())  # left padding
+            ids = self.query_ids[row, start:].tolist() + self.response_ids[row, : int(self.response_mask[row].sum())].tolist()
+            out.append((ids, states[row, start : start + len(ids)].cpu().clone()))
+        return out
 
 
 def load_policy(path: str | Path, dtype: str):
@@ -167,8 +180,8 @@ def sample_tokens(
 
     The one sampling loop of the project: candidates, evaluation and PPO's rollouts
     all come from here.  ``model`` is a causal LM or a
-    :class:`rlhf_core.decoder.DecodeStep`, whose ``prefill`` runs the prompts (in groups of similar length for a
-    plain model, so that left padding costs little compute).  The attention mask of the whole
+    :class:`rlhf_core.decoder.DecodeStep`, whose ``prefill`` runs the prompts (in groups of similar length, so
+    that left padding costs little compute).  The attention mask of the whole
     response is allocated once.  With
     ``num_samples > 1`` each query is processed once and its cache repeated, so
     the K samples of a prompt share one prompt pass; output rows are query-major
@@ -188,6 +201,7 @@ def sample_tokens(
     logits = step.prefill(query_ids, query_mask, positions, cache)
     if num_samples > 1:
         cache.batch_repeat_interleave(num_samples)
+        step.repeat_rows(num_samples)
         logits, positions = logits.repeat_interleave(num_samples, dim=0), positions.repeat_interleave(num_samples, dim=0)
         query_ids = query_ids.repeat_interleave(num_samples, dim=0)
         query_mask = query_mask.repeat_interleave(num_samples, dim=0)
@@ -226,8 +240,13 @@ def sample_completions(
     batch_size: int = 32,
     seed: int = 0,
     desc: str | None = None,
+    trunk_layers: int = 0,
 ) -> tuple[list[Sample], GenerationStats]:
-    """``num_samples`` completions for every prompt, in prompt order; deterministic for a given seed."""
+    """``num_samples`` completions for every prompt, in prompt order; deterministic for a given seed.
+
+    With ``trunk_layers`` > 0 each sample also keeps its tokens' hidden states after that many layers
+    (``Sample.trunk``, computed by the sampling itself: :class:`rlhf_core.decoder.RecordingStep`).
+    """
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -241,8 +260,9 @@ def sample_completions(
         for first in range(0, len(order), prompts_per_batch):
             chunk = order[first : first + prompts_per_batch]
             query_ids, query_mask = encode_queries(tokenizer, [prompts[p] for p in chunk], device)
+            step = RecordingStep(model, trunk_layers) if trunk_layers else model
             rollout = sample_tokens(
-                model,
+                step,
                 query_ids,
                 query_mask,
                 eos_token_id=tokenizer.eos_token_id,
@@ -252,7 +272,9 @@ def sample_completions(
                 top_p=top_p,
                 generator=generator,
                 num_samples=num_samples,
+                feed_last=bool(trunk_layers),
             )
+            trunks = rollout.with_states(step.states()) if trunk_layers else None
             for row in range(rollout.response_ids.shape[0]):
                 prompt_index, sample_index = chunk[row // num_samples], row % num_samples
                 length = int(rollout.response_mask[row].sum())
@@ -261,7 +283,8 @@ def sample_completions(
                 text_ids = ids[:-1] if finished else ids
                 text = tokenizer.decode(text_ids, skip_special_tokens=True)
                 logprob = float(rollout.sample_logprobs[row].sum())
-                samples.append(Sample(prompt_index, sample_index, text, ids, length, finished, logprob))
+                trunk = trunks[row] if trunks else None
+                samples.append(Sample(prompt_index, sample_index, text, ids, length, finished, logprob, trunk))
                 tokens += length
             bar.update(rollout.response_ids.shape[0])
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")

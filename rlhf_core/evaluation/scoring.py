@@ -23,22 +23,25 @@ class Scorer:
         self.with_gold = with_gold
         self.batch_size = batch_size
 
-    def proxy(self, prompts: Sequence[str], samples: Sequence[Sample]) -> list[float]:
-        """Normalised reward-model scores (the reference's responses score mean 0, std 1)."""
+    def proxy(self, prompts: Sequence[str], samples: Sequence[Sample], trunk_layers: int = 0) -> list[float]:
+        """Normalised reward-model scores (the reference's responses score mean 0, std 1).  With ``trunk_layers``, the
+        number of lower layers the samplers share with the reward model, samples that kept their hidden states
+        after them (``Sample.trunk``) are scored from those (:class:`rlhf_core.reward.trunk.RolloutTrunkScorer`)."""
         if not samples:
             return []
-        scores = self.model.score(
-            [prompts[s.prompt_index] for s in samples],
-            [s.text for s in samples],
-            [s.finished for s in samples],
-            batch_size=self.batch_size,
-        )
+        args = ([prompts[s.prompt_index] for s in samples], [s.text for s in samples], [s.finished for s in samples])
+        if trunk_layers and self.model.dtype == "float32" and any(s.trunk for s in samples):
+            from rlhf_core.reward.trunk import RolloutTrunkScorer
+
+            scores = RolloutTrunkScorer(self.model, trunk_layers, self.batch_size)(*args, sampled=[s.trunk for s in samples])
+        else:
+            scores = self.model.score(*args, batch_size=self.batch_size)
         return [float(x) for x in scores.tolist()]
 
-    def proxy_lists(self, prompts: Sequence[str], lists: Sequence[Sequence[Sample]]) -> list[list[float]]:
+    def proxy_lists(self, prompts: Sequence[str], lists: Sequence[Sequence[Sample]], trunk_layers: int = 0) -> list[list[float]]:
         """:meth:`proxy` of several lists of samples (e.g. several policies' responses) in one pass, so that the
         responses to one prompt read the prompt once (:func:`rlhf_core.decoder.shared_prefix_groups`)."""
-        scores = self.proxy(prompts, [s for samples in lists for s in samples])
+        scores = self.proxy(prompts, [s for samples in lists for s in samples], trunk_layers)
         out, at = [], 0
         for samples in lists:
             out.append(scores[at : at + len(samples)])

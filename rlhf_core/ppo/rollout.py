@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from rlhf_core import generation
+from rlhf_core.decoder import RecordingStep
 from rlhf_core.ppo.policy import ActorCritic
 
 
@@ -50,21 +51,15 @@ class PolicyRollout(generation.Rollout):
         CPU: every position's when the last token was fed, else all but the last response token's."""
         if self.trunk_hidden is None:
             raise ValueError("this rollout kept no trunk states (the trunk trains)")
-        states = self.trunk_hidden if self.trunk_last is None else torch.cat([self.trunk_hidden, self.trunk_last], dim=1)
-        width, out = self.query_ids.shape[1], []
-        for row in range(self.query_ids.shape[0]):
-            start = width - int(self.query_mask[row].sum())  # left padding
-            ids = self.query_ids[row, start:].tolist() + self.response_ids[row, : int(self.response_mask[row].sum())].tolist()
-            out.append((ids, states[row, start : start + len(ids)].cpu()))
-        return out
+        return self.with_states(self.trunk_hidden if self.trunk_last is None else torch.cat([self.trunk_hidden, self.trunk_last], dim=1))
 
     def rows(self, index: torch.Tensor | slice) -> "PolicyRollout":
         """The rollout restricted to some rows (a minibatch)."""
         return PolicyRollout(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index]) for f in fields(self)})
 
 
-class PolicyStep(generation.DecodeStep):
-    """The policy's decode step; it keeps the trunk's hidden states of every position it runs.
+class PolicyStep(RecordingStep):
+    """The policy's decode step; it keeps the trunk's hidden states of every position it runs (:meth:`states`).
 
     With ``ppo.dtype: float32`` it runs the policy's own weights.  With
     ``bfloat16`` it runs a bf16 copy of them (:class:`rlhf_core.decoder.SamplingCopy`,
@@ -76,17 +71,13 @@ class PolicyStep(generation.DecodeStep):
     """
 
     def __init__(self, policy: ActorCritic):
-        super().__init__(policy, config=policy.parts.config)
-        self.trunk_chunks: list[torch.Tensor] = []
+        super().__init__(policy, policy.trunk_layers, config=policy.parts.config)
         self.parts = policy.sampling_copy().parts if policy.dtype == "bfloat16" else None
 
     def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         trunk_hidden, logits = self.model.sample_step(input_ids, attention_mask, position_ids, cache, parts=self.parts)
-        self.trunk_chunks.append(trunk_hidden.float())  # later passes read fp32 states
+        self.chunks.append(trunk_hidden.float())  # later passes read fp32 states
         return logits
-
-    def prefill(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        return self(input_ids, attention_mask, position_ids, cache)  # one pass: the trunk states stay one batch
 
 
 @torch.no_grad()
@@ -112,7 +103,7 @@ def sample_rollout(
     )  # fmt: skip
     trunk_hidden = trunk_last = None
     if not policy.trunk_trainable:
-        states = torch.cat(step.trunk_chunks, dim=1)
+        states = step.states()
         cut = query_ids.shape[1] + sampled.response_ids.shape[1] - 1
         trunk_hidden, trunk_last = states[:, :cut], (states[:, cut:] if feed_last else None)
     fields_ = {f.name: getattr(sampled, f.name) for f in fields(sampled)}

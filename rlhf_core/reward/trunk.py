@@ -282,27 +282,40 @@ TRUNK_CONFIG_FIELDS = (
 )  # fmt: skip
 
 
-def same_trunk(a: DecoderParts, b: DecoderParts, layers: int) -> bool:
-    """Whether the embeddings and first ``layers`` decoder layers of ``a`` and ``b`` compute the same function: the
-    same weights, rotary frequencies and layer settings."""
-    if layers < 1 or min(len(a.layers), len(b.layers)) < layers:
+def _same_weights(one: torch.nn.Module, other: torch.nn.Module) -> bool:
+    mine, theirs = one.state_dict(), other.state_dict()
+    if mine.keys() != theirs.keys():
         return False
+    return all(
+        t.shape == theirs[n].shape and t.dtype == theirs[n].dtype and torch.equal(t, theirs[n].to(t.device))
+        for n, t in mine.items()
+    )
+
+
+def shared_layers(a: DecoderParts, b: DecoderParts, limit: int | None = None) -> int:
+    """How many leading decoder layers ``a`` and ``b`` share with their embeddings - the same weights, rotary
+    frequencies and layer settings, so the same hidden states (0 when the embeddings or settings differ); counted up
+    to ``limit``."""
     if any(getattr(a.config, key, None) != getattr(b.config, key, None) for key in TRUNK_CONFIG_FIELDS):
-        return False
+        return 0
     freqs = [getattr(parts.rotary, "inv_freq", None) for parts in (a, b)]
     if any(f is None for f in freqs) or freqs[0].shape != freqs[1].shape or not torch.equal(freqs[0], freqs[1].to(freqs[0].device)):
-        return False
+        return 0
     if getattr(a.rotary, "attention_scaling", 1.0) != getattr(b.rotary, "attention_scaling", 1.0):
-        return False
-    for one, other in [(a.embed, b.embed), *zip(a.layers[:layers], b.layers[:layers])]:
-        mine, theirs = one.state_dict(), other.state_dict()
-        if mine.keys() != theirs.keys():
-            return False
-        for name, tensor in mine.items():
-            match = theirs[name]
-            if tensor.shape != match.shape or tensor.dtype != match.dtype or not torch.equal(tensor, match.to(tensor.device)):
-                return False
-    return True
+        return 0
+    if not _same_weights(a.embed, b.embed):
+        return 0
+    count = 0
+    for one, other in zip(a.layers, b.layers):
+        if (limit is not None and count >= limit) or not _same_weights(one, other):
+            break
+        count += 1
+    return count
+
+
+def same_trunk(a: DecoderParts, b: DecoderParts, layers: int) -> bool:
+    """Whether the embeddings and first ``layers`` decoder layers of ``a`` and ``b`` compute the same function."""
+    return layers >= 1 and shared_layers(a, b, limit=layers) == layers
 
 
 class RolloutTrunkScorer:
@@ -341,14 +354,15 @@ class RolloutTrunkScorer:
     @torch.no_grad()
     def __call__(
         self, prompts: list[str], responses: list[str], finished: list[bool] | None = None,
-        sampled: list[tuple[list[int], torch.Tensor]] | None = None,
+        sampled: list[tuple[list[int], torch.Tensor] | None] | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """Scores of ``(prompts, responses)``; ``sampled`` holds each row's sampled tokens and their trunk states."""
+        """Scores of ``(prompts, responses)``; ``sampled`` holds each row's sampled tokens and their trunk states
+        (None for a row that has none)."""
         reward = self.reward
         flags = finished_flags(prompts, finished, reward.reads_stop_token)
         encoded, _ = encode_conversations(reward.tokenizer, prompts, responses, flags)
         cache: dict[tuple[int, ...], torch.Tensor] = {}
-        for seq, (ids, states) in zip(encoded, sampled or []):
+        for seq, (ids, states) in zip(encoded, [s or ([], torch.zeros(0)) for s in sampled or []]):
             if len(seq) <= states.shape[0] and ids[: len(seq)] == seq:
                 cache[tuple(seq)] = states[: len(seq)].float().cpu()
         self.rows_read += sum(tuple(seq) in cache for seq in encoded)

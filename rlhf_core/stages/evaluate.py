@@ -24,6 +24,7 @@ from pathlib import Path
 from rlhf_core import precision, tracking
 from rlhf_core.artifacts import EVALUATION_PLOTS, EvaluationFolder, Layout
 from rlhf_core.config import EvaluateConfig, Params
+from rlhf_core.decoder import decoder_parts
 from rlhf_core.errors import DataError
 from rlhf_core.evaluation.best_of_n import FrontierPoint, frontier
 from rlhf_core.evaluation.gates import Evidence, Judged, apply_gates, gate_metrics
@@ -94,7 +95,7 @@ def _scored(scorer: Scorer, prompts: list[str], sampled: EvalSamples):
     extra = [s for pool in sampled.reference_extra for s in pool]
     # One proxy pass over every policy's responses and the pools: the responses to one prompt read it once.
     lists = [sampled.candidate, sampled.reference, extra] + ([sampled.champion] if sampled.champion else [])
-    proxy = scorer.proxy_lists(prompts, lists)
+    proxy = scorer.proxy_lists(prompts, lists, sampled.trunk_layers)
     candidate = scorer.responses("candidate", prompts, sampled.candidate, proxy[0])
     reference = scorer.responses("reference", prompts, sampled.reference, proxy[1])
     champion = scorer.responses("champion", prompts, sampled.champion, proxy[3]) if sampled.champion else None
@@ -247,12 +248,14 @@ def run(params: Params) -> dict:
         release = handed_over_reward(params, ppo_metrics)
         champion_ref = champion_to_beat(cfg, version)
         reference = layout.starting_policy.require()  # what PPO started from and measured its KL against
-        sampled = sample_policies(texts, Path(paths.policy), reference, champion_ref and champion_ref.path, cfg)
-
         with_gold = params.labeling.backend == "simulated"
         scorer = Scorer(paths.reward_model, with_gold=with_gold, batch_size=cfg.batch_size)
+        # Samples keep the states of the lower layers they share with the reward model (when it scores in fp32).
+        trunk = decoder_parts(scorer.model.model) if scorer.model.dtype == "float32" else None
+        sampled = sample_policies(texts, Path(paths.policy), reference, champion_ref and champion_ref.path, cfg, trunk)
         numeric_path = {
-            **precision.record("eval", cfg.dtype, precision.default_device()), "eval/reward_dtype": scorer.model.dtype
+            **precision.record("eval", cfg.dtype, precision.default_device()), "eval/reward_dtype": scorer.model.dtype,
+            "eval/trunk_layers_shared": sampled.trunk_layers,
         }
         stage.log_params({**numeric_path, "eval/reference": layout.starting_policy.kind})
         candidate, reference, champion, proxy_pools, gold_pools = _scored(scorer, texts, sampled)
