@@ -5,7 +5,10 @@ keeps its embeddings, decoder layers, final norm, rotary embedding and LM head
 (Llama, Mistral, Qwen2 and SmolLM share it); PPO and the reward model split
 off their frozen lower layers through it.  :class:`DecodeStep` is one step of
 the project's sampling loop (:func:`rlhf_core.generation.sample_tokens`),
-:class:`SamplingCopy` the bf16 weights that PPO's rollouts sample from, and
+:class:`RecordingStep` one that also keeps the hidden states after the
+lower layers (a frozen trunk's output, which a model sharing those layers
+reads instead of recomputing it), :class:`SamplingCopy` the bf16 weights
+that PPO's rollouts sample from, and
 :func:`shared_prefix_states` runs sequences that begin alike (several answers
 to one prompt) with their common prefix computed once.
 """
