@@ -82,6 +82,11 @@ def _shared(model, trunk: DecoderParts | None, cfg: EvaluateConfig) -> int:
     return shared_layers(parts, trunk, limit=len(parts.layers) - 1)
 
 
+def _keeps(model, trunk: DecoderParts | None, cfg: EvaluateConfig, layers: int) -> int:
+    """``layers`` when ``model`` shares at least that many lower layers with ``trunk``, else 0."""
+    return layers if layers and _shared(model, trunk, cfg) >= layers else 0
+
+
 def _logprobs(model, tokenizer, prompts: list[str], samples: list[Sample], cfg: EvaluateConfig, trunk_layers: int) -> list[float]:
     return response_logprobs(
         model, tokenizer, prompts, [s.token_ids for s in samples], temperature=cfg.temperature, batch_size=cfg.batch_size,
@@ -104,7 +109,7 @@ def _reference(path: Path, prompts: list[str], candidate: list[Sample], cfg: Eva
     model, tokenizer = load_policy(path, cfg.dtype)
     if len(tokenizer) != vocab:
         raise RLHFError(f"{path}: its tokenizer ({len(tokenizer)} tokens) differs from the candidate's ({vocab})")
-    layers = layers if layers and _shared(model, trunk, cfg) >= layers else 0
+    layers = _keeps(model, trunk, cfg, layers)
     own = _sample(model, tokenizer, prompts, 1, cfg, cfg.seed, "reference", layers)
     extra = Sampled([], 0, 0.0)
     if cfg.pool_size > 1:
@@ -116,7 +121,7 @@ def _reference(path: Path, prompts: list[str], candidate: list[Sample], cfg: Eva
 def _champion(path: Path, prompts: list[str], cfg: EvaluateConfig, trunk, layers: int) -> Sampled:
     """The champion's responses (only compared with the candidate's: its own KL is not measured)."""
     model, tokenizer = load_policy(path, cfg.dtype)
-    layers = layers if layers and _shared(model, trunk, cfg) >= layers else 0
+    layers = _keeps(model, trunk, cfg, layers)
     return _sample(model, tokenizer, prompts, 1, cfg, cfg.seed, "champion", layers)
 
 

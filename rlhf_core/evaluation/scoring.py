@@ -19,9 +19,12 @@ class Scorer:
     def __init__(self, reward_model: str | Path, *, with_gold: bool, batch_size: int):
         from rlhf_core.reward import RewardModel
 
+        from rlhf_core.reward.trunk import RolloutTrunkScorer
+
         self.model = RewardModel.load(reward_model)
         self.with_gold = with_gold
         self.batch_size = batch_size
+        self.trunk = RolloutTrunkScorer.trunk_of(self.model)  # the decoder samplers may share layers with, or None
 
     def proxy(self, prompts: Sequence[str], samples: Sequence[Sample], trunk_layers: int = 0) -> list[float]:
         """Normalised reward-model scores (the reference's responses score mean 0, std 1).  With ``trunk_layers``, the
@@ -30,7 +33,7 @@ class Scorer:
         if not samples:
             return []
         args = ([prompts[s.prompt_index] for s in samples], [s.text for s in samples], [s.finished for s in samples])
-        if trunk_layers and self.model.dtype == "float32" and any(s.trunk for s in samples):
+        if trunk_layers and self.trunk is not None and any(s.trunk for s in samples):
             from rlhf_core.reward.trunk import RolloutTrunkScorer
 
             scores = RolloutTrunkScorer(self.model, trunk_layers, self.batch_size)(*args, sampled=[s.trunk for s in samples])

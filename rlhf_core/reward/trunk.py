@@ -232,6 +232,11 @@ class CachedTrunkScorer:
     ) -> torch.Tensor:
         flags = finished_flags(prompts, finished, self.reads_stop_token)
         encoded, _ = encode_conversations(self.tokenizer, prompts, responses, flags)
+        return self.encoded_scores(encoded, batch_size, desc)
+
+    @torch.no_grad()
+    def encoded_scores(self, encoded: list[list[int]], batch_size: int = 16, desc: str | None = None) -> torch.Tensor:
+        """:meth:`raw_scores` of conversations already encoded as the reward model reads them."""
         keys = [tuple(seq) for seq in encoded]
         self.trunk.states(encoded, self.tokenizer.pad_token_id, batch_size, into=self.cache, desc=desc)
         with self.trunk.upper():
@@ -342,14 +347,21 @@ class RolloutTrunkScorer:
         self.trunk = FrozenTrunk(reward.model, layers)
         self.rows_read = self.rows_scored = 0
 
+    @staticmethod
+    def trunk_of(reward) -> DecoderParts | None:
+        """The reward model's decoder, whose lower layers a sampler may share, or None when it scores in another dtype
+        than fp32 (a sampler's states are fp32)."""
+        return decoder_parts(reward.model) if reward.dtype == "float32" else None
+
     @classmethod
     def for_policy(cls, reward, policy, batch_size: int) -> "RolloutTrunkScorer | None":
         """A scorer for the rollouts of ``policy`` (:class:`rlhf_core.ppo.policy.ActorCritic`), or None when its trunk
         trains, the reward model's trunk holds other weights, or either side does not compute in fp32."""
-        if policy.trunk_trainable or policy.dtype != "float32" or reward.dtype != "float32":
+        trunk = cls.trunk_of(reward)
+        if trunk is None or policy.trunk_trainable or policy.dtype != "float32":
             return None
         layers = policy.trunk_layers
-        return cls(reward, layers, batch_size) if same_trunk(decoder_parts(reward.model), policy.parts, layers) else None
+        return cls(reward, layers, batch_size) if same_trunk(trunk, policy.parts, layers) else None
 
     @torch.no_grad()
     def __call__(
@@ -368,4 +380,4 @@ class RolloutTrunkScorer:
         self.rows_read += sum(tuple(seq) in cache for seq in encoded)
         self.rows_scored += len(encoded)
         scorer = CachedTrunkScorer(self.trunk, reward.tokenizer, cache, reward.reads_stop_token)
-        return (scorer.raw_scores(prompts, responses, finished, self.batch_size) - reward.shift) / reward.scale
+        return (scorer.encoded_scores(encoded, self.batch_size) - reward.shift) / reward.scale

@@ -24,7 +24,6 @@ from pathlib import Path
 from rlhf_core import precision, tracking
 from rlhf_core.artifacts import EVALUATION_PLOTS, EvaluationFolder, Layout
 from rlhf_core.config import EvaluateConfig, Params
-from rlhf_core.decoder import decoder_parts
 from rlhf_core.errors import DataError
 from rlhf_core.evaluation.best_of_n import FrontierPoint, frontier
 from rlhf_core.evaluation.gates import Evidence, Judged, apply_gates, gate_metrics
@@ -251,8 +250,7 @@ def run(params: Params) -> dict:
         with_gold = params.labeling.backend == "simulated"
         scorer = Scorer(paths.reward_model, with_gold=with_gold, batch_size=cfg.batch_size)
         # Samples keep the states of the lower layers they share with the reward model (when it scores in fp32).
-        trunk = decoder_parts(scorer.model.model) if scorer.model.dtype == "float32" else None
-        sampled = sample_policies(texts, Path(paths.policy), reference, champion_ref and champion_ref.path, cfg, trunk)
+        sampled = sample_policies(texts, Path(paths.policy), reference, champion_ref and champion_ref.path, cfg, scorer.trunk)
         numeric_path = {
             **precision.record("eval", cfg.dtype, precision.default_device()), "eval/reward_dtype": scorer.model.dtype,
             "eval/trunk_layers_shared": sampled.trunk_layers,
