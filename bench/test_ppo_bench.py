@@ -46,6 +46,14 @@ def test_flops_lora_mode_backpropagates_through_frozen_base_weights_only_once():
     assert flops == 2800 + 2 * (2 * 200 + 2 * 1200)
 
 
+def test_flops_count_the_rows_own_tokens_and_the_old_pass_only_where_it_runs():
+    # 7 of the 10 positions are the rows' own: upper layer fwd 2*10*1*7 = 140; head 1200
+    # experience without the old pass: reference only = 1340; epoch: 3 * 140 + 2 * 1200 = 2820
+    sizes = PassSizes(batch=2, seq_len=5, n_response=3, tokens=7, old_pass=False)
+    flops = ppo_training_flops(SHAPE, sizes, mode="freeze", trunk_layers=3, separate_value=False, ppo_epochs=2)
+    assert flops == 1340 + 2 * 2820
+
+
 def test_matmul_peak_is_positive_and_finite():
     peak = matmul_peak_flops("float32", size=64, repeats=2)
     assert 0 < peak < float("inf")

@@ -101,11 +101,12 @@ class DecodeStep:
 
         for layer in range(len(parts[0][1].layers)):
             cache.update(join([part.layers[layer].keys for _, part in parts]), join([part.layers[layer].values for _, part in parts]), layer)
-        self.rejoin(len(groups), join)
+        self.rejoin(len(groups), join, back)
         return torch.cat(logits)[back]
 
-    def rejoin(self, groups: int, join) -> None:
-        """After a grouped prefill: a step that keeps per-call outputs joins its last ``groups`` ones with ``join``."""
+    def rejoin(self, groups: int, join, order: torch.Tensor) -> None:
+        """After a grouped prefill: a step that keeps per-call outputs joins its last ``groups`` ones - (..., T, d)
+        tensors with ``join``, one row each with ``torch.cat(...)[order]``."""
 
     def repeat_rows(self, times: int) -> None:
         """After the prefill, when each prompt's cache is repeated ``times`` times: repeat what the step keeps too."""
@@ -126,7 +127,7 @@ class RecordingStep(DecodeStep):
         self.chunks.append(out.hidden_states[self.layers].float())  # [0] is the embeddings' output
         return out.logits[:, -1]
 
-    def rejoin(self, groups: int, join) -> None:
+    def rejoin(self, groups: int, join, order: torch.Tensor) -> None:
         self.chunks[-groups:] = [join(self.chunks[-groups:])]
 
     def repeat_rows(self, times: int) -> None:

@@ -12,9 +12,14 @@ a pass really runs:
   frozen base weights under LoRA), nothing for frozen layers below every
   trainable one.
 
-Decoder layers run over every position of the batch (padding included: the
-work is done); the LM head over the response positions only, since that is all
-the trainer asks of it.  Attention's score and weighted-sum products
+Decoder layers run over each row's own positions: the trainer's passes cut a
+batch's left padding by running rows of similar length together
+(``rlhf_core.ppo.policy.length_groups``; the little padding a group keeps is
+not counted).  The LM head runs over the response positions only, since that
+is all the trainer asks of it.  The old-policy pass is counted only where it
+runs: with ``ppo.dtype: float32`` and the value head on the policy, the sampler
+is the old policy and its log-probs and values stand in for that pass (a
+separate value model still runs, alone).  Attention's score and weighted-sum products
 (``4 * L * hidden`` per token and layer, ~3% here) and all element-wise work are
 left out, so the figure is a slight under-estimate of the work done.
 """
@@ -43,11 +48,15 @@ class DecoderShape:
 
 @dataclass(frozen=True)
 class PassSizes:
-    """Token counts of one update: ``batch`` rows of ``seq_len`` positions, ``n_response`` of which predict the response."""
+    """Token counts of one update: ``batch`` rows of ``seq_len`` positions, ``n_response`` of which predict the
+    response; ``tokens`` of them the rows' own (the rest left padding; all when not given); ``old_pass``: whether
+    the old-policy pass runs (else the sampler's numbers stand in for it)."""
 
     batch: int
     seq_len: int
     n_response: int
+    tokens: int | None = None
+    old_pass: bool = True
 
 
 def backward_factor(trains: bool, on_gradient_path: bool) -> int:
@@ -58,18 +67,19 @@ def backward_factor(trains: bool, on_gradient_path: bool) -> int:
 def ppo_training_flops(
     shape: DecoderShape, sizes: PassSizes, *, mode: str, trunk_layers: int, separate_value: bool, ppo_epochs: int
 ) -> int:
-    """Matmul FLOPs of one update's training step in ``rlhf_core.ppo``: the no-grad experience passes (policy,
-    reference, separate value model) and ``ppo_epochs`` forward+backward passes over the batch.
+    """Matmul FLOPs of one update's training step in ``rlhf_core.ppo``: the no-grad experience passes (reference,
+    old policy where it runs, separate value model) and ``ppo_epochs`` forward+backward passes over the batch.
 
     The frozen trunk (the lower ``trunk_layers`` layers) is not counted: the rollout already computed its
     hidden states and the later passes reuse them.  In ``full`` mode the trunk is empty.
     """
-    tokens = sizes.batch * sizes.seq_len
+    tokens = sizes.batch * sizes.seq_len if sizes.tokens is None else sizes.tokens
     layers_fwd = 2 * shape.layer_params * (shape.num_layers - trunk_layers) * tokens
     head_fwd = 2 * shape.head_params * sizes.batch * sizes.n_response
     value_fwd = layers_fwd if separate_value else 0
 
-    experience = (layers_fwd + head_fwd) * 2 + value_fwd  # policy and reference, and the value model if separate
+    # reference, old policy (unless the sampler stood in for it), and the value model if separate
+    experience = (layers_fwd + head_fwd) * (2 if sizes.old_pass else 1) + value_fwd
 
     layers_back = backward_factor(trains=mode in ("full", "freeze"), on_gradient_path=True)
     head_back = backward_factor(trains=mode == "full", on_gradient_path=True)  # tied to the (frozen unless full) embeddings

@@ -32,7 +32,9 @@ def record_rollout_sizes(trainer) -> list[PassSizes]:
 
     def recording_sample(prompts, generator):
         rollout = sample(prompts, generator)
-        sizes.append(PassSizes(rollout.input_ids.shape[0], rollout.input_ids.shape[1], rollout.n_response))
+        rows, width = rollout.attention_mask.shape
+        leading = int((rollout.attention_mask.cumsum(-1) == 0).sum())  # left padding, which the passes cut
+        sizes.append(PassSizes(rows, width, rollout.n_response, rows * width - leading, rollout.sample_entropy is None))
         return rollout
 
     trainer.sample = recording_sample

@@ -17,6 +17,13 @@ the trunk's hidden states from sampling and every later pass starts from them
 (see :mod:`rlhf_core.ppo.rollout`).  With 24 of SmolLM2's 30 layers frozen, the
 reference, old-policy, value and training passes run 6 layers instead of 30.
 
+Those passes run the rows of a batch in groups of similar length
+(:func:`length_groups`) instead of the batch left-padded to its longest query
+(a third of it padding on the default prompts), and the heads once over the
+joined final states.  In fp32 the sampler runs the old policy's own weights, so
+its log-probs, entropies and values (``value_model: head``) stand in for the
+old-policy pass, which then does not run (:attr:`ActorCritic.samples_as_old_policy`).
+
 The value function is a scalar head on the policy's last hidden state
 (``value_model: head``, one forward for both) or a model of its own
 (``separate``: a trainable copy of the layers above the trunk with a head).
@@ -41,7 +48,7 @@ from torch import nn
 
 from rlhf_core.base_model import frozen_layers
 from rlhf_core.config import PPOConfig
-from rlhf_core.decoder import DecoderParts, decoder_parts
+from rlhf_core.decoder import DecoderParts, decoder_parts, prefill_groups
 from rlhf_core.errors import RLHFError
 from rlhf_core.generation import positions_from_mask
 from rlhf_core import precision
@@ -113,6 +120,31 @@ class PassOutput:
     values: torch.Tensor  # (B, R) fp32
 
 
+#: Padding share a group of rows of one sequence pass may carry, and its fewest rows (see :func:`length_groups`).
+PASS_PADDING, PASS_MIN_ROWS = 0.15, 2
+
+
+def length_groups(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """The rows of a left-padded batch in groups of similar length (:func:`rlhf_core.decoder.prefill_groups`), each
+    with its first column (the group's leading all-padding columns are cut).  A rollout batch is left-padded to its
+    longest query, about a third of it padding on the default prompts; every pass over it (old policy, reference,
+    training) runs its groups instead, and their outputs - the last R positions, which every row has - are stacked
+    back in the batch's order (:func:`in_batch_order`), so losses and gradients are those of the padded batch."""
+    width = attention_mask.shape[1]
+    leading = (attention_mask.cumsum(-1) == 0).sum(-1).tolist()
+    groups = prefill_groups([width - lead for lead in leading], PASS_PADDING, PASS_MIN_ROWS)
+    if len(groups) == 1:
+        groups = [list(range(len(leading)))]  # one group: the batch as it is
+    return [(torch.tensor(rows, device=attention_mask.device), min(leading[r] for r in rows)) for rows in groups]
+
+
+def in_batch_order(groups: list[tuple[torch.Tensor, int]], outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Per-group outputs (rows first) stacked back in the batch's row order."""
+    if len(outputs) == 1:
+        return outputs[0]  # one group holds the rows in order
+    return torch.cat(outputs)[torch.argsort(torch.cat([rows for rows, _ in groups]))]
+
+
 class ActorCritic(nn.Module):
     """Policy (the LM), value function and reference; ``forward`` is the training pass.
 
@@ -152,6 +184,14 @@ class ActorCritic(nn.Module):
     @property
     def trunk_trainable(self) -> bool:
         return self.mode == "full"
+
+    @property
+    def samples_as_old_policy(self) -> bool:
+        """Whether rollouts sample with the very weights and arithmetic of the old-policy pass (``ppo.dtype:
+        float32``): the sampler's log-probs and entropies then replace that pass, and so do its values when they come
+        off the same final states (``value_model: head``); a separate value model runs alone
+        (:meth:`separate_values`, :class:`rlhf_core.ppo.rollout.PolicyRollout`)."""
+        return self.dtype == "float32"
 
     def _set_trainable(self) -> None:
         if self.mode == "full":
@@ -200,8 +240,9 @@ class ActorCritic(nn.Module):
         hidden = (embed or self.parts.embed)(input_ids)
         return run_layers(self.parts.layers[: self.trunk_layers] if layers is None else layers, hidden, attention)
 
-    def sample_step(self, input_ids, attention_mask, position_ids, cache, parts=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of sampling with a KV cache: (trunk hidden states of the new positions, next-token logits).
+    def sample_step(self, input_ids, attention_mask, position_ids, cache, parts=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of sampling with a KV cache: (trunk hidden states of the new positions, the last position's final
+        normed hidden state, its next-token logits).
 
         ``parts`` is the decoder to run: the policy's own (default, under ``ppo.dtype``'s autocast, one-token steps on a
         CPU in fp32) or a :class:`rlhf_core.decoder.SamplingCopy`'s, which runs in its own dtype.
@@ -214,51 +255,80 @@ class ActorCritic(nn.Module):
             trunk_hidden = run_layers(parts.layers[: self.trunk_layers], hidden, attention, cache)
             hidden = run_layers(parts.layers[self.trunk_layers :], trunk_hidden, attention, cache)
             hidden = parts.norm(hidden[:, -1])
-            return trunk_hidden, fp32_linear(hidden, parts.lm_head) if own else parts.lm_head(hidden).float()
+            return trunk_hidden, hidden, fp32_linear(hidden, parts.lm_head) if own else parts.lm_head(hidden).float()
 
     def _attention(self, input_ids, attention_mask) -> Attention:
         probe = self.parts.embed.weight.new_empty(*input_ids.shape, 1)  # mask creation reads only shape/dtype/device
         return attention_inputs(self.parts, probe, attention_mask, positions_from_mask(attention_mask))
 
-    def _upper(self, trunk_hidden, attention, layers, norm, n_response: int) -> torch.Tensor:
-        hidden = run_layers(layers, trunk_hidden, attention)
-        return norm(hidden[:, -n_response:])
+    def _final(self, stack, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
+        """Final normed hidden states of the last ``n_response`` positions through one ``stack``: (embeddings, lower
+        layers, upper layers, norm), the embeddings and lower layers only when ``trunk_hidden`` is None."""
+        embed, lower, upper, norm = stack
+        layers = list(upper) if trunk_hidden is not None else [*lower, *upper]
+        hidden = trunk_hidden if trunk_hidden is not None else embed(input_ids)
+        return norm(run_layers(layers, hidden, self._attention(input_ids, attention_mask))[:, -n_response:])
+
+    def _policy_stack(self):
+        k = self.trunk_layers
+        return self.parts.embed, self.parts.layers[:k], self.parts.layers[k:], self.parts.norm
+
+    def _copy_stack(self, copy: nn.ModuleDict):
+        """The stack of a copy made by :meth:`_copy_upper` (its own trunk only where the trunk trains)."""
+        return (copy.embed, copy.trunk_layers, copy.layers, copy.norm) if self.trunk_trainable else (None, [], copy.layers, copy.norm)
 
     def forward(self, input_ids, attention_mask, trunk_hidden, n_response: int) -> PassOutput:
         """Policy logits and values for the last ``n_response`` positions (the ones that predict the response).
 
-        ``trunk_hidden`` comes from the rollout when the trunk is frozen; a trainable trunk is run here.
+        ``trunk_hidden`` comes from the rollout when the trunk is frozen; a trainable trunk is run here.  The layers
+        run over groups of rows of similar length (:func:`length_groups`); the heads over the whole batch.
         """
-        with self.autocast():
-            attention = self._attention(input_ids, attention_mask)
-            if trunk_hidden is None:
-                trunk_hidden = self.trunk(input_ids, attention)
-            final = self._upper(trunk_hidden, attention, self.parts.layers[self.trunk_layers :], self.parts.norm, n_response)
-            logits = fp32_linear(final, self.parts.lm_head)
-            if self.separate_value:
-                final = self._value_hidden(input_ids, attention, trunk_hidden, n_response)
-            return PassOutput(logits, self.value_head(final))
+        groups = length_groups(attention_mask)
+        finals = [self._final_states(*self._group(rows, start, input_ids, attention_mask, trunk_hidden), n_response) for rows, start in groups]
+        final = in_batch_order(groups, [policy for policy, _ in finals])
+        value_final = final if not self.separate_value else in_batch_order(groups, [value for _, value in finals])
+        return PassOutput(fp32_linear(final, self.parts.lm_head), self.value_head(value_final))
 
-    def _value_hidden(self, input_ids, attention, trunk_hidden, n_response: int) -> torch.Tensor:
-        model = self.value_model
-        if self.trunk_trainable:
-            trunk_hidden = self.trunk(input_ids, attention, embed=model.embed, layers=model.trunk_layers)
-        return self._upper(trunk_hidden, attention, model.layers, model.norm, n_response)
+    @staticmethod
+    def _group(rows, start, input_ids, attention_mask, trunk_hidden):
+        """One length group's rows without its leading all-padding columns."""
+        if start == 0 and len(rows) == len(input_ids):
+            return input_ids, attention_mask, trunk_hidden
+        return input_ids[rows, start:], attention_mask[rows, start:], None if trunk_hidden is None else trunk_hidden[rows, start:]
+
+    def _final_states(self, input_ids, attention_mask, trunk_hidden, n_response: int):
+        """(policy's, separate value model's or None) final normed hidden states of the response positions."""
+        with self.autocast():
+            final = self._final(self._policy_stack(), input_ids, attention_mask, trunk_hidden, n_response)
+            if not self.separate_value:
+                return final, None
+            return final, self._final(self._copy_stack(self.value_model), input_ids, attention_mask, trunk_hidden, n_response)
+
+    @torch.no_grad()
+    def separate_values(self, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
+        """The separate value model's values for the response positions (its layers over :func:`length_groups`)."""
+        groups = length_groups(attention_mask)
+        finals = []
+        for rows, start in groups:
+            with self.autocast():
+                group = self._group(rows, start, input_ids, attention_mask, trunk_hidden)
+                finals.append(self._final(self._copy_stack(self.value_model), *group, n_response))
+        return self.value_head(in_batch_order(groups, finals))
 
     @torch.no_grad()
     def reference_logits(self, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
-        """Logits of the frozen reference (the initial policy) for the response positions."""
+        """Logits of the frozen reference (the initial policy) for the response positions (layers over
+        :func:`length_groups`, the LM head over the whole batch)."""
+        groups = length_groups(attention_mask)
+        final = in_batch_order(groups, [self._reference_final(*self._group(rows, start, input_ids, attention_mask, trunk_hidden), n_response) for rows, start in groups])
+        return fp32_linear(final, self.reference.lm_head if self.mode == "full" else self.parts.lm_head)
+
+    def _reference_final(self, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
         with self.autocast():
-            attention = self._attention(input_ids, attention_mask)
             if self.mode == "lora":
                 with self.lm.disable_adapter():
-                    final = self._upper(trunk_hidden, attention, self.parts.layers[self.trunk_layers :], self.parts.norm, n_response)
-                return fp32_linear(final, self.parts.lm_head)
-            ref = self.reference
-            if self.mode == "full":
-                trunk_hidden = self.trunk(input_ids, attention, embed=ref.embed, layers=ref.trunk_layers)
-            final = self._upper(trunk_hidden, attention, ref.layers, ref.norm, n_response)
-            return fp32_linear(final, ref.lm_head if self.mode == "full" else self.parts.lm_head)
+                    return self._final(self._policy_stack(), input_ids, attention_mask, trunk_hidden, n_response)
+            return self._final(self._copy_stack(self.reference), input_ids, attention_mask, trunk_hidden, n_response)
 
     # ----------------------------------------------------------------- state
 

@@ -229,19 +229,29 @@ class PPOTrainer:
         return self.cfg.minibatches * self.cfg.gradient_accumulation == 1
 
     def _experience(self, rollout: PolicyRollout, scores: torch.Tensor, beta: float):
-        """Old log-probs and values, the KL to the reference, shaped rewards and GAE advantages."""
+        """Old log-probs and values (the sampler's when it ran the old policy's fp32 weights, else one pass more),
+        the KL to the reference, shaped rewards and GAE advantages."""
         cfg, n, mask = self.cfg, rollout.n_response, rollout.response_mask
         parts = [rollout.rows(rows) for rows in torch.arange(len(scores)).split(self.local_batch // cfg.minibatches)]
+        from_sampler = rollout.sample_entropy is not None
         first_pass = None
-        if self.reuses_first_pass:
+        if self.reuses_first_pass and not from_sampler:
             first_pass = self.model(rollout.input_ids, rollout.attention_mask, rollout.trunk_hidden, n)
         old_logprobs, old_values, ref_logprobs, entropy = [], [], [], []
         with torch.no_grad():
             for part in parts:
-                old = first_pass or self.policy(part.input_ids, part.attention_mask, part.trunk_hidden, n)
-                old_logprobs.append(core.logprobs_of(old.logits.detach(), part.response_ids, cfg.temperature))
-                entropy.append(core.entropy_of(old.logits.detach(), cfg.temperature))
-                old_values.append(old.values.detach())
+                if from_sampler:
+                    old_logprobs.append(part.sample_logprobs)
+                    entropy.append(part.sample_entropy)
+                    old_values.append(
+                        part.sample_values if part.sample_values is not None
+                        else self.policy.separate_values(part.input_ids, part.attention_mask, part.trunk_hidden, n)
+                    )  # fmt: skip
+                else:
+                    old = first_pass or self.policy(part.input_ids, part.attention_mask, part.trunk_hidden, n)
+                    old_logprobs.append(core.logprobs_of(old.logits.detach(), part.response_ids, cfg.temperature))
+                    entropy.append(core.entropy_of(old.logits.detach(), cfg.temperature))
+                    old_values.append(old.values.detach())
                 ref_logits = self.policy.reference_logits(part.input_ids, part.attention_mask, part.trunk_hidden, n)
                 ref_logprobs.append(core.logprobs_of(ref_logits, part.response_ids, cfg.temperature))
             old_logprobs, old_values = torch.cat(old_logprobs), torch.cat(old_values) * mask

@@ -1,0 +1,123 @@
+"""PPO's sequence passes without the batch's left padding, and the fp32 sampler standing in for the old-policy pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_core.config import PPOConfig
+from rlhf_core.ppo import core
+
+#: Prompts of very different lengths: a batch of them is mostly left padding.
+MANY = [("Why? " * (1 + 7 * (i % 4))) + f"Question {i}." for i in range(10)]
+
+
+def _model(tiny_base_model, **overrides):
+    from rlhf_core.ppo.policy import build_actor_critic
+
+    torch.manual_seed(0)
+    model = build_actor_critic(tiny_base_model, PPOConfig(freeze_layers=1, **overrides), torch.device("cpu"))
+    with torch.no_grad():  # the value head starts at zero, which would hide any mix-up of positions
+        model.value_head.linear.weight.normal_(0, 0.5)
+        model.value_head.linear.bias.fill_(0.1)
+    return model
+
+
+def _rollout(model, tiny_base_model, prompts=MANY, max_new_tokens=5, seed=1, eos=None, feed_last=False):
+    from rlhf_core.base_model import load_tokenizer
+    from rlhf_core.generation import encode_queries
+    from rlhf_core.ppo.rollout import sample_rollout
+
+    tokenizer = load_tokenizer(tiny_base_model)
+    ids, mask = encode_queries(tokenizer, prompts)
+    return sample_rollout(
+        model, ids, mask, max_new_tokens=max_new_tokens, temperature=0.8,
+        eos_token_id=tokenizer.eos_token_id if eos is None else eos, pad_token_id=tokenizer.pad_token_id,
+        generator=torch.Generator().manual_seed(seed), feed_last=feed_last,
+    )  # fmt: skip
+
+
+def _trainable_grads(model, out) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    (out.logits.logsumexp(-1).mean() + out.values.pow(2).mean()).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("mode", "value_model"), [("freeze", "head"), ("full", "separate"), ("lora", "head")])
+def test_passes_over_length_groups_equal_one_padded_batch(tiny_base_model, monkeypatch, mode, value_model):
+    from rlhf_core.ppo import policy as policy_module
+
+    model = _model(tiny_base_model, mode=mode, value_model=value_model)
+    rollout = _rollout(model, tiny_base_model)
+    args = (rollout.input_ids, rollout.attention_mask, rollout.trunk_hidden, rollout.n_response)
+    groups = policy_module.length_groups(rollout.attention_mask)
+    assert len(groups) > 1 and any(start > 0 for _, start in groups)
+    assert sorted(int(r) for rows, _ in groups for r in rows) == list(range(len(MANY)))
+
+    # the positions the grouped passes run: fewer than the padded batch's
+    widths = []
+    final_states = model._final_states
+    monkeypatch.setattr(model, "_final_states", lambda ids, *rest: widths.append(ids.shape) or final_states(ids, *rest))
+    grouped, grouped_ref = model(*args), model.reference_logits(*args)
+    grouped_grads = _trainable_grads(model, model(*args))
+    assert sum(rows * width for rows, width in widths) < 2 * rollout.input_ids.numel()
+
+    monkeypatch.setattr(policy_module, "PASS_PADDING", float("inf"))  # one group: the padded batch as it is
+    assert len(policy_module.length_groups(rollout.attention_mask)) == 1
+    padded, padded_ref = model(*args), model.reference_logits(*args)
+    padded_grads = _trainable_grads(model, model(*args))
+
+    live = rollout.response_mask.bool()
+    assert torch.allclose(grouped.logits[live], padded.logits[live], atol=1e-4)
+    assert torch.allclose(grouped.values[live], padded.values[live], atol=1e-4)
+    assert torch.allclose(grouped_ref[live], padded_ref[live], atol=1e-4)
+    if value_model == "separate":  # the value model alone (the old-policy pass the sampler cannot stand in for)
+        assert torch.allclose(model.separate_values(*args)[live], padded.values[live], atol=1e-4)
+    assert grouped_grads.keys() == padded_grads.keys() and grouped_grads
+    for name, grad in grouped_grads.items():
+        assert torch.allclose(grad, padded_grads[name], atol=1e-5, rtol=1e-3), name
+    # rows really are matched to their own outputs: swapping two rows' inputs swaps their outputs
+    swap = torch.arange(len(MANY))
+    swap[[0, 3]] = swap[[3, 0]]
+    swapped = model(*(a[swap] if torch.is_tensor(a) else a for a in args))
+    assert torch.allclose(swapped.values[0][live[3]], padded.values[3][live[3]], atol=1e-4)
+
+
+def test_the_fp32_sampler_stands_in_for_the_old_policy_pass(tiny_base_model):
+    model = _model(tiny_base_model, mode="freeze")
+    assert model.samples_as_old_policy
+    first = _rollout(model, tiny_base_model)
+    # Call a token the first rollout drew mid-answer the stop token: the same draws then end that row early.
+    rollout = _rollout(model, tiny_base_model, eos=int(first.response_ids[0, 1]))  # and the prefill ran in groups
+    out = model(rollout.input_ids, rollout.attention_mask, rollout.trunk_hidden, rollout.n_response)
+    live = rollout.response_mask.bool()
+    assert not live.all()  # some rows ended early; their padding must hold zeros
+    assert torch.allclose(rollout.sample_values[live], out.values[live], atol=1e-4)
+    assert torch.allclose(rollout.sample_entropy[live], core.entropy_of(out.logits, 0.8)[live], atol=1e-4)
+    assert torch.allclose(rollout.sample_logprobs[live], core.logprobs_of(out.logits, rollout.response_ids, 0.8)[live], atol=1e-4)
+    assert (rollout.sample_values[~live] == 0).all() and (rollout.sample_entropy[~live] == 0).all()
+    # a feed_last call predicts nothing and is not kept as a position
+    fed = _rollout(model, tiny_base_model, eos=int(first.response_ids[0, 1]), feed_last=True)
+    assert fed.trunk_last is not None and torch.equal(fed.sample_values, rollout.sample_values)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "old_passes", "value_passes"),
+    [({}, 0, 0), ({"mode": "full", "value_model": "separate"}, 0, 2), ({"dtype": "bfloat16"}, 2, 0)],
+)
+def test_the_trainer_skips_the_old_policy_pass_only_where_the_sampler_ran_it(tiny_base_model, monkeypatch, overrides, old_passes, value_passes):
+    from rlhf_core.ppo.policy import ActorCritic
+    from rlhf_core.ppo.trainer import build_trainer
+
+    cfg = PPOConfig(**{"mode": "freeze", "freeze_layers": 1, "batch_size": 4, "minibatches": 2, "max_new_tokens": 4, "ppo_epochs": 1, **overrides})
+    trainer = build_trainer(cfg, tiny_base_model, lambda p, r, f: torch.ones(len(p)), MANY[:4])
+    assert trainer.policy.samples_as_old_policy == (old_passes == 0)
+    calls, values = [], []
+    forward, separate_values = ActorCritic.forward, ActorCritic.separate_values
+    monkeypatch.setattr(ActorCritic, "forward", lambda self, *a: calls.append(torch.is_grad_enabled()) or forward(self, *a))
+    monkeypatch.setattr(ActorCritic, "separate_values", lambda self, *a: values.append(1) or separate_values(self, *a))
+    metrics = trainer.step()
+    assert calls.count(False) == old_passes  # the old policy, one pass per minibatch of 2 rows
+    assert len(values) == value_passes  # a separate value model runs alone where the sampler stood in
+    assert calls.count(True) == 2  # the training steps
+    assert metrics["ppo/entropy"] > 0 and abs(metrics["ppo/approx_kl"]) < 1e-3  # first step: new policy == old
