@@ -225,7 +225,8 @@ class PPOTrainer:
     @property
     def reuses_first_pass(self) -> bool:
         """With the batch taken whole (one minibatch, no accumulation), the first training pass runs on the weights
-        that sampled the rollout: it *is* the old-policy pass, so it runs once, with gradients, and serves both."""
+        that sampled the rollout: it *is* the old-policy pass, so it runs once, with gradients, and serves both
+        (where the sampler's own numbers do not already stand in for that pass: ``ppo.dtype: bfloat16``)."""
         return self.cfg.minibatches * self.cfg.gradient_accumulation == 1
 
     def _experience(self, rollout: PolicyRollout, scores: torch.Tensor, beta: float):
