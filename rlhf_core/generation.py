@@ -156,6 +156,11 @@ def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return (block * CDF_BLOCK + offset).squeeze(-1).clamp(max=vocab - 1)
 
 
+def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's leading padding positions (B,): the columns before its first real token."""
+    return (attention_mask.cumsum(-1) == 0).sum(-1)
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding (the same rule ``generate`` uses)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

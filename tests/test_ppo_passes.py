@@ -17,9 +17,12 @@ def _model(tiny_base_model, **overrides):
 
     torch.manual_seed(0)
     model = build_actor_critic(tiny_base_model, PPOConfig(freeze_layers=1, **overrides), torch.device("cpu"))
-    with torch.no_grad():  # the value head starts at zero, which would hide any mix-up of positions
+    with torch.no_grad():  # the value head and LoRA's B start at zero, which would hide mix-ups
         model.value_head.linear.weight.normal_(0, 0.5)
         model.value_head.linear.bias.fill_(0.1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
     return model
 
 
@@ -56,18 +59,26 @@ def test_passes_over_length_groups_equal_one_padded_batch(tiny_base_model, monke
 
     # the positions the grouped passes run: fewer than the padded batch's
     widths = []
-    final_states = model._final_states
-    monkeypatch.setattr(model, "_final_states", lambda ids, *rest: widths.append(ids.shape) or final_states(ids, *rest))
-    grouped, grouped_ref = model(*args), model.reference_logits(*args)
+    final = model._final
+    monkeypatch.setattr(model, "_final", lambda stack, ids, *rest: widths.append(ids.shape) or final(stack, ids, *rest))
+    grouped = model(*args)
+    stacks = 2 if value_model == "separate" else 1
+    assert sum(rows * width for rows, width in widths) < stacks * rollout.input_ids.numel()
+    grouped_ref = model.reference_logits(*args)
     grouped_grads = _trainable_grads(model, model(*args))
-    assert sum(rows * width for rows, width in widths) < 2 * rollout.input_ids.numel()
+    # rows really are matched to their own outputs: swapping two rows' inputs swaps their outputs
+    swap = torch.arange(len(MANY))
+    swap[[0, 3]] = swap[[3, 0]]
+    swapped = model(*(a[swap] if torch.is_tensor(a) else a for a in args))
+    live = rollout.response_mask.bool()
+    assert torch.allclose(swapped.values[0][live[3]], grouped.values[3][live[3]], atol=1e-4)
+    assert torch.allclose(swapped.logits[3][live[0]], grouped.logits[0][live[0]], atol=1e-4)
 
     monkeypatch.setattr(policy_module, "PASS_PADDING", float("inf"))  # one group: the padded batch as it is
     assert len(policy_module.length_groups(rollout.attention_mask)) == 1
     padded, padded_ref = model(*args), model.reference_logits(*args)
     padded_grads = _trainable_grads(model, model(*args))
 
-    live = rollout.response_mask.bool()
     assert torch.allclose(grouped.logits[live], padded.logits[live], atol=1e-4)
     assert torch.allclose(grouped.values[live], padded.values[live], atol=1e-4)
     assert torch.allclose(grouped_ref[live], padded_ref[live], atol=1e-4)
@@ -76,19 +87,21 @@ def test_passes_over_length_groups_equal_one_padded_batch(tiny_base_model, monke
     assert grouped_grads.keys() == padded_grads.keys() and grouped_grads
     for name, grad in grouped_grads.items():
         assert torch.allclose(grad, padded_grads[name], atol=1e-5, rtol=1e-3), name
-    # rows really are matched to their own outputs: swapping two rows' inputs swaps their outputs
-    swap = torch.arange(len(MANY))
-    swap[[0, 3]] = swap[[3, 0]]
-    swapped = model(*(a[swap] if torch.is_tensor(a) else a for a in args))
-    assert torch.allclose(swapped.values[0][live[3]], padded.values[3][live[3]], atol=1e-4)
 
 
-def test_the_fp32_sampler_stands_in_for_the_old_policy_pass(tiny_base_model):
-    model = _model(tiny_base_model, mode="freeze")
+@pytest.mark.parametrize("mode", ["freeze", "full", "lora"])
+def test_the_fp32_sampler_stands_in_for_the_old_policy_pass(tiny_base_model, monkeypatch, mode):
+    from rlhf_core.ppo.rollout import PolicyStep
+
+    model = _model(tiny_base_model, mode=mode)
     assert model.samples_as_old_policy
     first = _rollout(model, tiny_base_model)
+    rejoined = []
+    rejoin = PolicyStep.rejoin
+    monkeypatch.setattr(PolicyStep, "rejoin", lambda self, groups, *a: rejoined.append(groups) or rejoin(self, groups, *a))
     # Call a token the first rollout drew mid-answer the stop token: the same draws then end that row early.
-    rollout = _rollout(model, tiny_base_model, eos=int(first.response_ids[0, 1]))  # and the prefill ran in groups
+    rollout = _rollout(model, tiny_base_model, eos=int(first.response_ids[0, 1]))
+    assert rejoined and rejoined[0] > 1  # the prefill ran in groups, whose records were joined back
     out = model(rollout.input_ids, rollout.attention_mask, rollout.trunk_hidden, rollout.n_response)
     live = rollout.response_mask.bool()
     assert not live.all()  # some rows ended early; their padding must hold zeros
@@ -98,20 +111,28 @@ def test_the_fp32_sampler_stands_in_for_the_old_policy_pass(tiny_base_model):
     assert (rollout.sample_values[~live] == 0).all() and (rollout.sample_entropy[~live] == 0).all()
     # a feed_last call predicts nothing and is not kept as a position
     fed = _rollout(model, tiny_base_model, eos=int(first.response_ids[0, 1]), feed_last=True)
-    assert fed.trunk_last is not None and torch.equal(fed.sample_values, rollout.sample_values)
+    assert (fed.trunk_last is None) == (mode == "full")  # a trainable trunk keeps no states
+    assert torch.equal(fed.sample_values, rollout.sample_values)
 
 
 @pytest.mark.parametrize(
-    ("overrides", "old_passes", "value_passes"),
-    [({}, 0, 0), ({"mode": "full", "value_model": "separate"}, 0, 2), ({"dtype": "bfloat16"}, 2, 0)],
+    ("overrides", "old_passes", "value_passes", "training_passes"),
+    [
+        ({}, 0, 0, 2),
+        ({"mode": "full", "value_model": "separate"}, 0, 2, 2),
+        ({"dtype": "bfloat16"}, 2, 0, 2),
+        ({"minibatches": 1}, 0, 0, 1),  # the batch whole: the first training pass is the old-policy pass, exactly
+    ],
 )
-def test_the_trainer_skips_the_old_policy_pass_only_where_the_sampler_ran_it(tiny_base_model, monkeypatch, overrides, old_passes, value_passes):
+def test_the_trainer_skips_the_old_policy_pass_only_where_the_sampler_ran_it(
+    tiny_base_model, monkeypatch, overrides, old_passes, value_passes, training_passes
+):
     from rlhf_core.ppo.policy import ActorCritic
     from rlhf_core.ppo.trainer import build_trainer
 
     cfg = PPOConfig(**{"mode": "freeze", "freeze_layers": 1, "batch_size": 4, "minibatches": 2, "max_new_tokens": 4, "ppo_epochs": 1, **overrides})
     trainer = build_trainer(cfg, tiny_base_model, lambda p, r, f: torch.ones(len(p)), MANY[:4])
-    assert trainer.policy.samples_as_old_policy == (old_passes == 0)
+    assert trainer.policy.samples_as_old_policy == ("dtype" not in overrides)
     calls, values = [], []
     forward, separate_values = ActorCritic.forward, ActorCritic.separate_values
     monkeypatch.setattr(ActorCritic, "forward", lambda self, *a: calls.append(torch.is_grad_enabled()) or forward(self, *a))
@@ -119,5 +140,7 @@ def test_the_trainer_skips_the_old_policy_pass_only_where_the_sampler_ran_it(tin
     metrics = trainer.step()
     assert calls.count(False) == old_passes  # the old policy, one pass per minibatch of 2 rows
     assert len(values) == value_passes  # a separate value model runs alone where the sampler stood in
-    assert calls.count(True) == 2  # the training steps
+    assert calls.count(True) == training_passes  # the training steps
     assert metrics["ppo/entropy"] > 0 and abs(metrics["ppo/approx_kl"]) < 1e-3  # first step: new policy == old
+    if trainer.reuses_first_pass:
+        assert metrics["ppo/approx_kl"] == 0.0

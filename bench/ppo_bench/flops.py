@@ -17,9 +17,10 @@ batch's left padding by running rows of similar length together
 (``rlhf_core.ppo.policy.length_groups``; the little padding a group keeps is
 not counted).  The LM head runs over the response positions only, since that
 is all the trainer asks of it.  The old-policy pass is counted only where it
-runs: with ``ppo.dtype: float32`` and the value head on the policy, the sampler
-is the old policy and its log-probs and values stand in for that pass (a
-separate value model still runs, alone).  Attention's score and weighted-sum products
+runs: with ``ppo.dtype: float32`` the sampler is the old policy and its
+log-probs (and values, from a value head on the policy) stand in for that pass
+(a separate value model still runs, alone), and with one minibatch the first
+training pass is the old-policy pass.  Attention's score and weighted-sum products
 (``4 * L * hidden`` per token and layer, ~3% here) and all element-wise work are
 left out, so the figure is a slight under-estimate of the work done.
 """

@@ -27,14 +27,18 @@ def reward_score_fn(reward_model_path: str, batch_size: int):
 
 def record_rollout_sizes(trainer) -> list[PassSizes]:
     """Wrap ``trainer.sample`` so that each update's batch shape is kept (the FLOP count needs it)."""
+    from rlhf_core.generation import left_padding
+
     sizes: list[PassSizes] = []
     sample = trainer.sample
 
     def recording_sample(prompts, generator):
         rollout = sample(prompts, generator)
         rows, width = rollout.attention_mask.shape
-        leading = int((rollout.attention_mask.cumsum(-1) == 0).sum())  # left padding, which the passes cut
-        sizes.append(PassSizes(rows, width, rollout.n_response, rows * width - leading, rollout.sample_entropy is None))
+        padding = int(left_padding(rollout.attention_mask).sum())  # which the passes cut
+        # The old-policy pass runs unless the sampler stood in for it or it is the first training pass (one minibatch).
+        old_pass = rollout.sample_entropy is None and not trainer.reuses_first_pass
+        sizes.append(PassSizes(rows, width, rollout.n_response, rows * width - padding, old_pass))
         return rollout
 
     trainer.sample = recording_sample

@@ -50,7 +50,7 @@ from rlhf_core.base_model import frozen_layers
 from rlhf_core.config import PPOConfig
 from rlhf_core.decoder import DecoderParts, decoder_parts, prefill_groups
 from rlhf_core.errors import RLHFError
-from rlhf_core.generation import positions_from_mask
+from rlhf_core.generation import left_padding, positions_from_mask
 from rlhf_core import precision
 
 #: Linear layers of a Llama-style decoder layer that LoRA adapts.
@@ -131,7 +131,7 @@ def length_groups(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]
     training) runs its groups instead, and their outputs - the last R positions, which every row has - are stacked
     back in the batch's order (:func:`in_batch_order`), so losses and gradients are those of the padded batch."""
     width = attention_mask.shape[1]
-    leading = (attention_mask.cumsum(-1) == 0).sum(-1).tolist()
+    leading = left_padding(attention_mask).tolist()
     groups = prefill_groups([width - lead for lead in leading], PASS_PADDING, PASS_MIN_ROWS)
     if len(groups) == 1:
         groups = [list(range(len(leading)))]  # one group: the batch as it is
@@ -190,7 +190,7 @@ class ActorCritic(nn.Module):
         """Whether rollouts sample with the very weights and arithmetic of the old-policy pass (``ppo.dtype:
         float32``): the sampler's log-probs and entropies then replace that pass, and so do its values when they come
         off the same final states (``value_model: head``); a separate value model runs alone
-        (:meth:`separate_values`, :class:`rlhf_core.ppo.rollout.PolicyRollout`)."""
+        (:meth:`separate_values`, :class:`rlhf_core.ppo.rollout.PolicyRollout`, ``PPOTrainer._experience``)."""
         return self.dtype == "float32"
 
     def _set_trainable(self) -> None:
@@ -281,54 +281,43 @@ class ActorCritic(nn.Module):
         """Policy logits and values for the last ``n_response`` positions (the ones that predict the response).
 
         ``trunk_hidden`` comes from the rollout when the trunk is frozen; a trainable trunk is run here.  The layers
-        run over groups of rows of similar length (:func:`length_groups`); the heads over the whole batch.
+        run over groups of rows of similar length (:meth:`_over_groups`); the heads over the whole batch.
         """
-        groups = length_groups(attention_mask)
-        finals = [self._final_states(*self._group(rows, start, input_ids, attention_mask, trunk_hidden), n_response) for rows, start in groups]
-        final = in_batch_order(groups, [policy for policy, _ in finals])
-        value_final = final if not self.separate_value else in_batch_order(groups, [value for _, value in finals])
+        final = self._over_groups(self._policy_stack(), input_ids, attention_mask, trunk_hidden, n_response)
+        value_final = final
+        if self.separate_value:
+            value_final = self._over_groups(self._copy_stack(self.value_model), input_ids, attention_mask, trunk_hidden, n_response)
         return PassOutput(fp32_linear(final, self.parts.lm_head), self.value_head(value_final))
 
-    @staticmethod
-    def _group(rows, start, input_ids, attention_mask, trunk_hidden):
-        """One length group's rows without its leading all-padding columns."""
-        if start == 0 and len(rows) == len(input_ids):
-            return input_ids, attention_mask, trunk_hidden
-        return input_ids[rows, start:], attention_mask[rows, start:], None if trunk_hidden is None else trunk_hidden[rows, start:]
-
-    def _final_states(self, input_ids, attention_mask, trunk_hidden, n_response: int):
-        """(policy's, separate value model's or None) final normed hidden states of the response positions."""
+    def _over_groups(self, stack, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
+        """:meth:`_final` of one stack for each of the batch's :func:`length_groups` (its leading all-padding
+        columns cut), joined back in the batch's row order."""
+        groups = length_groups(attention_mask)
+        finals = []
         with self.autocast():
-            final = self._final(self._policy_stack(), input_ids, attention_mask, trunk_hidden, n_response)
-            if not self.separate_value:
-                return final, None
-            return final, self._final(self._copy_stack(self.value_model), input_ids, attention_mask, trunk_hidden, n_response)
+            for rows, start in groups:
+                if start == 0 and len(rows) == len(input_ids):
+                    group = input_ids, attention_mask, trunk_hidden
+                else:
+                    group = input_ids[rows, start:], attention_mask[rows, start:], None if trunk_hidden is None else trunk_hidden[rows, start:]
+                finals.append(self._final(stack, *group, n_response))
+        return in_batch_order(groups, finals)
 
     @torch.no_grad()
     def separate_values(self, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
-        """The separate value model's values for the response positions (its layers over :func:`length_groups`)."""
-        groups = length_groups(attention_mask)
-        finals = []
-        for rows, start in groups:
-            with self.autocast():
-                group = self._group(rows, start, input_ids, attention_mask, trunk_hidden)
-                finals.append(self._final(self._copy_stack(self.value_model), *group, n_response))
-        return self.value_head(in_batch_order(groups, finals))
+        """The separate value model's values for the response positions, its layers alone."""
+        return self.value_head(self._over_groups(self._copy_stack(self.value_model), input_ids, attention_mask, trunk_hidden, n_response))
 
     @torch.no_grad()
     def reference_logits(self, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
         """Logits of the frozen reference (the initial policy) for the response positions (layers over
-        :func:`length_groups`, the LM head over the whole batch)."""
-        groups = length_groups(attention_mask)
-        final = in_batch_order(groups, [self._reference_final(*self._group(rows, start, input_ids, attention_mask, trunk_hidden), n_response) for rows, start in groups])
+        :meth:`_over_groups`, the LM head over the whole batch)."""
+        if self.mode == "lora":
+            with self.lm.disable_adapter():
+                final = self._over_groups(self._policy_stack(), input_ids, attention_mask, trunk_hidden, n_response)
+            return fp32_linear(final, self.parts.lm_head)
+        final = self._over_groups(self._copy_stack(self.reference), input_ids, attention_mask, trunk_hidden, n_response)
         return fp32_linear(final, self.reference.lm_head if self.mode == "full" else self.parts.lm_head)
-
-    def _reference_final(self, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
-        with self.autocast():
-            if self.mode == "lora":
-                with self.lm.disable_adapter():
-                    return self._final(self._policy_stack(), input_ids, attention_mask, trunk_hidden, n_response)
-            return self._final(self._copy_stack(self.reference), input_ids, attention_mask, trunk_hidden, n_response)
 
     # ----------------------------------------------------------------- state
 

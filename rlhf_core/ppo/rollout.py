@@ -5,7 +5,7 @@ with a decode step that runs the policy's own passes.  Besides the tokens, a
 rollout keeps
 
 * ``sample_logprobs`` - log-probs of the sampled tokens at the sampling
-  temperature, as the sampler saw them (a check on the training pass);
+  temperature, as the sampler saw them (the old policy's in fp32, below);
 * ``trunk_hidden`` - the frozen trunk's hidden states for every position that a
   later pass feeds (queries and all response tokens but the last).  Sampling
   computes them anyway; keeping them means the reference, old-policy, value and
@@ -84,7 +84,7 @@ class PolicyStep(RecordingStep):
     and the sampler stands in for the old-policy pass (see the module's docstring).
     """
 
-    def __init__(self, policy: ActorCritic, temperature: float = 1.0):
+    def __init__(self, policy: ActorCritic, temperature: float):
         super().__init__(policy, policy.trunk_layers, config=policy.parts.config)
         self.parts = policy.sampling_copy().parts if policy.dtype == "bfloat16" else None
         self.temperature = temperature
@@ -106,6 +106,12 @@ class PolicyStep(RecordingStep):
         for kept in (self.entropies, self.values):
             if kept is not None:
                 kept[-groups:] = [torch.cat(kept[-groups:])[order]]
+
+    def repeat_rows(self, times: int) -> None:
+        super().repeat_rows(times)
+        for kept in (self.entropies, self.values):
+            if kept is not None:
+                kept[:] = [x.repeat_interleave(times, dim=0) for x in kept]
 
     def per_token(self, kept: list[torch.Tensor], response_mask: torch.Tensor) -> torch.Tensor:
         """(B, R) from one (B,) tensor per call: the prefill's and each step's predict the response's tokens in turn

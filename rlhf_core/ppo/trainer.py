@@ -226,7 +226,7 @@ class PPOTrainer:
     def reuses_first_pass(self) -> bool:
         """With the batch taken whole (one minibatch, no accumulation), the first training pass runs on the weights
         that sampled the rollout: it *is* the old-policy pass, so it runs once, with gradients, and serves both
-        (where the sampler's own numbers do not already stand in for that pass: ``ppo.dtype: bfloat16``)."""
+        (the sampler's numbers, which stand in for that pass otherwise in fp32, are then left unused)."""
         return self.cfg.minibatches * self.cfg.gradient_accumulation == 1
 
     def _experience(self, rollout: PolicyRollout, scores: torch.Tensor, beta: float):
@@ -234,9 +234,10 @@ class PPOTrainer:
         the KL to the reference, shaped rewards and GAE advantages."""
         cfg, n, mask = self.cfg, rollout.n_response, rollout.response_mask
         parts = [rollout.rows(rows) for rows in torch.arange(len(scores)).split(self.local_batch // cfg.minibatches)]
-        from_sampler = rollout.sample_entropy is not None
+        # With the batch taken whole the first training pass is the old policy's exactly; else, in fp32, the sampler's.
+        from_sampler = rollout.sample_entropy is not None and not self.reuses_first_pass
         first_pass = None
-        if self.reuses_first_pass and not from_sampler:
+        if self.reuses_first_pass:
             first_pass = self.model(rollout.input_ids, rollout.attention_mask, rollout.trunk_hidden, n)
         old_logprobs, old_values, ref_logprobs, entropy = [], [], [], []
         with torch.no_grad():
