@@ -36,8 +36,7 @@ def record_rollout_sizes(trainer) -> list[PassSizes]:
         rollout = sample(prompts, generator)
         rows, width = rollout.attention_mask.shape
         padding = int(left_padding(rollout.attention_mask).sum())  # which the passes cut
-        # The old-policy pass runs unless the sampler stood in for it or it is the first training pass (one minibatch).
-        old_pass = rollout.sample_entropy is None and not trainer.reuses_first_pass
+        old_pass = trainer.old_policy_source(rollout) == "pass"
         sizes.append(PassSizes(rows, width, rollout.n_response, rows * width - padding, old_pass))
         return rollout
 

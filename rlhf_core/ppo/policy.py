@@ -235,10 +235,9 @@ class ActorCritic(nn.Module):
 
     # ----------------------------------------------------------------- passes
 
-    def trunk(self, input_ids, attention: Attention, embed=None, layers=None) -> torch.Tensor:
-        """Embeddings and the lower layers (the policy's unless ``embed``/``layers`` name a copy's)."""
-        hidden = (embed or self.parts.embed)(input_ids)
-        return run_layers(self.parts.layers[: self.trunk_layers] if layers is None else layers, hidden, attention)
+    def trunk(self, input_ids, attention: Attention) -> torch.Tensor:
+        """The policy's embeddings and lower layers: the trunk's hidden states by a fresh pass."""
+        return run_layers(self.parts.layers[: self.trunk_layers], self.parts.embed(input_ids), attention)
 
     def sample_step(self, input_ids, attention_mask, position_ids, cache, parts=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of sampling with a KV cache: (trunk hidden states of the new positions, the last position's final

@@ -229,20 +229,27 @@ class PPOTrainer:
         (the sampler's numbers, which stand in for that pass otherwise in fp32, are then left unused)."""
         return self.cfg.minibatches * self.cfg.gradient_accumulation == 1
 
+    def old_policy_source(self, rollout: PolicyRollout) -> str:
+        """Where a rollout's old log-probs, entropies and values come from: ``"first_pass"`` (the batch taken whole:
+        the first training pass is the old policy's exactly), ``"sampler"`` (it ran the old policy's fp32 weights) or
+        ``"pass"`` (an old-policy pass of its own)."""
+        if self.reuses_first_pass:
+            return "first_pass"
+        return "sampler" if rollout.sample_entropy is not None else "pass"
+
     def _experience(self, rollout: PolicyRollout, scores: torch.Tensor, beta: float):
-        """Old log-probs and values (the sampler's when it ran the old policy's fp32 weights, else one pass more),
-        the KL to the reference, shaped rewards and GAE advantages."""
+        """Old log-probs and values (:meth:`old_policy_source`), the KL to the reference, shaped rewards and GAE
+        advantages."""
         cfg, n, mask = self.cfg, rollout.n_response, rollout.response_mask
         parts = [rollout.rows(rows) for rows in torch.arange(len(scores)).split(self.local_batch // cfg.minibatches)]
-        # With the batch taken whole the first training pass is the old policy's exactly; else, in fp32, the sampler's.
-        from_sampler = rollout.sample_entropy is not None and not self.reuses_first_pass
+        source = self.old_policy_source(rollout)
         first_pass = None
-        if self.reuses_first_pass:
+        if source == "first_pass":
             first_pass = self.model(rollout.input_ids, rollout.attention_mask, rollout.trunk_hidden, n)
         old_logprobs, old_values, ref_logprobs, entropy = [], [], [], []
         with torch.no_grad():
             for part in parts:
-                if from_sampler:
+                if source == "sampler":
                     old_logprobs.append(part.sample_logprobs)
                     entropy.append(part.sample_entropy)
                     old_values.append(
