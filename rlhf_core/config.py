@@ -440,6 +440,10 @@ class EvaluateConfig(Section):
         description="dtype the policies are sampled and their log-likelihoods computed in (the reward model is scored in "
         "its own, reward.dtype); the same on every CPU (rlhf_core/precision.py).",
     )
+    samples_per_prompt: int = Field(
+        2, gt=0, description="Responses of each policy to every eval prompt; win rates pit each against each of the "
+        "other policy's to that prompt (a second response costs its decode steps, not another prompt pass).",
+    )
     best_of_n: list[int] = Field([1, 2, 4, 8, 16], description="n of the best-of-n frontier from the reference.")
     best_of_n_prompts: int = Field(
         16, gt=0, description="First N eval prompts that get a pool of max(best_of_n) samples (the pool dominates the cost)."

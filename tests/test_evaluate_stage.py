@@ -85,7 +85,10 @@ def test_evaluate_measures_gates_plots_and_promote_acts_on_it(work_env, models):
     assert saved["eval/candidate_version"] == candidate and saved["eval/champion_version"] == champion
     assert saved["eval/num_prompts"] == len(PROMPTS)
     low, rate, high = (saved[f"eval/gold_win_rate_vs_reference{s}"] for s in ("_low", "", "_high"))
-    assert 0 <= low <= rate <= high <= 1 and saved["eval/gold_win_rate_vs_reference_n"] == len(PROMPTS)
+    k = params.evaluate.samples_per_prompt
+    assert k == 2  # the default: every response of a prompt meets each of the other policy's
+    assert 0 <= low <= rate <= high <= 1 and saved["eval/gold_win_rate_vs_reference_n"] == len(PROMPTS) * k * k
+    assert len(PROMPTS) <= saved["eval/gold_win_rate_vs_reference_effective_n"] <= len(PROMPTS) * k * k
     assert "eval/gold_win_rate_vs_champion" in saved and "eval/proxy_win_rate_vs_champion" in saved
     # k1 estimates from a few samples can be negative; exactly 0 only for a policy identical to the reference
     assert saved["eval/kl"] != 0.0
@@ -103,7 +106,10 @@ def test_evaluate_measures_gates_plots_and_promote_acts_on_it(work_env, models):
 
     evaluation = work_env / params.paths.evaluation
     samples = (evaluation / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 3 * len(PROMPTS)
+    assert len(samples) == 3 * len(PROMPTS) * k
+    assert sorted({(json.loads(row)["prompt_id"], json.loads(row)["sample"]) for row in samples}) == sorted(
+        (f"e{i}", j) for i in range(len(PROMPTS)) for j in range(k)
+    )
     assert (evaluation / "plot_data/best_of_n.csv").read_text().startswith("n,kl,proxy,gold")
     assert not (evaluation / "human_eval").exists()  # gold is known: no human task
     for name in ("gold_vs_kl.png", "ppo_curves.png", "lengths.png"):

@@ -13,11 +13,13 @@ from rlhf_core.evaluation.metrics import (
     length_stats,
     mean_interval,
     perplexity,
+    prompt_win_rate,
     repetition_rate,
     wilson_interval,
     win_rate,
 )
 from rlhf_core.evaluation.overoptimisation import Gain, assess, gold_trend, paired_gain
+from rlhf_core.evaluation.report import Responses, compare
 from rlhf_core.schemas import Prompt, Ranking
 
 
@@ -41,6 +43,63 @@ def test_win_rate_counts_ties_as_half():
     assert metrics["eval/x"] == 0.625 and metrics["eval/x_n"] == 4 and metrics["eval/x_low"] < 0.625 < metrics["eval/x_high"]
     with pytest.raises(ValueError):
         win_rate([1.0], [])
+
+
+def test_prompt_win_rate_pits_every_response_against_every_other_to_the_same_prompt():
+    # prompt 0: 3>1, 3>2, 4>1, 4>2 -> 4 of 4; prompt 1: 1<2, 1<3, 2=2, 2<3 -> 0.5 of 4
+    rate = prompt_win_rate([[3, 4], [1, 2]], [[1, 2], [2, 3]])
+    assert (rate.wins, rate.ties, rate.losses, rate.n) == (4, 1, 3, 8)
+    assert rate.rate == pytest.approx(4.5 / 8)
+    # shares 1 and 0.125: 2 prompts x p(1-p) / var = 2 x 0.24609 / 0.19141 = 18/7 of the 8 pairs
+    assert rate.effective_n == pytest.approx(18 / 7)
+    assert rate.interval == pytest.approx(wilson_interval(rate.rate * rate.effective_n, rate.effective_n))
+    metrics = rate.as_metrics("eval/x")
+    assert metrics["eval/x_n"] == 8 and metrics["eval/x_effective_n"] == pytest.approx(rate.effective_n)
+    # one response a side is the paired win rate, bit for bit (ties and Wilson at the prompt count)
+    assert prompt_win_rate([[1], [2], [3], [4]], [[0], [2], [5], [1]]) == win_rate([1, 2, 3, 4], [0, 2, 5, 1])
+    # prompts that are won or lost whole are worth one comparison each; equal shares, every pair
+    assert prompt_win_rate([[5, 6], [0, 1]], [[1, 2], [3, 4]]).effective_n == 2
+    assert prompt_win_rate([[5, 0], [5, 0]], [[1, 2], [1, 2]]).effective_n == 8
+    assert prompt_win_rate([[1, 3]], [[2]]).rate == 0.5  # two responses against one: two pairs
+    for a, b in (([[1, 2], [3]], [[1], [2]]), ([[1], [3]], [[1, 2], [3]]), ([[1]], []), ([[]], [[1]])):
+        with pytest.raises(ValueError):
+            prompt_win_rate(a, b)
+
+
+def _coverage(k: int, prompts: int, trials: int, naive: bool) -> float:
+    """Share of simulated evaluations whose 95% interval holds the true win rate; each prompt has its own advantage
+    of the candidate (a prompt effect), so the pairs of one prompt are correlated."""
+    import random
+
+    rng = random.Random(7)
+    effects = [rng.gauss(0.2, 1.0) for _ in range(20_000)]
+    truth = sum(0.5 * (1 + math.erf(e / 2)) for e in effects) / len(effects)  # P(N(e, 1) > N(0, 1)), averaged
+    hits = 0
+    for _ in range(trials):
+        a, b = [], []
+        for _ in range(prompts):
+            effect = rng.gauss(0.2, 1.0)
+            a.append([rng.gauss(effect, 1.0) for _ in range(k)])
+            b.append([rng.gauss(0.0, 1.0) for _ in range(k)])
+        rate = prompt_win_rate(a, b)
+        low, high = wilson_interval(rate.rate * rate.n, rate.n) if naive else rate.interval
+        hits += low <= truth <= high
+    return hits / trials
+
+
+def test_prompt_win_rate_interval_holds_its_coverage_with_correlated_pairs():
+    assert 0.92 <= _coverage(k=2, prompts=60, trials=400, naive=False) <= 0.98
+    assert 0.92 <= _coverage(k=1, prompts=60, trials=400, naive=False) <= 0.98
+    # counting every pair as independent would claim more than the data hold
+    assert _coverage(k=2, prompts=60, trials=400, naive=True) < 0.88
+
+
+def test_responses_group_by_prompt():
+    responses = Responses("candidate", list("abcdef"), [[1]] * 6, [True] * 6, [1, 2, 3, 4, 5, 6], [0, 1, 1, 0, 2, 2], 2)
+    assert responses.per_prompt(responses.gold) == [[0, 1], [1, 0], [2, 2]]
+    assert responses.prompt_means(responses.proxy) == [1.5, 3.5, 5.5] and responses.firsts(responses.texts) == ["a", "c", "e"]
+    other = Responses("reference", list("uvwxyz"), [[1]] * 6, [True] * 6, [0] * 6, [1, 1, 0, 0, 3, 3], 2)
+    assert compare(responses, other, "gold") == prompt_win_rate([[0, 1], [1, 0], [2, 2]], [[1, 1], [0, 0], [3, 3]])
 
 
 def test_distinct_n_over_the_whole_set():

@@ -133,6 +133,14 @@ def test_trainer_hands_the_rollout_to_a_score_function_that_reads_it(tiny_base_m
     (sampled,) = seen
     assert len(sampled) == 2 and all(states.shape[0] == len(tokens) for tokens, states in sampled)
 
+    # The gold probe scores its responses with that same scorer, from its rollouts' trunk states.
+    from rlhf_core.ppo.loop import GoldProbe
+
+    probe = GoldProbe(PROMPTS[:3], lambda prompt, response: float(len(response)), seed=5)
+    measured = probe.measure(trainer)
+    assert [len(sampled) for sampled in seen[1:]] == [2, 1]  # local_batch 2: two rollouts for three prompts
+    assert measured["ppo/gold_proxy"] == 0.0 and measured["ppo/gold"] > 0
+
 
 # --------------------------------------------------------------------------- evaluation samples
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 Z_95 = 1.959963984540054
 
 
-def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
+def wilson_interval(successes: float, n: float, z: float = Z_95) -> tuple[float, float]:
     """Wilson score interval of a proportion (Wilson 1927).
 
     Unlike the normal approximation it stays inside [0, 1] and is sensible for
@@ -32,28 +32,40 @@ def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, f
 
 @dataclass(frozen=True)
 class WinRate:
-    """How often A beat B over paired comparisons; a tie counts as half a win."""
+    """How often A beat B over paired comparisons; a tie counts as half a win.
 
-    wins: int
-    ties: int
-    losses: int
+    ``effective_n``: when the comparisons are not independent (every response of
+    a prompt against every response of the other policy to it,
+    :func:`prompt_win_rate`), the number of independent comparisons they are worth;
+    the interval is then Wilson's at that many.
+    """
+
+    wins: float
+    ties: float
+    losses: float
+    effective_n: float | None = None
 
     @property
     def n(self) -> int:
-        return self.wins + self.ties + self.losses
+        return round(self.wins + self.ties + self.losses)
 
     @property
     def rate(self) -> float:
-        return (self.wins + 0.5 * self.ties) / self.n
+        return (self.wins + 0.5 * self.ties) / (self.wins + self.ties + self.losses)
 
     @property
     def interval(self) -> tuple[float, float]:
-        """95% Wilson interval of :attr:`rate`."""
-        return wilson_interval(self.wins + 0.5 * self.ties, self.n)
+        """95% Wilson interval of :attr:`rate` (at :attr:`effective_n` comparisons when set)."""
+        if self.effective_n is None:
+            return wilson_interval(self.wins + 0.5 * self.ties, self.n)
+        return wilson_interval(self.rate * self.effective_n, self.effective_n)
 
     def as_metrics(self, name: str) -> dict[str, float]:
         low, high = self.interval
-        return {name: self.rate, f"{name}_low": low, f"{name}_high": high, f"{name}_n": self.n}
+        metrics = {name: self.rate, f"{name}_low": low, f"{name}_high": high, f"{name}_n": self.n}
+        if self.effective_n is not None:
+            metrics[f"{name}_effective_n"] = self.effective_n
+        return metrics
 
 
 def win_rate(a: Sequence[float], b: Sequence[float]) -> WinRate:
@@ -63,6 +75,33 @@ def win_rate(a: Sequence[float], b: Sequence[float]) -> WinRate:
     wins = sum(x > y for x, y in zip(a, b))
     ties = sum(x == y for x, y in zip(a, b))
     return WinRate(wins, ties, len(a) - wins - ties)
+
+
+def prompt_win_rate(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> WinRate:
+    """Win rate of ``a``'s responses over ``b``'s with several responses per prompt: ``a[i]`` and ``b[i]`` score
+    each policy's responses to prompt i, and every response of ``a`` meets every response of ``b`` to the same prompt.
+
+    Every prompt has as many pairs as every other, so the rate is the mean over
+    prompts of the share of its pairs won.  The pairs of one prompt are not
+    independent: the interval is Wilson's at the effective number of
+    comparisons, ``prompts x p(1 - p) / var(per-prompt share)`` (Kish's design
+    effect), between the prompt count and the pair count.  With one response
+    per prompt on each side this is :func:`win_rate` exactly.
+    """
+    if len(a) != len(b) or not a or any(not x or not y for x, y in zip(a, b)):
+        raise ValueError(f"win rate needs scores for every prompt on both sides (got {len(a)} and {len(b)} prompts)")
+    if {len(x) for x in a} | {len(y) for y in b} == {1}:
+        return win_rate([x[0] for x in a], [y[0] for y in b])
+    if len({len(x) for x in a}) != 1 or len({len(y) for y in b}) != 1:
+        raise ValueError("every prompt needs as many responses as every other, on each side")
+    outcomes = [[(x > y) + 0.5 * (x == y) for x in xs for y in ys] for xs, ys in zip(a, b)]
+    wins = sum(o == 1.0 for row in outcomes for o in row)
+    ties = sum(o == 0.5 for row in outcomes for o in row)
+    pairs = sum(len(row) for row in outcomes)
+    shares = [statistics.fmean(row) for row in outcomes]
+    rate, spread = statistics.fmean(shares), statistics.pvariance(shares)
+    effective = pairs if spread == 0 else len(shares) * rate * (1 - rate) / spread
+    return WinRate(wins, ties, pairs - wins - ties, min(max(effective, len(shares)), pairs))
 
 
 def ngrams(sequence: Sequence[Hashable], n: int) -> list[tuple]:

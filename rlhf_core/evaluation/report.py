@@ -5,12 +5,13 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from rlhf_core.evaluation.metrics import distinct_n, length_stats, repetition_rate, win_rate
+from rlhf_core.evaluation.metrics import WinRate, distinct_n, length_stats, prompt_win_rate, repetition_rate
 
 
 @dataclass(frozen=True)
 class Responses:
-    """One response per eval prompt (same prompts, same order for every policy)."""
+    """``samples_per_prompt`` responses per eval prompt, prompt by prompt (same prompts, same order and as many
+    responses for every policy)."""
 
     name: str
     texts: list[str]
@@ -18,10 +19,29 @@ class Responses:
     finished: list[bool]
     proxy: list[float]
     gold: list[float] | None  # None when there is no gold function
+    samples_per_prompt: int = 1
 
     @property
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.token_ids]
+
+    def per_prompt(self, values: list) -> list[list]:
+        """``values`` (one per response, e.g. :attr:`gold`) cut into one list per prompt."""
+        k = self.samples_per_prompt
+        return [values[at : at + k] for at in range(0, len(values), k)]
+
+    def prompt_means(self, values: list[float]) -> list[float]:
+        return [statistics.fmean(group) for group in self.per_prompt(values)]
+
+    def firsts(self, values: list) -> list:
+        """The first response's value for every prompt."""
+        return values[:: self.samples_per_prompt]
+
+
+def compare(a: Responses, b: Responses, scores: str) -> WinRate:
+    """Win rate of ``a`` over ``b`` by ``scores`` ("gold" or "proxy"), every response of a prompt against every
+    response of the other policy to it (:func:`rlhf_core.evaluation.metrics.prompt_win_rate`)."""
+    return prompt_win_rate(a.per_prompt(getattr(a, scores)), b.per_prompt(getattr(b, scores)))
 
 
 def policy_metrics(responses: Responses, repetition_ngram: int) -> dict[str, float]:
@@ -39,10 +59,11 @@ def policy_metrics(responses: Responses, repetition_ngram: int) -> dict[str, flo
 
 
 def win_rate_metrics(candidate: Responses, other: Responses) -> dict[str, float]:
-    """``eval/{proxy,gold}_win_rate_vs_<other>`` with ``_low``/``_high`` (95% Wilson) and ``_n``."""
-    metrics = win_rate(candidate.proxy, other.proxy).as_metrics(f"eval/proxy_win_rate_vs_{other.name}")
+    """``eval/{proxy,gold}_win_rate_vs_<other>`` with ``_low``/``_high`` (95% Wilson), ``_n`` (pairs) and, with
+    several responses per prompt, ``_effective_n``."""
+    metrics = compare(candidate, other, "proxy").as_metrics(f"eval/proxy_win_rate_vs_{other.name}")
     if candidate.gold is not None and other.gold is not None:
-        metrics.update(win_rate(candidate.gold, other.gold).as_metrics(f"eval/gold_win_rate_vs_{other.name}"))
+        metrics.update(compare(candidate, other, "gold").as_metrics(f"eval/gold_win_rate_vs_{other.name}"))
     return metrics
 
 

@@ -1,12 +1,11 @@
 """Sample the candidate, the reference and the champion on the eval prompts, with the log-probs KL needs.
 
-Every policy samples the eval prompts with the same seed and the same batch
-layout, so identical policies give identical responses (common random
-numbers: differences between policies are not sampling noise).  The
-reference's first sample per prompt serves both as its eval response and as
-the first member of the best-of-n pool, so the pool costs only
-``pool_size - 1`` further samples on ``best_of_n_prompts`` prompts.  One model
-is resident at a time.
+Every policy samples ``samples_per_prompt`` responses to each eval prompt with
+the same seed and the same batch layout, so identical policies give identical
+responses (common random numbers: differences between policies are not
+sampling noise).  The reference's eval responses also open the best-of-n pool,
+so the pool costs only ``pool_size - samples_per_prompt`` further samples on
+``best_of_n_prompts`` prompts.  One model is resident at a time.
 
 When the candidate, the reference and the reward model share their embeddings
 and lower layers (PPO and the reward model both freeze the same lower layers
@@ -40,19 +39,20 @@ class Sampled:
 
 @dataclass(frozen=True)
 class EvalSamples:
-    candidate: list[Sample]  # one per prompt
+    candidate: list[Sample]  # samples_per_prompt per prompt, prompt by prompt
     candidate_logprob: list[float]  # of each candidate response under the candidate
     candidate_ref_logprob: list[float]  # ... and under the reference
-    reference: list[Sample]  # one per prompt
-    reference_extra: list[list[Sample]]  # pool_size - 1 more for each best-of-n prompt
+    reference: list[Sample]  # samples_per_prompt per prompt
+    reference_extra: list[list[Sample]]  # pool_size - samples_per_prompt more (if any) for each best-of-n prompt
     champion: list[Sample] | None
     tokens: int
     seconds: float
     trunk_layers: int = 0  # the layers whose output the samples keep (Sample.trunk); 0: none
+    samples_per_prompt: int = 1
 
     @property
     def kl(self) -> list[float]:
-        """Per-prompt estimate of KL(candidate || reference): log p(y) - log p_ref(y), y drawn from the candidate."""
+        """Per-response estimate of KL(candidate || reference): log p(y) - log p_ref(y), y drawn from the candidate."""
         return [own - ref for own, ref in zip(self.candidate_logprob, self.candidate_ref_logprob)]
 
 
@@ -89,7 +89,8 @@ def _keeps(model, trunk: DecoderParts | None, cfg: EvaluateConfig, layers: int) 
 
 def _logprobs(model, tokenizer, prompts: list[str], samples: list[Sample], cfg: EvaluateConfig, trunk_layers: int) -> list[float]:
     return response_logprobs(
-        model, tokenizer, prompts, [s.token_ids for s in samples], temperature=cfg.temperature, batch_size=cfg.batch_size,
+        model, tokenizer, [prompts[s.prompt_index] for s in samples], [s.token_ids for s in samples],
+        temperature=cfg.temperature, batch_size=cfg.batch_size,
         trunks=[s.trunk for s in samples] if trunk_layers else None, trunk_layers=trunk_layers,
     )  # fmt: skip
 
@@ -99,7 +100,7 @@ def _candidate(path: Path, prompts: list[str], cfg: EvaluateConfig, trunk: Decod
     and the lower layers it shares with ``trunk``, whose output its samples keep."""
     model, tokenizer = load_policy(path, cfg.dtype)
     layers = _shared(model, trunk, cfg)
-    sampled = _sample(model, tokenizer, prompts, 1, cfg, cfg.seed, "candidate", layers)
+    sampled = _sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg, cfg.seed, "candidate", layers)
     return sampled, [s.logprob for s in sampled.samples], len(tokenizer), layers
 
 
@@ -110,11 +111,12 @@ def _reference(path: Path, prompts: list[str], candidate: list[Sample], cfg: Eva
     if len(tokenizer) != vocab:
         raise RLHFError(f"{path}: its tokenizer ({len(tokenizer)} tokens) differs from the candidate's ({vocab})")
     layers = _keeps(model, trunk, cfg, layers)
-    own = _sample(model, tokenizer, prompts, 1, cfg, cfg.seed, "reference", layers)
+    own = _sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg, cfg.seed, "reference", layers)
     extra = Sampled([], 0, 0.0)
-    if cfg.pool_size > 1:
+    if cfg.pool_size > cfg.samples_per_prompt:
         pool_prompts = prompts[: cfg.best_of_n_prompts]
-        extra = _sample(model, tokenizer, pool_prompts, cfg.pool_size - 1, cfg, cfg.seed + 1, "best-of-n pool", layers)
+        more = cfg.pool_size - cfg.samples_per_prompt
+        extra = _sample(model, tokenizer, pool_prompts, more, cfg, cfg.seed + 1, "best-of-n pool", layers)
     return own, extra, _logprobs(model, tokenizer, prompts, candidate, cfg, layers), layers
 
 
@@ -122,7 +124,7 @@ def _champion(path: Path, prompts: list[str], cfg: EvaluateConfig, trunk, layers
     """The champion's responses (only compared with the candidate's: its own KL is not measured)."""
     model, tokenizer = load_policy(path, cfg.dtype)
     layers = _keeps(model, trunk, cfg, layers)
-    return _sample(model, tokenizer, prompts, 1, cfg, cfg.seed, "champion", layers)
+    return _sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg, cfg.seed, "champion", layers)
 
 
 def sample_policies(
@@ -156,4 +158,5 @@ def sample_policies(
         tokens=sum(p.tokens for p in parts),
         seconds=sum(p.seconds for p in parts),
         trunk_layers=layers,
+        samples_per_prompt=cfg.samples_per_prompt,
     )

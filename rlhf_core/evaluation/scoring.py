@@ -57,10 +57,13 @@ class Scorer:
         return [gold_score(prompts[s.prompt_index], s.text) for s in samples]
 
     def responses(
-        self, name: str, prompts: Sequence[str], samples: Sequence[Sample], proxy: list[float] | None = None
-    ) -> Responses:
-        """One policy's scored responses (``samples``: one per prompt, in prompt order; ``proxy``: their
-        :meth:`proxy` scores when already computed)."""
+        self, name: str, prompts: Sequence[str], samples: Sequence[Sample], proxy: list[float] | None = None,
+        samples_per_prompt: int = 1,
+    ) -> Responses:  # fmt: skip
+        """One policy's scored responses (``samples``: ``samples_per_prompt`` per prompt, in prompt order; ``proxy``:
+        their :meth:`proxy` scores when already computed)."""
+        if len(samples) != len(prompts) * samples_per_prompt:
+            raise ValueError(f"{name}: {len(samples)} responses for {len(prompts)} prompts x {samples_per_prompt}")
         return Responses(
             name=name,
             texts=[s.text for s in samples],
@@ -68,4 +71,5 @@ class Scorer:
             finished=[s.finished for s in samples],
             proxy=self.proxy(prompts, samples) if proxy is None else proxy,
             gold=self.gold(prompts, samples),
+            samples_per_prompt=samples_per_prompt,
         )

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from rlhf_core.config import PPOConfig
 from rlhf_core.ppo.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
-from rlhf_core.ppo.trainer import NonFiniteError, PPOTrainer, ScoreFn
+from rlhf_core.ppo.trainer import NonFiniteError, PPOTrainer
 
 #: PPO settings that do not change the trajectory of the weights: a checkpoint written under other values
 #: still resumes (so a run can be extended by raising ``updates``).
@@ -37,11 +37,12 @@ class GoldProbe:
 
     The slice and the sampling seed never change, so successive measurements
     differ only through the policy (Gao et al. 2022 measure over-optimisation so).
+    The proxy is the trainer's own scorer (:meth:`PPOTrainer.score`), which reads
+    the rollout's trunk states where the reward model shares the policy's trunk.
     """
 
     prompts: Sequence[str]
     gold_fn: Callable[[str, str], float]
-    proxy_fn: ScoreFn
     seed: int
 
     def measure(self, trainer: PPOTrainer) -> dict[str, float]:
@@ -52,7 +53,7 @@ class GoldProbe:
             rollout = trainer.sample(prompts, generator)
             responses = trainer.decode(rollout)
             gold += [self.gold_fn(p, r) for p, r in zip(prompts, responses)]
-            proxy += torch.as_tensor(self.proxy_fn(prompts, responses, rollout.finished.tolist())).reshape(-1).tolist()
+            proxy += trainer.score(prompts, responses, rollout.finished, rollout).tolist()
         return {"ppo/gold": sum(gold) / len(gold), "ppo/gold_proxy": sum(proxy) / len(proxy)}
 
 

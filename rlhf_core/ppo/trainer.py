@@ -136,7 +136,7 @@ class PPOTrainer:
         # 2. Score the decoded responses; the EOS trick replaces the score of responses that never ended.
         tick = time.perf_counter()
         responses = self.decode(rollout)
-        scores = self._score(prompts, responses, rollout.finished, rollout)
+        scores = self.score(prompts, responses, rollout.finished, rollout)
         shaped_scores = core.apply_missing_eos_penalty(scores, rollout.finished, cfg.missing_eos_penalty)
         times["score"] = time.perf_counter() - tick
 
@@ -211,7 +211,9 @@ class PPOTrainer:
         rows = [ids[: n - 1 if done else n] for ids, n, done in zip(rollout.response_ids.tolist(), lengths, rollout.finished.tolist())]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def _score(self, prompts: list[str], responses: list[str], finished: torch.Tensor, rollout=None) -> torch.Tensor:
+    def score(self, prompts: list[str], responses: list[str], finished: torch.Tensor, rollout=None) -> torch.Tensor:
+        """The reward model's scores of ``responses``; with the ``rollout`` that sampled them, read from its trunk
+        states where the reward model shares the policy's trunk (``scores_from_trunk``)."""
         extra = {"sampled": rollout.sampled_sequences()} if rollout is not None and self.scores_from_trunk else {}
         scores = torch.as_tensor(self.score_fn(prompts, responses, finished.tolist(), **extra), dtype=torch.float32)
         scores = scores.reshape(-1).to(self.accelerator.device)

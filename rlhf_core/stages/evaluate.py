@@ -1,11 +1,12 @@
 """Stage ``evaluate``: is the candidate better than the reference and the champion, and did it game its reward model?
 
 Samples the candidate (``paths.policy``), the reference (the starting policy: the SFT model when sft is on, else ``paths.base_model``)
-and the champion (``evaluate.champion``, a version the flow resolved) on the first ``evaluate.num_prompts`` held-out
-eval prompts, scores every response with the proxy and (simulated labelling)
-the gold function, and writes:
+and the champion (``evaluate.champion``, a version the flow resolved), ``evaluate.samples_per_prompt`` responses each
+to the first ``evaluate.num_prompts`` held-out eval prompts, scores every response with the proxy and (simulated
+labelling) the gold function, and writes:
 
-* ``metrics/evaluate.json`` - win rates with 95% intervals, KL, lengths,
+* ``metrics/evaluate.json`` - win rates (every response of a prompt against
+  each of the other policy's to it) with 95% intervals, KL, lengths,
   diversity, perplexity, the best-of-n frontier, the over-optimisation check
   and every gate's value, threshold and verdict;
 * ``<paths.evaluation>/`` - ``summary.json`` (read by ``promote``),
@@ -28,10 +29,10 @@ from rlhf_core.errors import DataError
 from rlhf_core.evaluation.best_of_n import FrontierPoint, frontier
 from rlhf_core.evaluation.gates import Evidence, Judged, apply_gates, gate_metrics
 from rlhf_core.evaluation.human_eval import blind_task, human_win_rates, write_task
-from rlhf_core.evaluation.metrics import WinRate, perplexity, win_rate
+from rlhf_core.evaluation.metrics import WinRate, perplexity
 from rlhf_core.evaluation.overoptimisation import assess, gold_trend, paired_gain
 from rlhf_core.evaluation.plots import PolicyPoint, plot_lengths, plot_ppo_curves, plot_reward_vs_kl, write_plot_data
-from rlhf_core.evaluation.report import Responses, length_ratio, policy_metrics, win_rate_metrics
+from rlhf_core.evaluation.report import Responses, compare, length_ratio, policy_metrics, win_rate_metrics
 from rlhf_core.evaluation.sampling import EvalSamples, sample_policies
 from rlhf_core.evaluation.scoring import Scorer
 from rlhf_core.evaluation.summary import EvaluationSummary
@@ -80,32 +81,35 @@ def handed_over_reward(params: Params, ppo_metrics: dict) -> RewardRelease:
     return release
 
 
-def _pools(first: list[float], extra: list[float], sampled: EvalSamples) -> list[list[float]]:
-    """Per best-of-n prompt: the score of the reference's eval response, then those of its extra samples."""
-    pools, at = [], 0
+def _pools(first: list[float], extra: list[float], sampled: EvalSamples, size: int) -> list[list[float]]:
+    """Per best-of-n prompt, ``size`` scores: those of the reference's eval responses, then those of its extra
+    samples."""
+    pools, at, k = [], 0, sampled.samples_per_prompt
     for p, pool in enumerate(sampled.reference_extra):
-        pools.append([first[p], *extra[at : at + len(pool)]])
+        pools.append([*first[p * k : (p + 1) * k], *extra[at : at + len(pool)]][:size])
         at += len(pool)
     return pools
 
 
-def _scored(scorer: Scorer, prompts: list[str], sampled: EvalSamples):
+def _scored(scorer: Scorer, prompts: list[str], sampled: EvalSamples, pool_size: int):
     """Responses of every policy, and the best-of-n pools' proxy (and gold) scores per prompt."""
     extra = [s for pool in sampled.reference_extra for s in pool]
     # One proxy pass over every policy's responses and the pools: the responses to one prompt read it once.
     lists = [sampled.candidate, sampled.reference, extra] + ([sampled.champion] if sampled.champion else [])
     proxy = scorer.proxy_lists(prompts, lists, sampled.trunk_layers)
-    candidate = scorer.responses("candidate", prompts, sampled.candidate, proxy[0])
-    reference = scorer.responses("reference", prompts, sampled.reference, proxy[1])
-    champion = scorer.responses("champion", prompts, sampled.champion, proxy[3]) if sampled.champion else None
-    proxy_pools = _pools(reference.proxy, proxy[2], sampled)
+    k = sampled.samples_per_prompt
+    candidate = scorer.responses("candidate", prompts, sampled.candidate, proxy[0], k)
+    reference = scorer.responses("reference", prompts, sampled.reference, proxy[1], k)
+    champion = scorer.responses("champion", prompts, sampled.champion, proxy[3], k) if sampled.champion else None
+    proxy_pools = _pools(reference.proxy, proxy[2], sampled, pool_size)
     extra_gold = scorer.gold(prompts, extra)
-    gold_pools = _pools(reference.gold, extra_gold, sampled) if extra_gold is not None else None
+    gold_pools = _pools(reference.gold, extra_gold, sampled, pool_size) if extra_gold is not None else None
     return candidate, reference, champion, proxy_pools, gold_pools
 
 
 def likelihood_metrics(sampled: EvalSamples) -> dict[str, float]:
-    """Sequence-level KL(candidate || reference) and the perplexity of the candidate's responses under the reference."""
+    """Sequence-level KL(candidate || reference) over all the candidate's responses, and their perplexity under the
+    reference."""
     tokens = sum(s.num_tokens for s in sampled.candidate)
     return {
         "eval/kl": statistics.fmean(sampled.kl),
@@ -137,9 +141,12 @@ def frontier_metrics(points: list[FrontierPoint]) -> dict[str, float]:
 
 
 def overoptimisation_metrics(candidate: Responses, reference: Responses, ppo_rows: list[dict], tolerance: float):
-    """``eval/overopt/...``: proxy gain next to gold gain, the PPO run's gold trend, and the verdict."""
-    proxy_gain = paired_gain(candidate.proxy, reference.proxy)
-    gold_gain = paired_gain(candidate.gold, reference.gold) if candidate.gold is not None else None
+    """``eval/overopt/...``: proxy gain next to gold gain (per prompt: the mean of its responses), the PPO run's gold
+    trend, and the verdict."""
+    proxy_gain = paired_gain(candidate.prompt_means(candidate.proxy), reference.prompt_means(reference.proxy))
+    gold_gain = None
+    if candidate.gold is not None and reference.gold is not None:
+        gold_gain = paired_gain(candidate.prompt_means(candidate.gold), reference.prompt_means(reference.gold))
     trend = gold_trend(ppo_rows)
     verdict = assess(proxy_gain, gold_gain, trend, tolerance)
     metrics: dict[str, object] = {
@@ -164,7 +171,7 @@ def judged(candidate: Responses, other: Responses | None, human: dict[str, WinRa
     if other is None:
         return None
     if candidate.gold is not None and other.gold is not None:
-        return Judged(win_rate(candidate.gold, other.gold), "gold")
+        return Judged(compare(candidate, other, "gold"), "gold")
     if other.name in human:
         return Judged(human[other.name], "human")
     return Judged(None, "none")
@@ -175,7 +182,7 @@ def human_evaluation(cfg: EvaluateConfig, params: Params, prompts: list[Prompt],
     with_gold = policies[0].gold is not None
     if cfg.human_eval == "never" or (cfg.human_eval == "auto" and with_gold):
         return {}, {}
-    task = blind_task(prompts, {r.name: r.texts for r in policies}, salt=salt, seed=cfg.seed)
+    task = blind_task(prompts, {r.name: r.firsts(r.texts) for r in policies}, salt=salt, seed=cfg.seed)  # one each
     folder = write_task(task, Layout(params.paths).evaluation.human_eval)
     rankings = PreferenceBundle.read(params.paths.label_export).rankings
     rates = human_win_rates(rankings, task.key)
@@ -201,12 +208,12 @@ def lineage(params: Params, version: str | None, release: RewardRelease, eval_fi
 
 
 def write_samples(path: Path, prompts: list[Prompt], sampled: EvalSamples, policies: list[Responses]) -> None:
-    """Every policy's eval responses with their scores, one JSON line each."""
+    """Every policy's eval responses with their scores, one JSON line each (``sample``: which of the prompt's)."""
     rows = []
     for policy in policies:
         source = {"candidate": sampled.candidate, "reference": sampled.reference, "champion": sampled.champion}[policy.name]
         for sample, proxy, gold in zip(source, policy.proxy, policy.gold or [None] * len(policy.proxy)):
-            rows.append({"policy": policy.name, "prompt_id": prompts[sample.prompt_index].id, "text": sample.text,
+            rows.append({"policy": policy.name, "prompt_id": prompts[sample.prompt_index].id, "sample": sample.sample_index, "text": sample.text,
                          "num_tokens": sample.num_tokens, "finished": sample.finished, "proxy": proxy, "gold": gold})
     write_jsonl(path, rows)
 
@@ -256,7 +263,7 @@ def run(params: Params) -> dict:
             "eval/trunk_layers_shared": sampled.trunk_layers,
         }
         stage.log_params({**numeric_path, "eval/reference": layout.starting_policy.kind})
-        candidate, reference, champion, proxy_pools, gold_pools = _scored(scorer, texts, sampled)
+        candidate, reference, champion, proxy_pools, gold_pools = _scored(scorer, texts, sampled, cfg.pool_size)
         policies = [r for r in (candidate, reference, champion) if r is not None]
         points = frontier(proxy_pools, gold_pools, cfg.best_of_n)
         ppo_rows = layout.ppo_curve.read()

@@ -212,7 +212,7 @@ def run(params: Params) -> dict:
         checkpoint_dir=checkpoints,
         checkpoint_every=cfg.checkpoint_every,
         fingerprint=fingerprint,
-        gold=GoldProbe(gold_prompts, gold_score, score_fn, cfg.seed) if gold_prompts else None,
+        gold=GoldProbe(gold_prompts, gold_score, cfg.seed) if gold_prompts else None,
         gold_every=cfg.gold_eval_every,
     )
     if not accelerator.is_main_process:
