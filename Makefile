@@ -29,9 +29,12 @@ help:
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-compile --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-compile $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet --no-compile -c requirements/constraints.txt -e '.[dev]'
+	@# Byte-compile once on every core (pip compiles file by file on one: 89 s -> 63 s of setup on 2 cores). A few
+	@# files written for newer Pythons fail to compile, as they do under pip; that is no error (leading '-').
+	-$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib
 	touch $@
 
 setup: $(VENV)/.installed
