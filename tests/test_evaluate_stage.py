@@ -98,6 +98,9 @@ def test_evaluate_measures_gates_plots_and_promote_acts_on_it(work_env, models):
     assert saved["eval/perplexity"] > 1 and saved["eval/length_ratio"] > 0
     for n in (1, 2, 4):
         assert f"eval/best_of_n/{n}/gold" in saved
+        low, gain, high = (saved[f"eval/best_of_n/{n}/gold_gain{s}"] for s in ("_low", "", "_high"))
+        assert low <= gain <= high
+    assert saved["eval/best_of_n/1/gold_gain"] == pytest.approx(0.0, abs=1e-12)  # best-of-1 is one reference sample
     assert saved["eval/best_of_n/1/kl"] == 0.0 and saved["eval/best_of_n/4/proxy"] >= saved["eval/best_of_n/1/proxy"]
     assert saved["eval/overopt/ppo_gold_peak"] == 0.30 and saved["eval/overopt/flagged"] is True  # gold fell, proxy rose
     assert saved["eval/gate/overoptimisation/passed"] is False and saved["eval/all_gates_passed"] is False

@@ -9,6 +9,7 @@ import torch
 from rlhf_core.evaluation.best_of_n import best_of_n_kl, expected_best_of_n, frontier, subset_max_weights
 from rlhf_core.evaluation.human_eval import CANDIDATE, blind_task, human_win_rates, read_key, write_task
 from rlhf_core.evaluation.metrics import (
+    Z_95 as Z,
     distinct_n,
     length_stats,
     mean_interval,
@@ -154,6 +155,14 @@ def test_frontier_averages_prompts_and_has_the_analytic_kl():
     assert points[0].proxy == pytest.approx(0.75) and points[1].proxy == pytest.approx(1.5)
     assert points[1].gold == pytest.approx((0.0 + 0.0) / 2)  # the proxy picks the gold-0 sample in both pools
     assert frontier([[0.0, 1.0]], None, [2])[0].gold is None
+    # the gain over one reference sample, prompt by prompt: best-of-1 gains nothing; best-of-2 here loses
+    # 0.5 (pool 0: gold 0 against a mean of 0.5) and 2.5 (pool 1: 0 against 2.5)
+    assert points[0].gold_gain == 0.0 and points[0].gold_gain_interval == (0.0, 0.0)
+    assert points[1].gold_gain == pytest.approx(-1.5)
+    low, high = points[1].gold_gain_interval
+    assert low == pytest.approx(-1.5 - Z) and high == pytest.approx(-1.5 + Z)  # stdev sqrt(2) over 2 prompts
+    single = frontier([[0.0, 1.0]], [[1.0, 0.0]], [2])[0]
+    assert single.gold_gain == pytest.approx(-0.5) and single.gold_gain_interval is None  # one prompt: no spread
 
 
 def _curve(golds, proxies):

@@ -53,13 +53,22 @@ def expected_best_of_n(selector: Sequence[float], values: Sequence[float], n: in
 
 @dataclass(frozen=True)
 class FrontierPoint:
-    """Expected proxy (and gold) reward of best-of-n at its KL, averaged over ``prompts`` prompts."""
+    """Expected proxy (and gold) reward of best-of-n at its KL, averaged over ``prompts`` prompts.
+
+    ``gold_gain`` is what best-of-n adds to the gold of one reference sample on
+    those prompts (per prompt: best-of-n minus the pool's mean), with the 95%
+    interval of that mean over the prompts, ``gold_gain_interval``: the
+    yardstick a policy's own gold gain is read against, and how far it can be
+    trusted on a few pool prompts.
+    """
 
     n: int
     kl: float
     proxy: float
     gold: float | None
     prompts: int
+    gold_gain: float | None = None
+    gold_gain_interval: tuple[float, float] | None = None
 
 
 def frontier(
@@ -68,11 +77,15 @@ def frontier(
     """The best-of-n frontier averaged over prompts; pool ``p`` holds the reference samples of prompt ``p``."""
     if not proxy_pools:
         raise ValueError("no best-of-n pools")
+    from rlhf_core.evaluation.metrics import mean_interval
+
     points = []
     for n in ns:
         proxy = sum(expected_best_of_n(pool, pool, n) for pool in proxy_pools) / len(proxy_pools)
-        gold = None
+        gold = gain = interval = None
         if gold_pools is not None:
             gold = sum(expected_best_of_n(p, g, n) for p, g in zip(proxy_pools, gold_pools)) / len(proxy_pools)
-        points.append(FrontierPoint(n, best_of_n_kl(n), proxy, gold, len(proxy_pools)))
+            gain, low, high = mean_interval([expected_best_of_n(p, g, n) - sum(g) / len(g) for p, g in zip(proxy_pools, gold_pools)])
+            interval = (low, high) if len(gold_pools) > 1 else None  # one prompt: no spread to measure
+        points.append(FrontierPoint(n, best_of_n_kl(n), proxy, gold, len(proxy_pools), gain, interval))
     return points

@@ -130,13 +130,19 @@ def sample_metrics(sampled: EvalSamples, policies: list[Responses], repetition_n
 
 
 def frontier_metrics(points: list[FrontierPoint]) -> dict[str, float]:
-    """``eval/best_of_n/<n>/{kl,proxy,gold}``."""
+    """``eval/best_of_n/<n>/{kl,proxy,gold}`` and ``gold_gain`` (over one reference sample, on the pool prompts) with
+    ``_low``/``_high`` (95%)."""
     metrics = {}
     for point in points:
         metrics[f"eval/best_of_n/{point.n}/kl"] = point.kl
         metrics[f"eval/best_of_n/{point.n}/proxy"] = point.proxy
         if point.gold is not None:
             metrics[f"eval/best_of_n/{point.n}/gold"] = point.gold
+        if point.gold_gain is not None:
+            metrics[f"eval/best_of_n/{point.n}/gold_gain"] = point.gold_gain
+        if point.gold_gain_interval is not None:
+            low, high = point.gold_gain_interval
+            metrics.update({f"eval/best_of_n/{point.n}/gold_gain_low": low, f"eval/best_of_n/{point.n}/gold_gain_high": high})
     return metrics
 
 
