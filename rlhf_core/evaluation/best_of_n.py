@@ -18,6 +18,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rlhf_core.evaluation.metrics import mean_interval
+
 
 def best_of_n_kl(n: int) -> float:
     """KL(best-of-n || reference) in nats: log n - (n - 1) / n."""
@@ -77,15 +79,14 @@ def frontier(
     """The best-of-n frontier averaged over prompts; pool ``p`` holds the reference samples of prompt ``p``."""
     if not proxy_pools:
         raise ValueError("no best-of-n pools")
-    from rlhf_core.evaluation.metrics import mean_interval
-
     points = []
     for n in ns:
         proxy = sum(expected_best_of_n(pool, pool, n) for pool in proxy_pools) / len(proxy_pools)
         gold = gain = interval = None
         if gold_pools is not None:
-            gold = sum(expected_best_of_n(p, g, n) for p, g in zip(proxy_pools, gold_pools)) / len(proxy_pools)
-            gain, low, high = mean_interval([expected_best_of_n(p, g, n) - sum(g) / len(g) for p, g in zip(proxy_pools, gold_pools)])
+            best = [expected_best_of_n(p, g, n) for p, g in zip(proxy_pools, gold_pools)]
+            gold = sum(best) / len(best)
+            gain, low, high = mean_interval([value - sum(g) / len(g) for value, g in zip(best, gold_pools)])
             interval = (low, high) if len(gold_pools) > 1 else None  # one prompt: no spread to measure
         points.append(FrontierPoint(n, best_of_n_kl(n), proxy, gold, len(proxy_pools), gain, interval))
     return points

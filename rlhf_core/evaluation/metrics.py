@@ -40,18 +40,18 @@ class WinRate:
     the interval is then Wilson's at that many.
     """
 
-    wins: float
-    ties: float
-    losses: float
+    wins: int
+    ties: int
+    losses: int
     effective_n: float | None = None
 
     @property
     def n(self) -> int:
-        return round(self.wins + self.ties + self.losses)
+        return self.wins + self.ties + self.losses
 
     @property
     def rate(self) -> float:
-        return (self.wins + 0.5 * self.ties) / (self.wins + self.ties + self.losses)
+        return (self.wins + 0.5 * self.ties) / self.n
 
     @property
     def interval(self) -> tuple[float, float]:
