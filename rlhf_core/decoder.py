@@ -65,6 +65,19 @@ class DecodeStep:
 
     def __init__(self, model, config=None):
         self.model, self.config = model, config if config is not None else model.config
+        self.rows: torch.Tensor | None = None  # the batch's rows that a call runs (None: all)
+        self.batch = 0
+
+    def select_rows(self, rows: torch.Tensor | None, batch: int) -> None:
+        """From the next call on, the step runs only ``rows`` of the ``batch`` rows the sampling began with (None:
+        all of them); a step that keeps per-call outputs keeps them over the whole batch (:meth:`whole`)."""
+        self.rows, self.batch = rows, batch
+
+    def whole(self, kept: torch.Tensor) -> torch.Tensor:
+        """A per-call output over the rows the call ran, as one over the whole batch: zeros for rows not run."""
+        if self.rows is None:
+            return kept
+        return kept.new_zeros(self.batch, *kept.shape[1:]).index_copy_(0, self.rows, kept)
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -115,7 +128,8 @@ class DecodeStep:
 class RecordingStep(DecodeStep):
     """A :class:`DecodeStep` that also keeps, for every position it runs, the hidden state after the model's first
     ``layers`` decoder layers - the output of a frozen trunk, which a reward model or reference that shares the trunk
-    reads instead of computing it again (:meth:`states`: (B, positions run, d), fp32)."""
+    reads instead of computing it again (:meth:`states`: (B, positions run, d), fp32; zeros where a row had ended
+    and no longer ran)."""
 
     def __init__(self, model, layers: int, config=None):
         super().__init__(model, config)
@@ -124,7 +138,7 @@ class RecordingStep(DecodeStep):
     def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          use_cache=True, logits_to_keep=1, output_hidden_states=True)  # fmt: skip
-        self.chunks.append(out.hidden_states[self.layers].float())  # [0] is the embeddings' output
+        self.chunks.append(self.whole(out.hidden_states[self.layers].float()))  # [0] is the embeddings' output
         return out.logits[:, -1]
 
     def rejoin(self, groups: int, join, order: torch.Tensor) -> None:

@@ -108,10 +108,15 @@ CDF_BLOCK = 256
 
 
 def sample_next_token(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator, top_p: float = 1.0
+    logits: torch.Tensor, temperature: float, generator: torch.Generator, top_p: float = 1.0, *,
+    batch: int | None = None, rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from softmax(logits / temperature) (optionally nucleus-truncated); return it with
     its log-prob under the untruncated tempered distribution.
+
+    When ``logits`` holds only ``rows`` of a batch of ``batch`` rows (the sampler no longer runs rows that
+    ended), the uniform numbers are drawn for the whole batch and ``rows``' taken: a row draws the same
+    numbers whichever other rows still run.
 
     Inverse-CDF sampling: one uniform number per row against the cumulative
     weights - on a CPU about 15x faster than ``torch.multinomial`` over a 49k
@@ -133,19 +138,21 @@ def sample_next_token(
         # keep the smallest prefix whose mass reaches top_p
         drop = sorted_weights.cumsum(-1) - sorted_weights > top_p * total
         weights = weights.scatter(-1, order, sorted_weights.masked_fill(drop, 0.0))
-    token = _inverse_cdf(weights, generator)
+    token = _inverse_cdf(weights, generator, batch, rows)
     return token, (scaled.gather(-1, token[:, None]) - top - total.log()).squeeze(-1)
 
 
-def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator, batch: int | None = None,
+                 among: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """One index per row drawn in proportion to ``weights`` (B, V) >= 0 (see :func:`sample_next_token`)."""
     rows, vocab = weights.shape
     blocks = -(-vocab // CDF_BLOCK)
     padded = F.pad(weights, (0, blocks * CDF_BLOCK - vocab)).view(rows, blocks, CDF_BLOCK)
     block_cdf = padded.sum(-1).double().cumsum(-1)  # (B, blocks)
     # Drawn where the generator lives (a CPU generator gives the same stream whatever device the model is on).
-    uniform = torch.rand(rows, 1, generator=generator, dtype=torch.float64, device=generator.device)
-    uniform = uniform.to(weights.device) * block_cdf[:, -1:]
+    draws = rows if among is None else batch
+    uniform = torch.rand(draws, 1, generator=generator, dtype=torch.float64, device=generator.device).to(weights.device)
+    uniform = (uniform if among is None else uniform[among]) * block_cdf[:, -1:]
     block = torch.searchsorted(block_cdf, uniform, right=True).clamp(max=blocks - 1)  # (B, 1)
     before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), torch.zeros_like(uniform))
     inside = padded.gather(1, block[:, :, None].expand(rows, 1, CDF_BLOCK)).squeeze(1)  # (B, CDF_BLOCK)
@@ -164,6 +171,11 @@ def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding (the same rule ``generate`` uses)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+#: Share of the rows a decode step runs that must have ended before the sampler stops running them: dropping
+#: rows copies their batch's KV cache once (about what one step's cache update copies), so it waits for enough.
+DROP_ENDED = 0.125
 
 
 @torch.no_grad()
@@ -190,8 +202,13 @@ def sample_tokens(
     response is allocated once.  With
     ``num_samples > 1`` each query is processed once and its cache repeated, so
     the K samples of a prompt share one prompt pass; output rows are query-major
-    (query 0's samples first).  Rows that have ended keep decoding pad tokens,
-    which the response mask hides.  The one-token steps of a batch of at most
+    (query 0's samples first).  Once at least :data:`DROP_ENDED` of the rows
+    a step runs have ended, the loop stops running them: their caches leave the
+    batch (``Cache.batch_select_indices``) and the step computes only the rows
+    still writing (:meth:`rlhf_core.decoder.DecodeStep.select_rows`); until then
+    they decode pad tokens, which the response mask hides.  Each row draws its
+    random numbers as if every row still ran, so dropping rows changes no
+    sample beyond float rounding.  The one-token steps of a batch of at most
     :data:`rlhf_core.decoder.SKINNY_ROWS` rows run their fp32 linear layers as
     ``weight @ x.T`` (:func:`rlhf_core.decoder.skinny_linears`).  With
     ``feed_last`` the last sampled tokens also go through one more step (its
@@ -200,6 +217,7 @@ def sample_tokens(
     reward model can read (:class:`rlhf_core.reward.trunk.RolloutTrunkScorer`).
     """
     step = model if isinstance(model, DecodeStep) else DecodeStep(model)
+    step.select_rows(None, query_ids.shape[0] * num_samples)
     width = query_ids.shape[1]
     cache = step.new_cache()
     positions = positions_from_mask(query_mask)
@@ -210,13 +228,18 @@ def sample_tokens(
         logits, positions = logits.repeat_interleave(num_samples, dim=0), positions.repeat_interleave(num_samples, dim=0)
         query_ids = query_ids.repeat_interleave(num_samples, dim=0)
         query_mask = query_mask.repeat_interleave(num_samples, dim=0)
-    mask = torch.cat([query_mask, query_mask.new_ones(query_mask.shape[0], max_new_tokens)], dim=-1)
+    batch = query_ids.shape[0]
+    mask = torch.cat([query_mask, query_mask.new_ones(batch, max_new_tokens)], dim=-1)
     next_position = positions[:, -1:] + 1
-    done = torch.zeros(query_ids.shape[0], dtype=torch.bool, device=query_ids.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
+    rows = None  # the rows the step runs, when it no longer runs all of them
     tokens, logprobs, live = [], [], []
     with skinny_linears(step.model):
         for index in range(max_new_tokens):
-            token, logprob = sample_next_token(logits, temperature, generator, top_p)
+            token, logprob = sample_next_token(logits, temperature, generator, top_p, batch=batch, rows=rows)
+            if rows is not None:  # back to the whole batch
+                token = torch.full_like(done, pad_token_id, dtype=token.dtype).index_copy_(0, rows, token)
+                logprob = logits.new_zeros(batch, dtype=logprob.dtype).index_copy_(0, rows, logprob)
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             live.append(~done)
             tokens.append(token)
@@ -224,10 +247,22 @@ def sample_tokens(
             done = done | (token == eos_token_id)
             if bool(done.all()) or index == max_new_tokens - 1:
                 break
-            logits = step(token.unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
+            # Rows that ended before this token need no more steps (a row that ends with it needs this one: its
+            # stop token's position is run, as a step that records states must).
+            writing = live[-1] if rows is None else live[-1][rows]
+            ended = int(writing.numel() - writing.sum())
+            if ended and ended >= DROP_ENDED * writing.numel():
+                keep = writing.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                mask, next_position = mask[keep], next_position[keep]
+                rows = keep if rows is None else rows[keep]
+                step.select_rows(rows, batch)
+            fed = token if rows is None else token[rows]
+            logits = step(fed.unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
             next_position = next_position + 1
         if feed_last:
-            step(token.unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
+            fed = token if rows is None else token[rows]
+            step(fed.unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
     response_mask = torch.stack(live, dim=1).long()
     return Rollout(query_ids, query_mask, torch.stack(tokens, dim=1), response_mask, done,
                    torch.stack(logprobs, dim=1) * response_mask)  # fmt: skip

@@ -212,3 +212,52 @@ def test_the_sampler_draws_the_same_tokens_with_and_without_skinny_linears(tiny_
                                   max_new_tokens=8, generator=torch.Generator().manual_seed(3)))  # fmt: skip
     assert torch.equal(runs[0].response_ids, runs[1].response_ids)
     assert torch.allclose(runs[0].sample_logprobs, runs[1].sample_logprobs, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- rows that ended leave the batch
+
+#: a logit bonus for the stop token that ends a tiny random model's rows after a few tokens each, at different steps
+STOP_BONUS = 9.0
+
+
+@DTYPES
+def test_the_sampler_stops_running_rows_that_ended_and_samples_the_same(tiny_base_model, dtype, monkeypatch):
+    """Rows that ended leave the step's batch; tokens, log-probs and the recorded trunk states stay those of a run
+    that keeps every row (each row draws the same random numbers either way)."""
+    import rlhf_core.generation as generation
+    from rlhf_core.decoder import RecordingStep
+
+    model, tokenizer = load_policy(tiny_base_model, dtype)
+    stop = tokenizer.eos_token_id
+
+    class Stopping(RecordingStep):
+        def __init__(self):
+            super().__init__(model, 1)
+            self.widths = []
+
+        def __call__(self, input_ids, attention_mask, position_ids, cache):
+            self.widths.append(input_ids.shape[0])
+            logits = super().__call__(input_ids, attention_mask, position_ids, cache)
+            logits[:, stop] += STOP_BONUS
+            return logits
+
+    prompts = [("word " * n).strip() + "?" for n in range(1, 13)]
+    ids, mask = encode_queries(tokenizer, prompts)
+    runs, default = {}, generation.DROP_ENDED
+    for share in (default, 2.0):  # 2.0: rows are never dropped
+        monkeypatch.setattr(generation, "DROP_ENDED", share)
+        step = Stopping()
+        rollout = sample_tokens(step, ids, mask, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+                                max_new_tokens=16, generator=torch.Generator().manual_seed(2), num_samples=2,
+                                feed_last=True)  # fmt: skip
+        runs[share] = rollout, step.widths, rollout.with_states(step.states())
+    (dropping, widths, states), (keeping, all_widths, all_states) = runs[default], runs[2.0]
+    lengths = keeping.response_mask.sum(-1)
+    assert keeping.finished.sum() >= 12 and len(set(lengths.tolist())) >= 4  # rows ended at many different steps
+    assert set(all_widths[1:]) == {24} and min(widths[1:]) < 24 and widths[1:] == sorted(widths[1:], reverse=True)
+    assert torch.equal(dropping.response_ids, keeping.response_ids) and torch.equal(dropping.finished, keeping.finished)
+    assert torch.equal(dropping.response_mask, keeping.response_mask)
+    tolerance = 1e-4 if dtype == "float32" else 5e-2
+    assert torch.allclose(dropping.sample_logprobs, keeping.sample_logprobs, atol=tolerance)
+    for (ids_a, a), (ids_b, b) in zip(states, all_states):
+        assert ids_a == ids_b and a.shape == b.shape and torch.allclose(a, b, atol=tolerance)

@@ -243,6 +243,50 @@ def test_rollouts_and_candidates_come_from_one_sampling_loop(tiny_base_model, qu
         assert rollout.trunk_hidden.shape[:2] == rollout.input_ids.shape
 
 
+@pytest.mark.parametrize("value_model", ["head", "separate"])
+def test_rollout_rows_that_ended_leave_the_batch_and_keep_what_the_sampler_computed(tiny_base_model, value_model, monkeypatch):
+    """With rows dropped as they end, a rollout's tokens, log-probs, entropies, values and trunk states are those of a
+    run that keeps every row, and the training pass still reproduces the sampler's log-probs."""
+    import rlhf_core.generation as generation
+    from rlhf_core.base_model import load_tokenizer
+    from rlhf_core.generation import encode_queries
+    from rlhf_core.ppo.policy import ActorCritic, build_actor_critic
+    from rlhf_core.ppo.rollout import sample_rollout
+
+    tokenizer = load_tokenizer(tiny_base_model)
+    step = ActorCritic.sample_step
+
+    def stopping(self, *args, **kwargs):  # the stop token gets likely: rows end after a few tokens, at many steps
+        trunk, final, logits = step(self, *args, **kwargs)
+        return trunk, final, logits + 9.0 * (torch.arange(logits.shape[-1]) == tokenizer.eos_token_id)  # as below
+
+    monkeypatch.setattr(ActorCritic, "sample_step", stopping)
+    torch.manual_seed(0)
+    model = build_actor_critic(tiny_base_model, PPOConfig(mode="freeze", freeze_layers=1, value_model=value_model), torch.device("cpu"))
+    with torch.no_grad():
+        model.value_head.linear.weight.normal_()  # values that differ by row and position
+    ids, mask = encode_queries(tokenizer, [("word " * n).strip() + "?" for n in range(1, 13)])
+    runs, default = [], generation.DROP_ENDED
+    for share in (default, 2.0):  # 2.0: rows are never dropped
+        monkeypatch.setattr(generation, "DROP_ENDED", share)
+        runs.append(sample_rollout(model, ids, mask, max_new_tokens=12, temperature=1.0, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(4), feed_last=True))  # fmt: skip
+    dropping, keeping = runs
+    live = keeping.response_mask.bool()
+    assert keeping.finished.sum() >= 8 and len(set(live.sum(-1).tolist())) >= 4
+    assert torch.equal(dropping.response_ids, keeping.response_ids) and torch.equal(dropping.response_mask, keeping.response_mask)
+    for name in ("sample_logprobs", "sample_entropy", "sample_values"):
+        a, b = getattr(dropping, name), getattr(keeping, name)
+        assert (a is None) == (b is None) == (name == "sample_values" and value_model == "separate")
+        assert a is None or torch.allclose(a, b, atol=1e-5), name
+    for (ids_a, a), (ids_b, b) in zip(dropping.sampled_sequences(), keeping.sampled_sequences()):
+        assert ids_a == ids_b and torch.allclose(a, b, atol=1e-5)
+    out = model(dropping.input_ids, dropping.attention_mask, dropping.trunk_hidden, dropping.n_response)
+    logprobs = core.logprobs_of(out.logits + 9.0 * (torch.arange(out.logits.shape[-1]) == tokenizer.eos_token_id),
+                                dropping.response_ids, 1.0)  # fmt: skip
+    assert torch.allclose(logprobs[live], dropping.sample_logprobs[live], atol=1e-4)
+
+
 def test_frozen_trunk_states_from_sampling_equal_a_fresh_pass(tiny_base_model, queries):
     from rlhf_core.ppo.policy import build_actor_critic
 

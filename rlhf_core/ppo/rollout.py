@@ -94,11 +94,11 @@ class PolicyStep(RecordingStep):
 
     def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         trunk_hidden, final, logits = self.model.sample_step(input_ids, attention_mask, position_ids, cache, parts=self.parts)
-        self.chunks.append(trunk_hidden.float())  # later passes read fp32 states
+        self.chunks.append(self.whole(trunk_hidden.float()))  # later passes read fp32 states
         if self.entropies is not None:
-            self.entropies.append(core.entropy_of(logits, self.temperature))
+            self.entropies.append(self.whole(core.entropy_of(logits, self.temperature)))
         if self.values is not None:
-            self.values.append(self.model.value_head(final))
+            self.values.append(self.whole(self.model.value_head(final)))
         return logits
 
     def rejoin(self, groups: int, join, order: torch.Tensor) -> None:
