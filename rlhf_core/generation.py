@@ -176,6 +176,10 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 #: Share of the rows a decode step runs that must have ended before the sampler stops running them: dropping
 #: rows copies their batch's KV cache once (about what one step's cache update copies), so it waits for enough.
 DROP_ENDED = 0.125
+#: The sampler runs a multiple of this many rows when it drops some (ended rows make up the rest): on a CPU, MKL's
+#: fp32 matmuls with a row count just below a multiple of 8 take up to 40% longer than with the multiple
+#: (bench/README.md, ``ended_rows.py``).
+ROW_MULTIPLE = 8
 
 
 @torch.no_grad()
@@ -205,8 +209,9 @@ def sample_tokens(
     (query 0's samples first).  Once at least :data:`DROP_ENDED` of the rows
     a step runs have ended, the loop stops running them: their caches leave the
     batch (``Cache.batch_select_indices``) and the step computes only the rows
-    still writing (:meth:`rlhf_core.decoder.DecodeStep.select_rows`); until then
-    they decode pad tokens, which the response mask hides.  Each row draws its
+    still writing, made up to a multiple of :data:`ROW_MULTIPLE` rows
+    (:meth:`rlhf_core.decoder.DecodeStep.select_rows`); until then ended rows
+    decode pad tokens, which the response mask hides.  Each row draws its
     random numbers as if every row still ran, so dropping rows changes no
     sample beyond float rounding.  The one-token steps of a batch of at most
     :data:`rlhf_core.decoder.SKINNY_ROWS` rows run their fp32 linear layers as
@@ -250,9 +255,11 @@ def sample_tokens(
             # Rows that ended before this token need no more steps (a row that ends with it needs this one: its
             # stop token's position is run, as a step that records states must).
             writing = live[-1] if rows is None else live[-1][rows]
-            ended = int(writing.numel() - writing.sum())
-            if ended and ended >= DROP_ENDED * writing.numel():
-                keep = writing.nonzero().squeeze(-1)
+            running = writing.numel()
+            needed = min(running, -(-int(writing.sum()) // ROW_MULTIPLE) * ROW_MULTIPLE)
+            if running - needed >= max(1.0, DROP_ENDED * running):
+                # the rows still writing, made up to a multiple of ROW_MULTIPLE with rows that ended (they decode pads)
+                keep = torch.argsort((~writing).to(torch.int8), stable=True)[:needed].sort().values
                 cache.batch_select_indices(keep)
                 mask, next_position = mask[keep], next_position[keep]
                 rows = keep if rows is None else rows[keep]

@@ -25,7 +25,7 @@ def test_dropping_ended_rows_runs_fewer_row_steps_and_samples_the_same_tokens(ti
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "ended.json"
     argv = ["--model", str(tiny_base_model), "--params", str(tmp_path / "params.yaml"), "--prompts", "12", "--k", "2",
-            "--batch", "8", "--new-tokens", "12", "--threads", "1", "--out", str(out)]  # fmt: skip
+            "--batch", "24", "--new-tokens", "12", "--threads", "1", "--out", str(out)]  # fmt: skip
     assert load_bench_script("ended_rows").main(argv) == 0
 
     result = json.loads(out.read_text())

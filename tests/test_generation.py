@@ -255,6 +255,7 @@ def test_the_sampler_stops_running_rows_that_ended_and_samples_the_same(tiny_bas
     lengths = keeping.response_mask.sum(-1)
     assert keeping.finished.sum() >= 12 and len(set(lengths.tolist())) >= 4  # rows ended at many different steps
     assert set(all_widths[1:]) == {24} and min(widths[1:]) < 24 and widths[1:] == sorted(widths[1:], reverse=True)
+    assert {width % generation.ROW_MULTIPLE for width in widths[1:]} == {0}
     assert torch.equal(dropping.response_ids, keeping.response_ids) and torch.equal(dropping.finished, keeping.finished)
     assert torch.equal(dropping.response_mask, keeping.response_mask)
     tolerance = 1e-4 if dtype == "float32" else 5e-2

@@ -261,6 +261,10 @@ def test_rollout_rows_that_ended_leave_the_batch_and_keep_what_the_sampler_compu
         return trunk, final, logits + 9.0 * (torch.arange(logits.shape[-1]) == tokenizer.eos_token_id)  # as below
 
     monkeypatch.setattr(ActorCritic, "sample_step", stopping)
+    from rlhf_core.decoder import DecodeStep
+
+    select, selected = DecodeStep.select_rows, []
+    monkeypatch.setattr(DecodeStep, "select_rows", lambda self, rows, batch: selected.append(rows) or select(self, rows, batch))
     torch.manual_seed(0)
     model = build_actor_critic(tiny_base_model, PPOConfig(mode="freeze", freeze_layers=1, value_model=value_model), torch.device("cpu"))
     with torch.no_grad():
@@ -272,6 +276,7 @@ def test_rollout_rows_that_ended_leave_the_batch_and_keep_what_the_sampler_compu
         runs.append(sample_rollout(model, ids, mask, max_new_tokens=12, temperature=1.0, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(4), feed_last=True))  # fmt: skip
     dropping, keeping = runs
+    assert any(rows is not None for rows in selected)  # the first run dropped rows
     live = keeping.response_mask.bool()
     assert keeping.finished.sum() >= 8 and len(set(live.sum(-1).tolist())) >= 4
     assert torch.equal(dropping.response_ids, keeping.response_ids) and torch.equal(dropping.response_mask, keeping.response_mask)
