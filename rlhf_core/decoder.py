@@ -79,6 +79,10 @@ class DecodeStep:
             return kept
         return kept.new_zeros(self.batch, *kept.shape[1:]).index_copy_(0, self.rows, kept)
 
+    def running(self, full: torch.Tensor) -> torch.Tensor:
+        """The rows of a whole-batch tensor that a call runs (the inverse of :meth:`whole`)."""
+        return full if self.rows is None else full[self.rows]
+
     def new_cache(self):
         from transformers import DynamicCache
 

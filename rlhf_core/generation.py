@@ -237,14 +237,12 @@ def sample_tokens(
     mask = torch.cat([query_mask, query_mask.new_ones(batch, max_new_tokens)], dim=-1)
     next_position = positions[:, -1:] + 1
     done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
-    rows = None  # the rows the step runs, when it no longer runs all of them
     tokens, logprobs, live = [], [], []
     with skinny_linears(step.model):
         for index in range(max_new_tokens):
-            token, logprob = sample_next_token(logits, temperature, generator, top_p, batch=batch, rows=rows)
-            if rows is not None:  # back to the whole batch
-                token = torch.full_like(done, pad_token_id, dtype=token.dtype).index_copy_(0, rows, token)
-                logprob = logits.new_zeros(batch, dtype=logprob.dtype).index_copy_(0, rows, logprob)
+            token, logprob = sample_next_token(logits, temperature, generator, top_p, batch=batch, rows=step.rows)
+            # Back to the whole batch: a row the step no longer runs has ended, so it gets the pad token just below.
+            token, logprob = step.whole(token), step.whole(logprob)
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             live.append(~done)
             tokens.append(token)
@@ -254,7 +252,7 @@ def sample_tokens(
                 break
             # Rows that ended before this token need no more steps (a row that ends with it needs this one: its
             # stop token's position is run, as a step that records states must).
-            writing = live[-1] if rows is None else live[-1][rows]
+            writing = step.running(live[-1])
             running = writing.numel()
             needed = min(running, -(-int(writing.sum()) // ROW_MULTIPLE) * ROW_MULTIPLE)
             if running - needed >= max(1.0, DROP_ENDED * running):
@@ -262,14 +260,11 @@ def sample_tokens(
                 keep = torch.argsort((~writing).to(torch.int8), stable=True)[:needed].sort().values
                 cache.batch_select_indices(keep)
                 mask, next_position = mask[keep], next_position[keep]
-                rows = keep if rows is None else rows[keep]
-                step.select_rows(rows, batch)
-            fed = token if rows is None else token[rows]
-            logits = step(fed.unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
+                step.select_rows(keep if step.rows is None else step.rows[keep], batch)
+            logits = step(step.running(token).unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
             next_position = next_position + 1
         if feed_last:
-            fed = token if rows is None else token[rows]
-            step(fed.unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
+            step(step.running(token).unsqueeze(-1), mask[:, : width + index + 1], next_position, cache)
     response_mask = torch.stack(live, dim=1).long()
     return Rollout(query_ids, query_mask, torch.stack(tokens, dim=1), response_mask, done,
                    torch.stack(logprobs, dim=1) * response_mask)  # fmt: skip
