@@ -49,9 +49,14 @@ SIDES = {
     "ours-full": ("ours", {"mode": "full", "dtype": "float32", "value_model": "separate"}),
     "ours-bf16": ("ours", {"dtype": "bfloat16"}),
     "trl-bf16": ("trl", {"dtype": "bfloat16"}),
+    "trl-reuse": ("trl", {}),
 }
 DEFAULT_SIDES = ["ours-default", "trl", "ours-full"]
 BASELINE_OF = {"ours-default": "trl", "ours-full": "trl", "ours-bf16": "trl-bf16"}
+#: ``RLHF_ALLOCATOR`` of each side's process (:func:`rlhf_core.runtime.tune_allocator`): our engine runs as the
+#: ``rlhf`` command runs it (freed memory reused), TRL as it ships (the system's); ``trl-reuse`` is TRL with our
+#: setting, to show how much of a ratio is the allocator's.
+ALLOCATOR_OF = {"trl": "system", "trl-bf16": "system"}
 MATMUL_DTYPES = ("float32", "bfloat16")
 
 
@@ -64,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=64, help="first N prompts (by id) of paths.prompt_source")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on every side")
     parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=DEFAULT_SIDES,
-                        help="sides to run, in order (ours-bf16 and trl-bf16: both in bf16 mixed precision)")
+                        help="sides to run, in order (ours-bf16 and trl-bf16: both in bf16 mixed precision; "
+                             "trl-reuse: TRL with our allocator setting)")
     parser.add_argument("--trl-dir", default=str(REPO / ".work" / "bench" / f"trl-{TRL_VERSION}"), help="where trl 1.12.0 lives")
     parser.add_argument("--out", help="result JSON (default: bench/results/ppo_vs_trl_<date>.json)")
     parser.add_argument("--work-dir", default=str(REPO / ".work" / "bench"), help="where each run keeps its logs and reward model")
@@ -82,7 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def child_main(kind: str, job: dict) -> dict:
-    """What a subprocess does: build the reward model, measure matmul peaks, or run one side."""
+    """What a subprocess does: build the reward model, measure matmul peaks, or run one side (with the allocator its
+    ``RLHF_ALLOCATOR`` asks for, :data:`ALLOCATOR_OF`)."""
     if kind == "reward-model":
         from ppo_bench.workload import build_reward_model
 
@@ -94,20 +101,23 @@ def child_main(kind: str, job: dict) -> dict:
 
         torch.set_num_threads(job["threads"])
         return {dtype: matmul_peak_flops(dtype) for dtype in MATMUL_DTYPES}
+    from rlhf_core.runtime import tune_allocator
+
+    tuned = tune_allocator()
     if kind == "ours":
         from ppo_bench import ours
 
-        return ours.run(Workload(**job))
+        return ours.run(Workload(**job)) | {"allocator_tuned": tuned}
     from ppo_bench import baseline
 
-    return baseline.run(Workload(**job))
+    return baseline.run(Workload(**job)) | {"allocator_tuned": tuned}
 
 
-def run_child(kind: str, job: dict, log: Path, threads: int) -> dict:
+def run_child(kind: str, job: dict, log: Path, threads: int, allocator: str = "reuse") -> dict:
     """Run ``kind`` in a fresh interpreter; its last stdout line is its JSON result, its stderr goes to ``log``."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=log.parent, delete=False) as handle:
         json.dump(job, handle)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "RLHF_ALLOCATOR": allocator}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--job", handle.name]
     try:
         with log.open("w") as err:
@@ -186,7 +196,7 @@ def drive(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     model = base_model_path(args.model, params)
     trl_dir = Path(args.trl_dir).resolve()
-    if "trl" in args.sides:
+    if any(SIDES[name][0] == "trl" for name in args.sides):
         ensure_trl(trl_dir)
     prompts = first_prompts(REPO / params.paths.prompt_source, params.prompts.text_field, args.prompts)
     # A folder of its own per invocation: logs are kept, the reward model (rebuilt each time) is removed at the end.
@@ -241,6 +251,7 @@ def measure(args: argparse.Namespace, params, model: Path, trl_dir: Path, prompt
             "threads": args.threads,
             "ppo": params.ppo.model_dump(),
             "sides": {name: dict(SIDES[name][1]) for name in args.sides},
+            "allocators": {name: ALLOCATOR_OF.get(name, "reuse") for name in args.sides},
         },
         "load_average": load,
         "matmul_peak_flops": {"before": peaks_before, "after": peaks_after, "best": peaks},
@@ -265,7 +276,8 @@ def run_sides(args: argparse.Namespace, params, template: Workload, logs: Path) 
             ppo = PPOConfig.model_validate({**params.ppo.model_dump(), **overrides}).model_dump()
             workload = replace(template, side=name, ppo=ppo)
             before = {"load_before": os.getloadavg(), "cpu_pressure_before": cpu_pressure()}
-            result = run_child(kind, asdict(workload), logs / f"{name}-round{round_index}.log", args.threads)
+            log = logs / f"{name}-round{round_index}.log"
+            result = run_child(kind, asdict(workload), log, args.threads, ALLOCATOR_OF.get(name, "reuse"))
             result.update(side=name, round=round_index, **before)
             runs.append(result)
             print(progress_line(result), file=sys.stderr)

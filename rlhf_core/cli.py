@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(stage_commands, tool_commands).parse_args(argv)
 
     runtime.configure()
+    runtime.tune_allocator()
     try:
         if args.command in tool_commands:
             return int(importlib.import_module(tool_commands[args.command][0]).main(args) or 0)

@@ -9,6 +9,7 @@ Call :func:`configure` before importing transformers, mlflow, prefect or dvc.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 #: Environment settings that keep every tool offline and quiet.  Values already
@@ -71,3 +72,31 @@ def configure(root: Path | None = None) -> Path:
     os.environ.setdefault("MLFLOW_TRACKING_URI", mlflow_tracking_uri(root))
     os.environ.setdefault("HF_HOME", str(work / "hf-home"))
     return work
+
+
+#: glibc's ``mallopt`` parameters (malloc.h): the free memory kept at the heap's top, and how many blocks may be mapped.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def tune_allocator() -> bool:
+    """Make the C allocator keep freed memory for the next tensor instead of handing it back to the kernel.
+
+    glibc serves every block above 32 MiB (and smaller ones until its threshold adapts) from a fresh ``mmap`` and
+    unmaps it on free, so each large tensor of a training step - logits, an embedding's gradient, an optimiser's
+    temporaries - costs a page fault per 4 KiB page, every step.  With mapping off and trimming at 2 GiB the heap
+    grows within a few steps to its steady size and is reused.  Measured on a 2-core EPYC (bench/README.md):
+    ``rlhf sft`` 134 s -> 95 s (system time 49 s -> 6 s), its peak RSS 2.7 -> 3.4 GB; PPO's optimisation step
+    8-15% faster.  Memory freed stays with the process until it exits (every stage is a process of its own).
+
+    Set ``RLHF_ALLOCATOR=system`` to leave the allocator as it is.  A no-op, returning False, outside glibc Linux.
+    """
+    if os.environ.get("RLHF_ALLOCATOR", "reuse") == "system" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the running process's C library
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
