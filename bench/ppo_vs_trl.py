@@ -52,7 +52,7 @@ SIDES = {
     "trl-reuse": ("trl", {}),
 }
 DEFAULT_SIDES = ["ours-default", "trl", "ours-full"]
-BASELINE_OF = {"ours-default": "trl", "ours-full": "trl", "ours-bf16": "trl-bf16"}
+BASELINE_OF = {"ours-default": "trl", "ours-full": "trl", "ours-bf16": "trl-bf16", "trl-reuse": "trl"}
 #: ``RLHF_ALLOCATOR`` of each side's process (:func:`rlhf_core.runtime.tune_allocator`): our engine runs as the
 #: ``rlhf`` command runs it (freed memory reused), TRL as it ships (the system's); ``trl-reuse`` is TRL with our
 #: setting, to show how much of a ratio is the allocator's.
@@ -303,7 +303,7 @@ def summarise(runs: list[dict], sides: list[str], peaks: dict[str, float]) -> di
     return {
         "summary": per_side,
         "ratios": ratios,
-        "speedup": {name: ratio["speedup"] for name, ratio in ratios.items()},  # per ours side, vs TRL in its dtype
+        "speedup": {name: ratio["speedup"] for name, ratio in ratios.items()},  # per side, vs TRL as it ships, same dtype
         "checks": summary.checks(ratios.get("ours-default"), ratios.get("ours-full")),
         "failures": [{k: r[k] for k in ("side", "round", "error", "stderr_tail")} for r in runs if "error" in r],
         "markdown": summary.markdown_table(per_side, ratios),
