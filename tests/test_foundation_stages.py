@@ -1,7 +1,5 @@
 """The base_model and prompts stages through the real CLI on a tiny model."""
 
-import time
-
 import pytest
 
 from rlhf_core.artifacts import PromptSplit
@@ -21,9 +19,8 @@ def test_base_model_and_prompts_stages(tiny_project):
 
     from rlhf_core.base_model import load_causal_lm, load_tokenizer
 
-    start = time.perf_counter()
-    load_causal_lm(tiny_project / "models" / "base")
-    assert time.perf_counter() - start < 2
+    # loads from the safetensors written (no timing here: a cold import of transformers alone can take seconds)
+    assert load_causal_lm(tiny_project / "models" / "base").num_parameters() == base["base_model/parameters"]
     tokenizer = load_tokenizer(tiny_project / "models" / "base")
     assert tokenizer.padding_side == "left" and tokenizer.pad_token == "<|im_end|>"
 

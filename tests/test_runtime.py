@@ -48,10 +48,10 @@ def test_the_tuned_allocator_reuses_freed_memory_without_page_faults():
     assert tuned["faults"] < pages // 20  # the heap keeps the block: the next tensor reuses it
 
 
-def test_the_cli_tunes_the_allocator_before_any_stage(monkeypatch):
+def test_the_cli_tunes_the_allocator_before_any_stage(work_env, monkeypatch):
     from rlhf_core import cli, runtime
 
     calls = []
     monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append(True) or True)
-    assert cli.main(["check-params", "--params", str(REPO / "params.yaml")]) == 0
+    assert cli.main(["check-params", "--params", str(work_env / "params.yaml")]) == 0
     assert calls == [True]
