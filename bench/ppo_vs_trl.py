@@ -56,7 +56,7 @@ BASELINE_OF = {"ours-default": "trl", "ours-full": "trl", "ours-bf16": "trl-bf16
 #: ``RLHF_ALLOCATOR`` of each side's process (:func:`rlhf_core.runtime.tune_allocator`): our engine runs as the
 #: ``rlhf`` command runs it (freed memory reused), TRL as it ships (the system's); ``trl-reuse`` is TRL with our
 #: setting, to show how much of a ratio is the allocator's.
-ALLOCATOR_OF = {"trl": "system", "trl-bf16": "system"}
+ALLOCATOR_OF = {name: "system" if name in ("trl", "trl-bf16") else "reuse" for name in SIDES}
 MATMUL_DTYPES = ("float32", "bfloat16")
 
 
@@ -105,12 +105,10 @@ def child_main(kind: str, job: dict) -> dict:
 
     tuned = tune_allocator()
     if kind == "ours":
-        from ppo_bench import ours
-
-        return ours.run(Workload(**job)) | {"allocator_tuned": tuned}
-    from ppo_bench import baseline
-
-    return baseline.run(Workload(**job)) | {"allocator_tuned": tuned}
+        from ppo_bench import ours as side
+    else:
+        from ppo_bench import baseline as side
+    return side.run(Workload(**job)) | {"allocator_tuned": tuned}
 
 
 def run_child(kind: str, job: dict, log: Path, threads: int, allocator: str = "reuse") -> dict:
@@ -251,7 +249,7 @@ def measure(args: argparse.Namespace, params, model: Path, trl_dir: Path, prompt
             "threads": args.threads,
             "ppo": params.ppo.model_dump(),
             "sides": {name: dict(SIDES[name][1]) for name in args.sides},
-            "allocators": {name: ALLOCATOR_OF.get(name, "reuse") for name in args.sides},
+            "allocators": {name: ALLOCATOR_OF[name] for name in args.sides},
         },
         "load_average": load,
         "matmul_peak_flops": {"before": peaks_before, "after": peaks_after, "best": peaks},
@@ -277,7 +275,7 @@ def run_sides(args: argparse.Namespace, params, template: Workload, logs: Path) 
             workload = replace(template, side=name, ppo=ppo)
             before = {"load_before": os.getloadavg(), "cpu_pressure_before": cpu_pressure()}
             log = logs / f"{name}-round{round_index}.log"
-            result = run_child(kind, asdict(workload), log, args.threads, ALLOCATOR_OF.get(name, "reuse"))
+            result = run_child(kind, asdict(workload), log, args.threads, ALLOCATOR_OF[name])
             result.update(side=name, round=round_index, **before)
             runs.append(result)
             print(progress_line(result), file=sys.stderr)
