@@ -144,3 +144,32 @@ def test_the_trainer_skips_the_old_policy_pass_only_where_the_sampler_ran_it(
     assert metrics["ppo/entropy"] > 0 and abs(metrics["ppo/approx_kl"]) < 1e-3  # first step: new policy == old
     if trainer.reuses_first_pass:
         assert metrics["ppo/approx_kl"] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["freeze", "full"])
+def test_the_rollouts_lm_head_runs_skinny_and_samples_what_a_plain_linear_samples(tiny_base_model, monkeypatch, mode):
+    """PPO's one-token steps run the LM head (read through ``fp32_linear``) as ``weight @ x.T`` like the sampler's
+    other fp32 layers, and draw the tokens that ``F.linear`` draws."""
+    import rlhf_core.decoder as decoder
+
+    model = _model(tiny_base_model, mode=mode)
+    skinny, seen = decoder._skinny_linear, []
+    monkeypatch.setattr(decoder, "_skinny_linear", lambda layer, x: seen.append(layer) or skinny(layer, x))
+    runs = []
+    for rows in (decoder.SKINNY_ROWS, 0):
+        monkeypatch.setattr(decoder, "SKINNY_ROWS", rows)
+        runs.append(_rollout(model, tiny_base_model, max_new_tokens=6))
+    assert any(layer is model.parts.lm_head for layer in seen)
+    assert torch.equal(runs[0].response_ids, runs[1].response_ids)
+    assert torch.allclose(runs[0].sample_logprobs, runs[1].sample_logprobs, atol=1e-4)
+
+
+def test_the_trainer_steps_with_fused_adamw_on_cpu(tiny_base_model):
+    from rlhf_core.ppo.trainer import build_trainer
+
+    cfg = PPOConfig(mode="full", batch_size=2, minibatches=1, max_new_tokens=3, ppo_epochs=1)
+    trainer = build_trainer(cfg, tiny_base_model, lambda p, r, f: torch.ones(len(p)), MANY[:2])
+    assert trainer.optimizer.optimizer.defaults["fused"] is True
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    trainer.step()
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.policy.named_parameters() if p.requires_grad)

@@ -92,8 +92,12 @@ def run_layers(layers, hidden: torch.Tensor, attention: Attention, cache=None) -
 
 
 def fp32_linear(hidden: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``layer(hidden)`` in fp32 whatever autocast says: log-probs and values need the precision."""
+    """``layer(hidden)`` in fp32 whatever autocast says: log-probs and values need the precision.  fp32 weights and
+    input go through the layer's own ``forward``, which the sampling loop's :func:`rlhf_core.decoder.skinny_linears`
+    swaps for one-token steps (the LM head is a fifth of the weights a step reads)."""
     with torch.autocast(hidden.device.type, enabled=False):
+        if type(layer) is nn.Linear and hidden.dtype == layer.weight.dtype == torch.float32:
+            return layer(hidden)
         bias = layer.bias.float() if layer.bias is not None else None
         return F.linear(hidden.float(), layer.weight.float(), bias)
 

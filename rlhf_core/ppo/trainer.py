@@ -369,6 +369,9 @@ def build_trainer(
     seed_everything(cfg.seed)
     model = build_actor_critic(policy_path, cfg, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=0.0)
+    # The fused kernel (one pass over each tensor, not a dozen foreach passes; what the HF-Trainer stages use too):
+    # 0.1-0.2 s instead of 0.4-0.7 s a step over full fine-tuning's 269M weights on 2 CPU cores.
+    fused = accelerator.device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=0.0, fused=fused)
     model, optimizer = accelerator.prepare(model, optimizer)
     return PPOTrainer(cfg, model, optimizer, load_tokenizer(policy_path), score_fn, prompts, accelerator)
