@@ -57,13 +57,13 @@ def test_passes_over_length_groups_equal_one_padded_batch(tiny_base_model, monke
     assert len(groups) > 1 and any(start > 0 for _, start in groups)
     assert sorted(int(r) for rows, _ in groups for r in rows) == list(range(len(MANY)))
 
-    # the positions the grouped passes run: fewer than the padded batch's
+    # the positions the grouped passes run, packed into one tensor per stack: fewer than the padded batch's
     widths = []
-    final = model._final
-    monkeypatch.setattr(model, "_final", lambda stack, ids, *rest: widths.append(ids.shape) or final(stack, ids, *rest))
+    packed = policy_module.run_packed
+    monkeypatch.setattr(policy_module, "run_packed", lambda layers, hidden, blocks: widths.append(hidden.shape[0]) or packed(layers, hidden, blocks))
     grouped = model(*args)
     stacks = 2 if value_model == "separate" else 1
-    assert sum(rows * width for rows, width in widths) < stacks * rollout.input_ids.numel()
+    assert len(widths) == stacks and sum(widths) < stacks * rollout.input_ids.numel()
     grouped_ref = model.reference_logits(*args)
     grouped_grads = _trainable_grads(model, model(*args))
     # rows really are matched to their own outputs: swapping two rows' inputs swaps their outputs
@@ -173,3 +173,36 @@ def test_the_trainer_steps_with_fused_adamw_on_cpu(tiny_base_model):
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
     trainer.step()
     assert any(not torch.equal(p, before[n]) for n, p in trainer.policy.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(("mode", "value_model"), [("freeze", "separate"), ("full", "separate"), ("lora", "head")])
+def test_packed_groups_equal_each_group_through_the_layers_own_forward(tiny_base_model, monkeypatch, mode, value_model):
+    """The groups packed into one tensor (one matmul per weight) compute what each group through the decoder
+    layers' own forward computes: outputs, reference logits and every trainable weight's gradient."""
+    from rlhf_core.ppo import policy as policy_module
+
+    model = _model(tiny_base_model, mode=mode, value_model=value_model)
+    rollout = _rollout(model, tiny_base_model)
+    args = (rollout.input_ids, rollout.attention_mask, rollout.trunk_hidden, rollout.n_response)
+    assert len(policy_module.length_groups(rollout.attention_mask)) > 1
+    runs = []
+    for packs in (True, False):
+        monkeypatch.setattr(policy_module, "packs_layers", lambda layers, packs=packs: packs)
+        out = model(*args)
+        runs.append((out, model.reference_logits(*args), _trainable_grads(model, model(*args))))
+    (packed, packed_ref, packed_grads), (own, own_ref, own_grads) = runs
+    live = rollout.response_mask.bool()
+    assert torch.allclose(packed.logits[live], own.logits[live], atol=1e-5)
+    assert torch.allclose(packed.values[live], own.values[live], atol=1e-5)
+    assert torch.allclose(packed_ref[live], own_ref[live], atol=1e-5)
+    assert packed_grads.keys() == own_grads.keys() and packed_grads
+    for name, grad in packed_grads.items():
+        assert torch.allclose(grad, own_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_layers_of_another_class_run_their_own_forward(tiny_base_model):
+    from rlhf_core.decoder import packs_layers
+
+    model = _model(tiny_base_model, mode="full")
+    assert packs_layers(model.parts.layers)
+    assert not packs_layers([*model.parts.layers, torch.nn.Identity()])

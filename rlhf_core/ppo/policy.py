@@ -48,7 +48,7 @@ from torch import nn
 
 from rlhf_core.base_model import frozen_layers
 from rlhf_core.config import PPOConfig
-from rlhf_core.decoder import DecoderParts, decoder_parts, prefill_groups
+from rlhf_core.decoder import Block, DecoderParts, decoder_parts, packs_layers, prefill_groups, run_packed
 from rlhf_core.errors import RLHFError
 from rlhf_core.generation import left_padding, positions_from_mask
 from rlhf_core import precision
@@ -147,6 +147,12 @@ def in_batch_order(groups: list[tuple[torch.Tensor, int]], outputs: list[torch.T
     if len(outputs) == 1:
         return outputs[0]  # one group holds the rows in order
     return torch.cat(outputs)[torch.argsort(torch.cat([rows for rows, _ in groups]))]
+
+
+def _layers_to_run(stack, trunk_hidden) -> list:
+    """A stack's layers that a pass runs: the upper ones from given trunk states, else the lower ones too."""
+    _, lower, upper, _ = stack
+    return list(upper) if trunk_hidden is not None else [*lower, *upper]
 
 
 class ActorCritic(nn.Module):
@@ -267,9 +273,9 @@ class ActorCritic(nn.Module):
     def _final(self, stack, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
         """Final normed hidden states of the last ``n_response`` positions through one ``stack``: (embeddings, lower
         layers, upper layers, norm), the embeddings and lower layers only when ``trunk_hidden`` is None."""
-        embed, lower, upper, norm = stack
-        layers = list(upper) if trunk_hidden is not None else [*lower, *upper]
+        embed, _, _, norm = stack
         hidden = trunk_hidden if trunk_hidden is not None else embed(input_ids)
+        layers = _layers_to_run(stack, trunk_hidden)
         return norm(run_layers(layers, hidden, self._attention(input_ids, attention_mask))[:, -n_response:])
 
     def _policy_stack(self):
@@ -296,6 +302,9 @@ class ActorCritic(nn.Module):
         """:meth:`_final` of one stack for each of the batch's :func:`length_groups` (its leading all-padding
         columns cut), joined back in the batch's row order."""
         groups = length_groups(attention_mask)
+        layers = _layers_to_run(stack, trunk_hidden)
+        if len(groups) > 1 and packs_layers(layers):
+            return self._packed(stack, layers, groups, input_ids, attention_mask, trunk_hidden, n_response)
         finals = []
         with self.autocast():
             for rows, start in groups:
@@ -305,6 +314,23 @@ class ActorCritic(nn.Module):
                     group = input_ids[rows, start:], attention_mask[rows, start:], None if trunk_hidden is None else trunk_hidden[rows, start:]
                 finals.append(self._final(stack, *group, n_response))
         return in_batch_order(groups, finals)
+
+    def _packed(self, stack, layers, groups, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
+        """:meth:`_over_groups` with the groups packed into one tensor (:func:`rlhf_core.decoder.run_packed`): the
+        layers' weights multiply every group's positions in one product; the same numbers to float rounding."""
+        embed, _, _, norm = stack
+        pieces, blocks, offset = [], [], 0
+        with self.autocast():
+            for rows, start in groups:
+                ids, mask = input_ids[rows, start:], attention_mask[rows, start:]
+                attention = self._attention(ids, mask)
+                blocks.append(Block(offset, *ids.shape, attention.mask, attention.position_embeddings))
+                offset += ids.numel()
+                pieces.append(ids.reshape(-1) if trunk_hidden is None else trunk_hidden[rows, start:].reshape(ids.numel(), -1))
+            hidden = embed(torch.cat(pieces)) if trunk_hidden is None else torch.cat(pieces)
+            hidden = run_packed(layers, hidden, blocks)
+            finals = [hidden[b.span].view(b.rows, b.width, -1)[:, -n_response:] for b in blocks]
+            return norm(in_batch_order(groups, finals))
 
     @torch.no_grad()
     def separate_values(self, input_ids, attention_mask, trunk_hidden, n_response: int) -> torch.Tensor:
