@@ -213,8 +213,8 @@ def run_packed(layers, hidden: torch.Tensor, blocks: list[Block]) -> torch.Tenso
     ``(N, hidden)``; the projections, norms and MLP run once over all N positions, attention block by block.
 
     The same arithmetic as each block through the layers' own forward, but one matmul per weight instead of one per
-    block: a weight's gradient is one product over all positions, not a sum of narrow ones (on 2 cores the products
-    of PPO's 2-4 length groups ran 1.1-1.5x slower than one over their joined positions, ``bench/README.md``)."""
+    block: a weight's gradient is one product over all positions, not a sum of narrow ones (full fine-tuning's PPO
+    step 1.14x on 2 cores, ``bench/packed_passes.py``)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 

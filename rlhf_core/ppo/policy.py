@@ -20,7 +20,9 @@ reference, old-policy, value and training passes run 6 layers instead of 30.
 Those passes run the rows of a batch in groups of similar length
 (:func:`length_groups`) instead of the batch left-padded to its longest query
 (a third of it padding on the default prompts), and the heads once over the
-joined final states.  In fp32 the sampler runs the old policy's own weights, so
+joined final states.  For Llama layers the groups are packed into one tensor
+(:func:`rlhf_core.decoder.run_packed`): each weight multiplies every group's
+positions in one product, attention runs group by group.  In fp32 the sampler runs the old policy's own weights, so
 its log-probs, entropies and values (``value_model: head``) stand in for the
 old-policy pass, which then does not run (:attr:`ActorCritic.samples_as_old_policy`).
 
