@@ -40,19 +40,20 @@ from rlhf_core.artifacts import ModelFolder  # noqa: E402
 from rlhf_core.errors import RLHFError  # noqa: E402
 
 #: The sides, in the order they alternate, with their changes to params.yaml's ``ppo:`` section.  Full fine-tuning
-#: gets a value model of its own and no bf16, like TRL's fp32 policy + separate value model.  The ``-bf16`` sides
-#: run both engines in bf16 mixed precision (for CPUs with fast bf16); each ours side is compared with the TRL side
-#: of its dtype (:data:`BASELINE_OF`).
+#: gets a value model of its own, like TRL's policy + separate value model.  The ``-bf16`` sides run both engines in
+#: bf16 mixed precision (for CPUs with fast bf16); each ours side is compared with the TRL side of its dtype
+#: (:data:`BASELINE_OF`).
 SIDES = {
     "ours-default": ("ours", {}),
     "trl": ("trl", {}),
     "ours-full": ("ours", {"mode": "full", "dtype": "float32", "value_model": "separate"}),
     "ours-bf16": ("ours", {"dtype": "bfloat16"}),
+    "ours-full-bf16": ("ours", {"mode": "full", "dtype": "bfloat16", "value_model": "separate"}),
     "trl-bf16": ("trl", {"dtype": "bfloat16"}),
     "trl-reuse": ("trl", {}),
 }
 DEFAULT_SIDES = ["ours-default", "trl", "ours-full"]
-BASELINE_OF = {"ours-default": "trl", "ours-full": "trl", "ours-bf16": "trl-bf16", "trl-reuse": "trl"}
+BASELINE_OF = {"ours-default": "trl", "ours-full": "trl", "ours-bf16": "trl-bf16", "ours-full-bf16": "trl-bf16", "trl-reuse": "trl"}
 #: ``RLHF_ALLOCATOR`` of each side's process (:func:`rlhf_core.runtime.tune_allocator`): our engine runs as the
 #: ``rlhf`` command runs it (freed memory reused), TRL as it ships (the system's); ``trl-reuse`` is TRL with our
 #: setting, to show how much of a ratio is the allocator's.
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=64, help="first N prompts (by id) of paths.prompt_source")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on every side")
     parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=DEFAULT_SIDES,
-                        help="sides to run, in order (ours-bf16 and trl-bf16: both in bf16 mixed precision; "
+                        help="sides to run, in order (ours-bf16, ours-full-bf16 and trl-bf16: in bf16 mixed precision; "
                              "trl-reuse: TRL with our allocator setting)")
     parser.add_argument("--trl-dir", default=str(REPO / ".work" / "bench" / f"trl-{TRL_VERSION}"), help="where trl 1.12.0 lives")
     parser.add_argument("--out", help="result JSON (default: bench/results/ppo_vs_trl_<date>.json)")
