@@ -52,7 +52,12 @@ def captured_experience(trainer):
     """Run one update, keeping the experience its optimisation step was given."""
     kept = {}
     optimise = trainer._optimise
-    trainer._optimise = lambda exp: kept.setdefault("exp", exp) and optimise(exp)
+
+    def keeping(exp):
+        kept["exp"] = exp
+        return optimise(exp)
+
+    trainer._optimise = keeping
     try:
         trainer.step()
     finally:
