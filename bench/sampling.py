@@ -9,9 +9,13 @@ token, so every row runs the full length - by
   candidates, PPO and evaluation share (a KV cache, inverse-CDF sampling);
 * **hf**: ``model.generate(do_sample=True, min_new_tokens=max_new_tokens=N, top_k=0)``,
   the same distribution (temperature 1, no truncation);
+* **ours without the kernel** (batches up to ``rlhf_core.decoder.KERNEL_ROWS``,
+  where the compiled kernel runs): the sampler with its one-token steps' linear
+  layers as ``weight @ x.T`` (fp32) or ``F.linear`` (bf16) instead of
+  :mod:`rlhf_core.kernels`' ``skinny_gemm``;
 * **ours, plain linear** (fp32, batches up to ``rlhf_core.decoder.SKINNY_ROWS``):
-  the sampler with its one-token steps' linear layers as ``F.linear`` instead of
-  ``weight @ x.T``, timed in turns with **ours** so that a drifting load hits both.
+  the sampler with its one-token steps' linear layers as ``F.linear``;
+  both timed in turns with **ours** so that a drifting load hits all alike.
 
 Each figure is the best of ``--repeats`` runs after a warm-up; tokens/s is
 B x N / seconds, the prompt pass included.  The **roofline** at batch B bounds a
@@ -21,8 +25,9 @@ peak measured in this run, in that dtype); tokens/s cannot beat B / the larger
 of the two.  The KV cache's reads and the prompt pass are left out, so the bound
 is slightly optimistic.  Beside it, the rate at which this machine's matmul
 streams weights of the model's layer shapes at that batch, as ``x @ W.T``
-(``weight_stream_gb_s``) and as ``W @ x.T`` (``weight_stream_wxt_gb_s``): a decode
-step cannot read its weights faster than its matmuls do, whatever the copy bandwidth.
+(``weight_stream_gb_s``), as ``W @ x.T`` (``weight_stream_wxt_gb_s``) and through the
+kernel (``weight_stream_kernel_gb_s``): a decode step cannot read its weights faster
+than its matmuls do, whatever the copy bandwidth.
 
     .venv/bin/python bench/sampling.py                                # batches 8-128, fp32 and bf16, the base model
     .venv/bin/python bench/sampling.py --batches 8 16 --dtypes float32 --repeats 1
@@ -88,7 +93,7 @@ def best_seconds_interleaved(runs, repeats: int) -> list[float]:
 def measure(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, repeats: int) -> dict:
     import torch
 
-    from rlhf_core import decoder
+    from rlhf_core import decoder, kernels
     from rlhf_core.generation import encode_queries, sample_tokens
 
     texts = (prompts * (batch // max(1, len(prompts)) + 1))[:batch]
@@ -105,37 +110,51 @@ def measure(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, r
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         assert out.shape == (batch, ids.shape[1] + new_tokens)
 
-    def plain():  # the sampler without its skinny linears
-        skinny_rows, decoder.SKINNY_ROWS = decoder.SKINNY_ROWS, 0
-        try:
-            ours()
-        finally:
-            decoder.SKINNY_ROWS = skinny_rows
+    def without(limit: str):  # the sampler with decoder.<limit> = 0: no kernel (KERNEL_ROWS), or F.linear (SKINNY_ROWS)
+        def run():
+            kept = getattr(decoder, limit), getattr(decoder, "KERNEL_ROWS")
+            setattr(decoder, limit, 0)
+            decoder.KERNEL_ROWS = 0
+            try:
+                ours()
+            finally:
+                setattr(decoder, limit, kept[0])
+                decoder.KERNEL_ROWS = kept[1]
+
+        return run
 
     tokens = batch * new_tokens
     row = {"batch": batch, "prompt_width": ids.shape[1], "padding_share": float(1 - mask.float().mean())}
-    skinny = model.dtype == torch.float32 and batch <= decoder.SKINNY_ROWS  # where they apply: timed in turns with ours
-    ours_s, *plain_s = best_seconds_interleaved([ours, plain] if skinny else [ours], repeats)
-    if plain_s:
-        row["ours_plain_linear_tokens_per_s"] = tokens / plain_s[0]
+    fp32, kernel = model.dtype == torch.float32, kernels.skinny_gemm() is not None
+    # where they apply, the variants are timed in turns with ours (for bf16, plain linear is the sampler without kernel)
+    variants = {"ours_without_kernel_tokens_per_s": kernel and batch <= decoder.KERNEL_ROWS,
+                "ours_plain_linear_tokens_per_s": fp32 and batch <= decoder.SKINNY_ROWS}  # fmt: skip
+    runs = {"ours_without_kernel_tokens_per_s": without("KERNEL_ROWS"), "ours_plain_linear_tokens_per_s": without("SKINNY_ROWS")}
+    names = [name for name, applies in variants.items() if applies]
+    ours_s, *variant_s = best_seconds_interleaved([ours, *(runs[name] for name in names)], repeats)
+    row.update({name: tokens / seconds for name, seconds in zip(names, variant_s)})
     hf_s = best_seconds(hf, repeats)
+    streams = {"weight_stream_gb_s": "x @ W.T", "weight_stream_wxt_gb_s": "W @ x.T", "weight_stream_kernel_gb_s": "kernel"}
+    if not kernel:
+        del streams["weight_stream_kernel_gb_s"]
     return {**row, "ours_tokens_per_s": tokens / ours_s, "hf_tokens_per_s": tokens / hf_s,
-            "weight_stream_gb_s": weight_stream(model, batch, repeats) / 1e9,
-            "weight_stream_wxt_gb_s": weight_stream(model, batch, repeats, transposed=True) / 1e9}  # fmt: skip
+            **{key: weight_stream(model, batch, repeats, how) / 1e9 for key, how in streams.items()}}
 
 
-def weight_stream(model, batch: int, repeats: int, transposed: bool = False) -> float:
-    """Bytes/s at which ``F.linear`` (``transposed``: ``weight @ x.T``, as the sampler's skinny steps run) reads the
-    model's own layer weights at ``batch`` rows, one layer after another (far more weights than any cache holds):
-    the rate a decode step's matmuls can stream its weights."""
+def weight_stream(model, batch: int, repeats: int, how: str = "x @ W.T") -> float:
+    """Bytes/s at which ``F.linear`` (``how`` = ``x @ W.T``), ``weight @ x.T`` or the compiled kernel (``kernel``)
+    reads the model's own layer weights at ``batch`` rows, one layer after another (far more weights than any cache
+    holds): the rate a decode step's matmuls can stream its weights."""
     import torch
     import torch.nn.functional as F
 
+    from rlhf_core import kernels
     from rlhf_core.decoder import decoder_parts
 
     linears = [m.weight for m in decoder_parts(model).layers.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in linears}
-    product = (lambda x, w: torch.mm(w, x.t())) if transposed else F.linear
+    product = {"x @ W.T": F.linear, "W @ x.T": lambda x, w: torch.mm(w, x.t()),
+               "kernel": lambda x, w: kernels.skinny_gemm()(x, w)}[how]  # fmt: skip
     seconds = best_seconds(lambda: [product(inputs[w.shape[1]], w) for w in linears], repeats)
     return sum(w.numel() * w.element_size() for w in linears) / seconds
 
@@ -146,14 +165,15 @@ def roofline(weights: int, element_bytes: int, batch: int, bandwidth: float, pea
 
 
 def markdown(result: dict) -> str:
-    lines = ["| dtype | batch | ours tok/s | ours, plain linear | HF generate tok/s | ours / HF | roofline tok/s (bound) "
-             "| ours / roofline | weight stream GB/s: x @ W.T | W @ x.T |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| dtype | batch | ours tok/s | ours without kernel | ours, plain linear | HF generate tok/s | ours / HF "
+             "| roofline tok/s (bound) | ours / roofline | weight stream GB/s: x @ W.T | W @ x.T | kernel |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:
-        plain = f"{r['ours_plain_linear_tokens_per_s']:.0f}" if "ours_plain_linear_tokens_per_s" in r else "-"
-        streams = " | ".join(f"{r[k]:.1f}" if k in r else "-" for k in ("weight_stream_gb_s", "weight_stream_wxt_gb_s"))
+        wxt, plain = (f"{r[k]:.0f}" if k in r else "-" for k in ("ours_without_kernel_tokens_per_s", "ours_plain_linear_tokens_per_s"))
+        streams = " | ".join(f"{r[k]:.1f}" if k in r else "-"
+                             for k in ("weight_stream_gb_s", "weight_stream_wxt_gb_s", "weight_stream_kernel_gb_s"))  # fmt: skip
         lines.append(
-            f"| {r['dtype']} | {r['batch']} | {r['ours_tokens_per_s']:.0f} | {plain} | {r['hf_tokens_per_s']:.0f} | "
+            f"| {r['dtype']} | {r['batch']} | {r['ours_tokens_per_s']:.0f} | {wxt} | {plain} | {r['hf_tokens_per_s']:.0f} | "
             f"{r['ours_vs_hf']:.2f}x | {r['roofline_tokens_per_s']:.0f} ({r['bound']}) | {r['ours_share_of_roofline']:.0%} "
             f"| {streams} |"
         )
@@ -164,6 +184,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from rlhf_core import kernels
     from rlhf_core.errors import RLHFError
     from rlhf_core.generation import load_policy
 
@@ -190,7 +211,7 @@ def main(argv=None) -> int:
         del model
     result = write_result("sampling", args, {
         "model": str(model_dir), "weights": weights, "new_tokens": args.new_tokens,
-        "memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_peak_gflop_s": {d: p / 1e9 for d, p in peaks.items()},
+        "decode_linears": kernels.status(), "memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_peak_gflop_s": {d: p / 1e9 for d, p in peaks.items()},
         "rows": rows,
     })  # fmt: skip
     print(markdown(result))

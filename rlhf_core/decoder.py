@@ -68,6 +68,10 @@ class DecodeStep:
         self.rows: torch.Tensor | None = None  # the batch's rows that a call runs (None: all)
         self.batch = 0
 
+    def sampled_modules(self) -> list[nn.Module]:
+        """The modules whose weights the one-token steps read (:func:`skinny_linears` swaps their linear layers)."""
+        return [self.model]
+
     def select_rows(self, rows: torch.Tensor | None, batch: int) -> None:
         """From the next call on, the step runs only ``rows`` of the ``batch`` rows the sampling began with (None:
         all of them); a step that keeps per-call outputs keeps them over the whole batch (:meth:`whole`)."""
@@ -159,11 +163,18 @@ class RecordingStep(DecodeStep):
 #: sgemm streams a weight 1.2-2.4x faster in that orientation when x has few rows, and the sampler gains 2-13% at
 #: batch 8-128 (bench/README.md, ``sampling.py``); a prompt pass (hundreds of rows) keeps ``F.linear``.
 SKINNY_ROWS = 128
+#: Rows up to which they run through the compiled kernel instead (:mod:`rlhf_core.kernels`), where it runs, as do
+#: bf16 ones: fp32 1.3-2.7x ``weight @ x.T``'s speed at 1-16 rows, even at 64 (bench/README.md).
+KERNEL_ROWS = 64
 
 
-def _skinny_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _skinny_linear(module: nn.Linear, gemm, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if rows > SKINNY_ROWS or torch.is_grad_enabled():
+    if rows > SKINNY_ROWS or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return F.linear(x, module.weight, module.bias)
+    if gemm is not None and rows <= KERNEL_ROWS:
+        return gemm(x, module.weight, module.bias)
+    if module.weight.dtype != torch.float32:  # bf16 without the kernel: oneDNN, which gains nothing from the swap
         return F.linear(x, module.weight, module.bias)
     flat = x.reshape(rows, x.shape[-1]).t()
     out = torch.mm(module.weight, flat) if module.bias is None else torch.addmm(module.bias[:, None], module.weight, flat)
@@ -171,14 +182,20 @@ def _skinny_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def skinny_linears(model: nn.Module):
-    """Within the block, ``model``'s fp32 CPU ``nn.Linear`` layers compute a call of at most :data:`SKINNY_ROWS`
-    rows without gradients as ``(weight @ x.T).T`` - the sampling loop's one-token steps - and any other call as
-    usual.  Results agree with ``F.linear`` to rounding (another summation order), not bit for bit."""
-    modules = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
-               and m.weight.device.type == "cpu" and "forward" not in m.__dict__]  # fmt: skip
+def skinny_linears(*models: nn.Module):
+    """Within the block, the CPU ``nn.Linear`` layers of ``models`` compute a call of at most :data:`SKINNY_ROWS`
+    rows without gradients - the sampling loop's one-token steps - through :mod:`rlhf_core.kernels`' compiled
+    kernel (fp32 and bf16 weights, up to :data:`KERNEL_ROWS` rows, where it runs) or, for fp32 weights, as
+    ``(weight @ x.T).T``, and any other call as usual.  Results agree with ``F.linear`` to rounding (another
+    summation order), not bit for bit."""
+    from rlhf_core import kernels
+
+    gemm = kernels.skinny_gemm()
+    modules = {id(m): m for model in models for m in model.modules() if type(m) is nn.Linear
+               and m.weight.device.type == "cpu" and "forward" not in m.__dict__
+               and (m.weight.dtype == torch.float32 or (gemm is not None and gemm.fits(m.weight)))}.values()  # fmt: skip
     for module in modules:
-        module.forward = partial(_skinny_linear, module)
+        module.forward = partial(_skinny_linear, module, gemm if gemm is not None and gemm.fits(module.weight) else None)
     try:
         yield
     finally:

@@ -214,7 +214,7 @@ def sample_tokens(
     decode pad tokens, which the response mask hides.  Each row draws its
     random numbers as if every row still ran, so dropping rows changes no
     sample beyond float rounding.  The one-token steps of a batch of at most
-    :data:`rlhf_core.decoder.SKINNY_ROWS` rows run their fp32 linear layers as
+    :data:`rlhf_core.decoder.SKINNY_ROWS` rows run their linear layers through the compiled kernel or as
     ``weight @ x.T`` (:func:`rlhf_core.decoder.skinny_linears`).  With
     ``feed_last`` the last sampled tokens also go through one more step (its
     logits unused), for a ``model`` that keeps what its steps compute: PPO's
@@ -238,7 +238,7 @@ def sample_tokens(
     next_position = positions[:, -1:] + 1
     done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
     tokens, logprobs, live = [], [], []
-    with skinny_linears(step.model):
+    with skinny_linears(*step.sampled_modules()):
         for index in range(max_new_tokens):
             token, logprob = sample_next_token(logits, temperature, generator, top_p, batch=batch, rows=step.rows)
             # Back to the whole batch: a row the step no longer runs has ended, so it gets the pad token just below.

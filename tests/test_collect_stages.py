@@ -5,8 +5,10 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from rlhf_core import kernels
 from rlhf_core.artifacts import PreferenceFolder
 from rlhf_core.config import load_params
 from rlhf_core.precision import default_device
@@ -74,6 +76,7 @@ def test_generate_candidates_writes_k_completions_per_prompt(project):
     assert metrics["candidates/tokens_per_second"] > 0 and metrics["candidates/tokens"] > 0
     assert metrics["candidates/policy_version"].startswith("base:")
     assert (metrics["candidates/dtype"], metrics["candidates/device"]) == ("float32", default_device().type)
+    assert metrics["candidates/decode_linears"] == kernels.decode_path(torch.float32, default_device())
     assert not (folder / "rankings.jsonl").exists()
     assert len({c.id for c in completions}) == len(completions)
     max_new = TINY_OVERRIDES["candidates"]["max_new_tokens"]

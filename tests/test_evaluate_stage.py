@@ -4,10 +4,11 @@ import json
 import shutil
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
-from rlhf_core import tracking
+from rlhf_core import kernels, tracking
 from rlhf_core.config import load_params
 from rlhf_core.records import write_jsonl
 from rlhf_core.schemas import Prompt, Ranking
@@ -142,6 +143,8 @@ def test_a_candidate_equal_to_the_reference_ties_everywhere_with_zero_kl(work_en
     assert (saved["eval/dtype"], saved["eval/device"], saved["eval/reward_dtype"]) == (dtype, default_device().type, "float32")
     run = MlflowClient().search_runs([tracking.experiment_id()], "tags.stage = 'evaluate'")[0]
     assert run.data.params["eval/dtype"] == dtype and run.data.params["eval/device"] == saved["eval/device"]
+    # fp32 on a CPU: the compiled kernel's path (or why not); bf16: torch's
+    assert saved["eval/decode_linears"] == kernels.decode_path(getattr(torch, dtype), default_device())
     assert saved["eval/candidate_version"] is None and saved["eval/champion_version"] is None
     # same seed, same model: same samples; the KL is the sampler's log-probs minus a scoring pass's (rounding only)
     assert saved["eval/kl"] == pytest.approx(0.0, abs=1e-3 if dtype == "float32" else 0.1)

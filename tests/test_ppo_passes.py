@@ -154,7 +154,7 @@ def test_the_rollouts_lm_head_runs_skinny_and_samples_what_a_plain_linear_sample
 
     model = _model(tiny_base_model, mode=mode)
     skinny, seen = decoder._skinny_linear, []
-    monkeypatch.setattr(decoder, "_skinny_linear", lambda layer, x: seen.append(layer) or skinny(layer, x))
+    monkeypatch.setattr(decoder, "_skinny_linear", lambda layer, gemm, x: seen.append(layer) or skinny(layer, gemm, x))
     runs = []
     for rows in (decoder.SKINNY_ROWS, 0):
         monkeypatch.setattr(decoder, "SKINNY_ROWS", rows)

@@ -3,10 +3,11 @@
 import csv
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
-from rlhf_core import tracking
+from rlhf_core import kernels, tracking
 from rlhf_core.config import load_params
 from rlhf_core.precision import default_device
 from rlhf_core.records import write_jsonl
@@ -80,7 +81,8 @@ def test_ppo_stage_trains_logs_every_update_saves_registers_and_resumes(project)
         assert isinstance(metrics[f"ppo/{key}"], float)
     assert metrics["ppo/reward_model_version"] == reward_version
     assert metrics["ppo/reward_model_hash"] == tracking.hash_paths([project / "models/reward"])
-    numeric_path = {"ppo/dtype": "float32", "ppo/device": default_device().type, "ppo/reward_dtype": "float32"}
+    numeric_path = {"ppo/dtype": "float32", "ppo/device": default_device().type, "ppo/reward_dtype": "float32",
+                    "ppo/decode_linears": kernels.decode_path(torch.float32, default_device())}
     assert {k: metrics[k] for k in numeric_path} == numeric_path
 
     with (project / "plots/ppo_curve.csv").open() as handle:

@@ -58,5 +58,15 @@ def test_autocast_runs_the_named_path(dtype, expected):
 def test_record_names_dtype_and_device_type():
     assert precision.record("ppo", "bfloat16", torch.device("cpu")) == {"ppo/dtype": "bfloat16", "ppo/device": "cpu"}
     assert precision.record("eval", "float32", "cuda:1") == {"eval/dtype": "float32", "eval/device": "cuda"}
+
+
+def test_a_sampling_stage_records_how_its_decode_steps_ran_their_linear_layers():
+    from rlhf_core import kernels
+
+    fp32 = precision.record("candidates", "float32", "cpu", samples=True)
+    assert fp32["candidates/decode_linears"] == kernels.status()  # avx512, avx2, or off: <why>
+    assert fp32["candidates/decode_linears"] in ("avx512", "avx2") or fp32["candidates/decode_linears"].startswith("off: ")
+    assert precision.record("ppo", "bfloat16", "cpu", samples=True)["ppo/decode_linears"] == kernels.status()
+    assert precision.record("eval", "float32", "cuda:0", samples=True)["eval/decode_linears"] == "torch"
     with pytest.raises(ConfigError):
         precision.record("eval", "half", "cpu")

@@ -26,6 +26,9 @@ def test_tokens_per_second_of_both_samplers_and_the_roofline(tiny_base_model, tm
         assert row["weight_stream_gb_s"] > 0 and row["weight_stream_wxt_gb_s"] > 0
         # the sampler without its skinny linears, side by side, only where they apply (fp32, few rows)
         assert ("ours_plain_linear_tokens_per_s" in row) == (row["dtype"] == "float32")
+        # and without the compiled kernel, where it runs (fp32 and bf16)
+        kernel = result["decode_linears"] in ("avx512", "avx2")
+        assert ("ours_without_kernel_tokens_per_s" in row) == kernel == ("weight_stream_kernel_gb_s" in row)
         assert row["ours_vs_hf"] == pytest.approx(row["ours_tokens_per_s"] / row["hf_tokens_per_s"])
         assert row["bound"] in ("memory", "compute") and row["roofline_tokens_per_s"] > 0
     fp32, bf16 = result["rows"][0], result["rows"][2]  # same batch: half the bytes per weight, so a higher memory bound

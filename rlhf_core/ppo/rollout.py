@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+from torch import nn
 
 from rlhf_core import generation
 from rlhf_core.decoder import RecordingStep
@@ -91,6 +92,11 @@ class PolicyStep(RecordingStep):
         # Per call, for its last position: the sampling distribution's entropy and the value (old-policy numbers).
         self.entropies: list[torch.Tensor] | None = [] if policy.samples_as_old_policy else None
         self.values: list[torch.Tensor] | None = [] if policy.samples_as_old_policy and not policy.separate_value else None
+
+    def sampled_modules(self) -> list[nn.Module]:
+        if self.parts is None:
+            return [self.model]
+        return [self.model, self.parts.embed, self.parts.layers, self.parts.norm, self.parts.lm_head]
 
     def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         trunk_hidden, final, logits = self.model.sample_step(input_ids, attention_mask, position_ids, cache, parts=self.parts)
