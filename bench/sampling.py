@@ -9,8 +9,8 @@ token, so every row runs the full length - by
   candidates, PPO and evaluation share (a KV cache, inverse-CDF sampling);
 * **hf**: ``model.generate(do_sample=True, min_new_tokens=max_new_tokens=N, top_k=0)``,
   the same distribution (temperature 1, no truncation);
-* **ours without the kernel** (batches up to ``rlhf_core.decoder.KERNEL_ROWS``,
-  where the compiled kernel runs): the sampler with its one-token steps' linear
+* **ours without the kernel** (batches up to ``rlhf_core.decoder.KERNEL_ROWS`` for
+  the dtype, where the compiled kernel runs): the sampler with its one-token steps' linear
   layers as ``weight @ x.T`` (fp32) or ``F.linear`` (bf16) instead of
   :mod:`rlhf_core.kernels`' ``skinny_gemm``;
 * **ours, plain linear** (fp32, batches up to ``rlhf_core.decoder.SKINNY_ROWS``):
@@ -110,16 +110,16 @@ def measure(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, r
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         assert out.shape == (batch, ids.shape[1] + new_tokens)
 
-    def without(limit: str):  # the sampler with decoder.<limit> = 0: no kernel (KERNEL_ROWS), or F.linear (SKINNY_ROWS)
+    def without(limit: str):  # the sampler with no kernel (KERNEL_ROWS), or with F.linear throughout (SKINNY_ROWS)
         def run():
-            kept = getattr(decoder, limit), getattr(decoder, "KERNEL_ROWS")
-            setattr(decoder, limit, 0)
-            decoder.KERNEL_ROWS = 0
+            kept = decoder.SKINNY_ROWS, decoder.KERNEL_ROWS
+            decoder.KERNEL_ROWS = {}
+            if limit == "SKINNY_ROWS":
+                decoder.SKINNY_ROWS = 0
             try:
                 ours()
             finally:
-                setattr(decoder, limit, kept[0])
-                decoder.KERNEL_ROWS = kept[1]
+                decoder.SKINNY_ROWS, decoder.KERNEL_ROWS = kept
 
         return run
 
@@ -127,7 +127,7 @@ def measure(model, tokenizer, prompts: list[str], batch: int, new_tokens: int, r
     row = {"batch": batch, "prompt_width": ids.shape[1], "padding_share": float(1 - mask.float().mean())}
     fp32, kernel = model.dtype == torch.float32, kernels.skinny_gemm() is not None
     # where they apply, the variants are timed in turns with ours (for bf16, plain linear is the sampler without kernel)
-    variants = {"ours_without_kernel_tokens_per_s": kernel and batch <= decoder.KERNEL_ROWS,
+    variants = {"ours_without_kernel_tokens_per_s": kernel and batch <= decoder.KERNEL_ROWS.get(model.dtype, 0),
                 "ours_plain_linear_tokens_per_s": fp32 and batch <= decoder.SKINNY_ROWS}  # fmt: skip
     runs = {"ours_without_kernel_tokens_per_s": without("KERNEL_ROWS"), "ours_plain_linear_tokens_per_s": without("SKINNY_ROWS")}
     names = [name for name, applies in variants.items() if applies]

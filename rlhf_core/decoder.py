@@ -163,16 +163,17 @@ class RecordingStep(DecodeStep):
 #: sgemm streams a weight 1.2-2.4x faster in that orientation when x has few rows, and the sampler gains 2-13% at
 #: batch 8-128 (bench/README.md, ``sampling.py``); a prompt pass (hundreds of rows) keeps ``F.linear``.
 SKINNY_ROWS = 128
-#: Rows up to which they run through the compiled kernel instead (:mod:`rlhf_core.kernels`), where it runs, as do
-#: bf16 ones: fp32 1.3-2.7x ``weight @ x.T``'s speed at 1-16 rows, even at 64 (bench/README.md).
-KERNEL_ROWS = 64
+#: Rows up to which linear layers of each weight dtype run through the compiled kernel instead, where it runs
+#: (:mod:`rlhf_core.kernels`; bench/README.md, ``sampling.py``): the sampler in fp32 1.2-1.3x at batch 8-16 and even
+#: at 64; in bf16 1.1-1.2x at 8-16 but 0.8x at 64, where oneDNN's bf16 dot products beat fp32 arithmetic.
+KERNEL_ROWS = {torch.float32: 64, torch.bfloat16: 16}
 
 
 def _skinny_linear(module: nn.Linear, gemm, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     if rows > SKINNY_ROWS or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return F.linear(x, module.weight, module.bias)
-    if gemm is not None and rows <= KERNEL_ROWS:
+    if gemm is not None and rows <= KERNEL_ROWS.get(module.weight.dtype, 0):
         return gemm(x, module.weight, module.bias)
     if module.weight.dtype != torch.float32:  # bf16 without the kernel: oneDNN, which gains nothing from the swap
         return F.linear(x, module.weight, module.bias)

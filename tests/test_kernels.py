@@ -129,7 +129,7 @@ def test_the_sampler_runs_its_one_token_steps_through_the_kernel(tiny_base_model
     call, rows = kernels.SkinnyGemm.__call__, []
     monkeypatch.setattr(kernels.SkinnyGemm, "__call__", lambda self, x, w, b=None: rows.append(x.shape[0]) or call(self, x, w, b))
     runs = []
-    for limit in (decoder.KERNEL_ROWS, 0):
+    for limit in (decoder.KERNEL_ROWS, {}):
         monkeypatch.setattr(decoder, "KERNEL_ROWS", limit)
         runs.append(sample_tokens(model, ids, mask, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
                                   max_new_tokens=6, generator=torch.Generator().manual_seed(5)))  # fmt: skip
@@ -153,7 +153,7 @@ def test_bf16_one_token_steps_run_through_the_kernel_too(tiny_base_model, monkey
     call, dtypes = kernels.SkinnyGemm.__call__, []
     monkeypatch.setattr(kernels.SkinnyGemm, "__call__", lambda self, x, w, b=None: dtypes.append(w.dtype) or call(self, x, w, b))
     runs = []
-    for limit in (decoder.KERNEL_ROWS, 0):
+    for limit in (decoder.KERNEL_ROWS, {}):
         monkeypatch.setattr(decoder, "KERNEL_ROWS", limit)
         runs.append(sample_tokens(model, ids, mask, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
                                   max_new_tokens=4, generator=torch.Generator().manual_seed(5)))  # fmt: skip
