@@ -1,9 +1,9 @@
-"""The project's one compiled CPU kernel: the fp32 linear layers of a decode step (``skinny_gemm.c``).
+"""The project's one compiled CPU kernel: the linear layers of a decode step, fp32 or bf16 (``skinny_gemm.c``).
 
 A decode step multiplies every weight of the model by a handful of rows (the
 batch), so it is bound by reading the weights; MKL's sgemm streams them at
 5-12 GB/s on a 2-core EPYC, a third of what the memory gives (bench/README.md,
-``sampling.py``).  :func:`skinny_gemm` streams them at ~20 GB/s at 8 rows.
+``sampling.py``).  :func:`skinny_gemm` streams fp32 ones at 16-20 GB/s at 8 rows.
 
 It is built on first use with the machine's C compiler (``$CC``, else ``cc``;
 OpenMP on the thread pool torch already loaded) and cached under
@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -78,12 +79,16 @@ def cache_dir() -> Path:
 def build(directory: Path | None = None, flags: tuple[str, ...] = FLAGS) -> Path:
     """Compile ``skinny_gemm.c`` (unless a build for this source, compiler and flags is cached) and return
     the shared library's path; a :class:`RuntimeError` saying why when it cannot."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler or not shutil.which(compiler):
+    try:
+        command = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or "cc"]
+    except ValueError as exc:
+        raise RuntimeError(f"CC={os.environ['CC']!r}: {exc}") from exc
+    compiler = command[0]
+    if not shutil.which(compiler):
         raise RuntimeError("no C compiler (set CC, or install gcc)")
     source = SOURCE.read_bytes()
-    found = Path(shutil.which(compiler) or compiler).resolve().stat()  # another compiler at the same path: rebuilt
-    stamp = f"{compiler} {found.st_size} {found.st_mtime_ns} {' '.join(flags)}".encode()
+    found = Path(shutil.which(compiler)).resolve().stat()  # another compiler at the same path: built again
+    stamp = f"{' '.join(command)} {found.st_size} {found.st_mtime_ns} {' '.join(flags)}".encode()
     key = hashlib.sha256(source + b"\0" + stamp)
     directory = directory or cache_dir()
     path = directory / f"skinny_gemm-{key.hexdigest()[:16]}.so"
@@ -96,7 +101,7 @@ def build(directory: Path | None = None, flags: tuple[str, ...] = FLAGS) -> Path
     except OSError as exc:
         raise RuntimeError(f"cannot write to {directory}: {exc}") from exc
     try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True)
+        done = subprocess.run([*command, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {(done.stderr or done.stdout).strip()[-400:]}")
         os.replace(partial, path)  # whole or not at all, whatever runs beside us
