@@ -169,11 +169,11 @@ def markdown(result: dict) -> str:
              "| roofline tok/s (bound) | ours / roofline | weight stream GB/s: x @ W.T | W @ x.T | kernel |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["rows"]:
-        wxt, plain = (f"{r[k]:.0f}" if k in r else "-" for k in ("ours_without_kernel_tokens_per_s", "ours_plain_linear_tokens_per_s"))
+        without, plain = (f"{r[k]:.0f}" if k in r else "-" for k in ("ours_without_kernel_tokens_per_s", "ours_plain_linear_tokens_per_s"))
         streams = " | ".join(f"{r[k]:.1f}" if k in r else "-"
                              for k in ("weight_stream_gb_s", "weight_stream_wxt_gb_s", "weight_stream_kernel_gb_s"))  # fmt: skip
         lines.append(
-            f"| {r['dtype']} | {r['batch']} | {r['ours_tokens_per_s']:.0f} | {wxt} | {plain} | {r['hf_tokens_per_s']:.0f} | "
+            f"| {r['dtype']} | {r['batch']} | {r['ours_tokens_per_s']:.0f} | {without} | {plain} | {r['hf_tokens_per_s']:.0f} | "
             f"{r['ours_vs_hf']:.2f}x | {r['roofline_tokens_per_s']:.0f} ({r['bound']}) | {r['ours_share_of_roofline']:.0%} "
             f"| {streams} |"
         )
@@ -211,7 +211,8 @@ def main(argv=None) -> int:
         del model
     result = write_result("sampling", args, {
         "model": str(model_dir), "weights": weights, "new_tokens": args.new_tokens,
-        "decode_linears": kernels.status(), "memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_peak_gflop_s": {d: p / 1e9 for d, p in peaks.items()},
+        "decode_linears": kernels.status(), "memory_bandwidth_gb_s": bandwidth / 1e9,
+        "matmul_peak_gflop_s": {d: p / 1e9 for d, p in peaks.items()},
         "rows": rows,
     })  # fmt: skip
     print(markdown(result))

@@ -204,6 +204,15 @@ def skinny_linears(*models: nn.Module):
             del module.forward
 
 
+def decode_record(prefix: str, name: str, device: torch.device | str) -> dict[str, str]:
+    """``{<prefix>/decode_linears}``: how a sampling stage's one-token steps ran their linear layers for weights in
+    dtype ``name`` on ``device`` (:func:`rlhf_core.kernels.decode_path`: the compiled kernel's path, ``off: <why>``,
+    or ``torch``), for its metrics and MLflow params beside :func:`rlhf_core.precision.record`'s."""
+    from rlhf_core import kernels, precision
+
+    return {f"{prefix}/decode_linears": kernels.decode_path(precision.torch_dtype(name), device)}
+
+
 @dataclass(frozen=True)
 class Block:
     """``rows`` x ``width`` positions of one pass, stored row after row from ``offset`` in a packed ``(N, hidden)``

@@ -60,16 +60,10 @@ def autocast(name: str, device: "torch.device | str"):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-def record(prefix: str, name: str, device: "torch.device | str", samples: bool = False) -> dict[str, str]:
-    """``{<prefix>/dtype, <prefix>/device}``: the numeric path a stage ran, for its metrics and MLflow params; for a
-    stage that ``samples`` with the project's sampler, also ``<prefix>/decode_linears``, how its one-token steps ran
-    their linear layers (:func:`rlhf_core.kernels.decode_path`: the compiled kernel's path, or why not)."""
+def record(prefix: str, name: str, device: "torch.device | str") -> dict[str, str]:
+    """``{<prefix>/dtype, <prefix>/device}``: the numeric path a stage ran, for its metrics and MLflow params (a
+    stage that samples adds how its one-token steps ran their linear layers: :func:`rlhf_core.decoder.decode_record`)."""
     import torch
 
-    dtype = torch_dtype(name)  # a misspelt name fails here, not in a metrics file
-    path = {f"{prefix}/dtype": name, f"{prefix}/device": torch.device(device).type}
-    if samples:
-        from rlhf_core import kernels
-
-        path[f"{prefix}/decode_linears"] = kernels.decode_path(dtype, device)
-    return path
+    torch_dtype(name)  # a misspelt name fails here, not in a metrics file
+    return {f"{prefix}/dtype": name, f"{prefix}/device": torch.device(device).type}

@@ -62,11 +62,12 @@ def test_record_names_dtype_and_device_type():
 
 def test_a_sampling_stage_records_how_its_decode_steps_ran_their_linear_layers():
     from rlhf_core import kernels
+    from rlhf_core.decoder import decode_record
 
-    fp32 = precision.record("candidates", "float32", "cpu", samples=True)
-    assert fp32["candidates/decode_linears"] == kernels.status()  # avx512, avx2, or off: <why>
-    assert fp32["candidates/decode_linears"] in ("avx512", "avx2") or fp32["candidates/decode_linears"].startswith("off: ")
-    assert precision.record("ppo", "bfloat16", "cpu", samples=True)["ppo/decode_linears"] == kernels.status()
-    assert precision.record("eval", "float32", "cuda:0", samples=True)["eval/decode_linears"] == "torch"
-    with pytest.raises(ConfigError):
-        precision.record("eval", "half", "cpu")
+    fp32 = decode_record("candidates", "float32", "cpu")["candidates/decode_linears"]
+    assert fp32 == kernels.status()  # avx512, avx2, or off: <why>
+    assert fp32 in ("avx512", "avx2") or fp32.startswith("off: ")
+    assert decode_record("ppo", "bfloat16", "cpu") == {"ppo/decode_linears": kernels.status()}
+    assert decode_record("eval", "float32", "cuda:0") == {"eval/decode_linears": "torch"}
+    with pytest.raises(ConfigError, match="float16"):
+        decode_record("eval", "float16", "cpu")
