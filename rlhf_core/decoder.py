@@ -174,7 +174,7 @@ def _skinny_linear(module: nn.Linear, gemm, x: torch.Tensor) -> torch.Tensor:
     if rows > SKINNY_ROWS or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return F.linear(x, module.weight, module.bias)
     if gemm is not None and rows <= KERNEL_ROWS.get(module.weight.dtype, 0):
-        return gemm(x, module.weight, module.bias)
+        return gemm.run(x, module.weight, module.bias)  # the weight fits: checked when the layer was swapped
     if module.weight.dtype != torch.float32:  # bf16 without the kernel: oneDNN, which gains nothing from the swap
         return F.linear(x, module.weight, module.bias)
     flat = x.reshape(rows, x.shape[-1]).t()
@@ -204,13 +204,14 @@ def skinny_linears(*models: nn.Module):
             del module.forward
 
 
-def decode_record(prefix: str, name: str, device: torch.device | str) -> dict[str, str]:
-    """``{<prefix>/decode_linears}``: how a sampling stage's one-token steps ran their linear layers for weights in
-    dtype ``name`` on ``device`` (:func:`rlhf_core.kernels.decode_path`: the compiled kernel's path, ``off: <why>``,
-    or ``torch``), for its metrics and MLflow params beside :func:`rlhf_core.precision.record`'s."""
+def sampling_record(prefix: str, name: str, device: torch.device | str) -> dict[str, str]:
+    """The numeric path of a stage that samples, for its metrics and MLflow params: :func:`rlhf_core.precision.record`'s
+    ``<prefix>/dtype`` and ``<prefix>/device``, and ``<prefix>/decode_linears``, how its one-token steps ran their
+    linear layers (:func:`rlhf_core.kernels.decode_path`: the compiled kernel's path, ``off: <why>``, or ``torch``)."""
     from rlhf_core import kernels, precision
 
-    return {f"{prefix}/decode_linears": kernels.decode_path(precision.torch_dtype(name), device)}
+    return {**precision.record(prefix, name, device),
+            f"{prefix}/decode_linears": kernels.decode_path(precision.torch_dtype(name), device)}  # fmt: skip
 
 
 @dataclass(frozen=True)

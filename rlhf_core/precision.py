@@ -62,7 +62,7 @@ def autocast(name: str, device: "torch.device | str"):
 
 def record(prefix: str, name: str, device: "torch.device | str") -> dict[str, str]:
     """``{<prefix>/dtype, <prefix>/device}``: the numeric path a stage ran, for its metrics and MLflow params (a
-    stage that samples adds how its one-token steps ran their linear layers: :func:`rlhf_core.decoder.decode_record`)."""
+    stage that samples records these through :func:`rlhf_core.decoder.sampling_record`, with its decode path)."""
     import torch
 
     torch_dtype(name)  # a misspelt name fails here, not in a metrics file

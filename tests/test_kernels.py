@@ -129,8 +129,8 @@ def test_the_sampler_runs_its_one_token_steps_through_the_kernel(tiny_base_model
     model, tokenizer = load_policy(tiny_base_model, "float32")
     ids, mask = encode_queries(tokenizer, ["Hello there", "What is the capital of France?", "Hi"])
     kernels.skinny_gemm()  # loaded (and checked) before the count begins
-    call, rows = kernels.SkinnyGemm.__call__, []
-    monkeypatch.setattr(kernels.SkinnyGemm, "__call__", lambda self, x, w, b=None: rows.append(x.shape[0]) or call(self, x, w, b))
+    call, rows = kernels.SkinnyGemm.run, []
+    monkeypatch.setattr(kernels.SkinnyGemm, "run", lambda self, x, w, b=None: rows.append(x.shape[0]) or call(self, x, w, b))
     runs = []
     for limit in (decoder.KERNEL_ROWS, {}):
         monkeypatch.setattr(decoder, "KERNEL_ROWS", limit)
@@ -153,8 +153,8 @@ def test_bf16_one_token_steps_run_through_the_kernel_too(tiny_base_model, monkey
     model, tokenizer = load_policy(tiny_base_model, "bfloat16")
     ids, mask = encode_queries(tokenizer, ["Hello there", "What is the capital of France?"])
     kernels.skinny_gemm()
-    call, dtypes = kernels.SkinnyGemm.__call__, []
-    monkeypatch.setattr(kernels.SkinnyGemm, "__call__", lambda self, x, w, b=None: dtypes.append(w.dtype) or call(self, x, w, b))
+    call, dtypes = kernels.SkinnyGemm.run, []
+    monkeypatch.setattr(kernels.SkinnyGemm, "run", lambda self, x, w, b=None: dtypes.append(w.dtype) or call(self, x, w, b))
     runs = []
     for limit in (decoder.KERNEL_ROWS, {}):
         monkeypatch.setattr(decoder, "KERNEL_ROWS", limit)
@@ -176,8 +176,8 @@ def test_ppo_bf16_rollouts_sample_their_bf16_copy_through_the_kernel(tiny_base_m
     torch.manual_seed(0)
     model = build_actor_critic(tiny_base_model, PPOConfig(freeze_layers=1, dtype="bfloat16"), torch.device("cpu"))
     kernels.skinny_gemm()
-    call, seen = kernels.SkinnyGemm.__call__, []
-    monkeypatch.setattr(kernels.SkinnyGemm, "__call__", lambda self, x, w, b=None: seen.append(w) or call(self, x, w, b))
+    call, seen = kernels.SkinnyGemm.run, []
+    monkeypatch.setattr(kernels.SkinnyGemm, "run", lambda self, x, w, b=None: seen.append(w) or call(self, x, w, b))
     rollout = _rollout(model, tiny_base_model, max_new_tokens=3)
     copy = model.sampling_copy().parts
     assert any(w is copy.lm_head.weight for w in seen) and all(w.dtype == torch.bfloat16 for w in seen)

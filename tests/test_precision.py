@@ -62,12 +62,14 @@ def test_record_names_dtype_and_device_type():
 
 def test_a_sampling_stage_records_how_its_decode_steps_ran_their_linear_layers():
     from rlhf_core import kernels
-    from rlhf_core.decoder import decode_record
+    from rlhf_core.decoder import sampling_record
 
-    fp32 = decode_record("candidates", "float32", "cpu")["candidates/decode_linears"]
+    fp32 = sampling_record("candidates", "float32", "cpu")["candidates/decode_linears"]
     assert fp32 == kernels.status()  # avx512, avx2, or off: <why>
     assert fp32 in ("avx512", "avx2") or fp32.startswith("off: ")
-    assert decode_record("ppo", "bfloat16", "cpu") == {"ppo/decode_linears": kernels.status()}
-    assert decode_record("eval", "float32", "cuda:0") == {"eval/decode_linears": "torch"}
+    assert sampling_record("ppo", "bfloat16", "cpu") == {"ppo/dtype": "bfloat16", "ppo/device": "cpu",
+                                                         "ppo/decode_linears": kernels.status()}  # fmt: skip
+    assert sampling_record("eval", "float32", "cuda:0") == {"eval/dtype": "float32", "eval/device": "cuda",
+                                                            "eval/decode_linears": "torch"}  # fmt: skip
     with pytest.raises(ConfigError, match="float16"):
-        decode_record("eval", "float16", "cpu")
+        sampling_record("eval", "float16", "cpu")

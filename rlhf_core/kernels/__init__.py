@@ -60,6 +60,10 @@ class SkinnyGemm:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.fits(weight) or x.device.type != "cpu":
             raise ValueError("skinny_gemm takes CPU tensors and a contiguous fp32 or bf16 weight whose width divides by 16")
+        return self.run(x, weight, bias)
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`__call__` without its checks, for a caller that checked the weight once (the sampler's layers)."""
         out_features, width = weight.shape
         flat = x.reshape(-1, width).to(torch.float32).contiguous()
         out = torch.empty(flat.shape[0], out_features)

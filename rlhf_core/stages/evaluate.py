@@ -264,11 +264,10 @@ def run(params: Params) -> dict:
         scorer = Scorer(paths.reward_model, with_gold=with_gold, batch_size=cfg.batch_size)
         # Samples keep the states of the lower layers they share with the reward model (when it scores in fp32).
         sampled = sample_policies(texts, Path(paths.policy), reference, champion_ref and champion_ref.path, cfg, scorer.trunk)
-        from rlhf_core.decoder import decode_record
+        from rlhf_core.decoder import sampling_record
 
         numeric_path = {
-            **precision.record("eval", cfg.dtype, precision.default_device()),
-            **decode_record("eval", cfg.dtype, precision.default_device()), "eval/reward_dtype": scorer.model.dtype,
+            **sampling_record("eval", cfg.dtype, precision.default_device()), "eval/reward_dtype": scorer.model.dtype,
             "eval/trunk_layers_shared": sampled.trunk_layers,
         }
         stage.log_params({**numeric_path, "eval/reference": layout.starting_policy.kind})

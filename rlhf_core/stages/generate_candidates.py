@@ -94,10 +94,9 @@ def run(params: Params) -> dict:
                                  "candidates/skipped": "labeling.backend is import"})
         prompts = layout.prompts.read_train()[: cfg.max_prompts]
         policy, policy_version = resolve_policy(cfg.policy, layout.starting_policy)
-        from rlhf_core.decoder import decode_record
+        from rlhf_core.decoder import sampling_record
 
-        numeric_path = {**precision.record("candidates", cfg.dtype, precision.default_device()),
-                        **decode_record("candidates", cfg.dtype, precision.default_device())}
+        numeric_path = sampling_record("candidates", cfg.dtype, precision.default_device())
         stage.log_params({**cfg.model_dump(), "policy_version": policy_version, **numeric_path})
         completions, stats = generate(cfg, prompts, policy, policy_version)
         shutil.rmtree(out.folder, ignore_errors=True)

@@ -221,10 +221,9 @@ def run(params: Params) -> dict:
 
     # ---- main process: MLflow run, curve, policy, registry
     with tracking.stage_run("ppo", metrics_dir=paths.metrics, config_sections=[cfg], inputs=[train_file]) as stage:
-        from rlhf_core.decoder import decode_record
+        from rlhf_core.decoder import sampling_record
 
-        numeric_path = {**precision.record("ppo", cfg.dtype, accelerator.device), **decode_record("ppo", cfg.dtype, accelerator.device),
-                        "ppo/reward_dtype": reward.dtype}
+        numeric_path = {**sampling_record("ppo", cfg.dtype, accelerator.device), "ppo/reward_dtype": reward.dtype}
         stage.log_params({**cfg.model_dump(), **numeric_path})
         stage.set_tags({**reward_lineage(release), "init_policy": start_label, "run_fingerprint": fingerprint})
         for row in history:  # a resumed run repeats the curve so far, so that this MLflow run shows all of it

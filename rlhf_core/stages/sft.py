@@ -111,9 +111,9 @@ def run(params: Params) -> dict:
             raise DataError(f"sft.source={cfg.source}: no usable demonstrations ({len(demos.rejects)} removed of {demos.rows})")
         train, validation = split_by_prompt(demos.demonstrations, cfg.validation_fraction, cfg.seed)
         device = precision.default_device()
-        from rlhf_core.decoder import decode_record
+        from rlhf_core.decoder import sampling_record
 
-        numeric_path = {**precision.record("sft", cfg.dtype, device), **decode_record("sft", cfg.dtype, device)}
+        numeric_path = sampling_record("sft", cfg.dtype, device)
         stage.log_params(numeric_path)
 
         fit = fit_sft(base, cfg, train, validation, Path(paths.checkpoints) / "sft")
