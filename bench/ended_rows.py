@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))  # ppo_bench, also when a test imports this file
 
 from ppo_bench.host import write_result  # noqa: E402
-from ppo_bench.workload import limit_threads, model_and_prompts  # noqa: E402
+from ppo_bench.workload import limit_threads, model_and_prompts, one_line_errors  # noqa: E402
 
 #: a share above 1: no step ever has that many ended rows, so none is dropped
 KEEP_ALL = 2.0
@@ -90,21 +90,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
     from rlhf_core import generation
     from rlhf_core.config import load_params
-    from rlhf_core.errors import RLHFError
 
     limit_threads(args.threads)
-    try:
-        model_arg = args.model or str(REPO / load_params(args.params).paths.sft_model)
-        _, model_dir, prompts = model_and_prompts(REPO, args.params, model_arg, args.prompts)
-    except RLHFError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model_arg = args.model or str(REPO / load_params(args.params).paths.sft_model)
+    _, model_dir, prompts = model_and_prompts(REPO, args.params, model_arg, args.prompts)
     model, tokenizer = generation.load_policy(model_dir, args.dtype)
     prompts.sort(key=len)  # as sample_completions orders them
     per_batch = max(1, args.batch // args.k)

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))  # ppo_bench, also when a test imports this file
 
 from ppo_bench.host import write_result  # noqa: E402
-from ppo_bench.workload import limit_threads, model_and_prompts  # noqa: E402
+from ppo_bench.workload import limit_threads, model_and_prompts, one_line_errors  # noqa: E402
 
 #: per mode, the ``ppo:`` overrides (full fine-tuning as ``ppo_vs_trl.py``'s ``ours-full`` side)
 MODES = {"full": {"mode": "full", "dtype": "float32", "value_model": "separate"}, "freeze": {}}
@@ -75,21 +75,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     from rlhf_core.config import PPOConfig
-    from rlhf_core.errors import RLHFError
     from rlhf_core.ppo import policy
     from rlhf_core.ppo.trainer import build_trainer
     from rlhf_core.runtime import tune_allocator
 
     limit_threads(args.threads)
     allocator = tune_allocator()  # as the rlhf command runs the ppo stage
-    try:
-        params, model_dir, prompts = model_and_prompts(REPO, args.params, args.model, args.prompts)
-    except RLHFError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    params, model_dir, prompts = model_and_prompts(REPO, args.params, args.model, args.prompts)
     cfg = PPOConfig.model_validate({**params.ppo.model_dump(), **MODES[args.mode]})
     trainer = build_trainer(cfg, model_dir, lambda p, r, f: [1.0] * len(p), prompts)
     captured_experience(trainer)  # warm-up: the allocator settles, every pass has run once

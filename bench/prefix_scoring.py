@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))  # ppo_bench, also when a test imports this file
 
 from ppo_bench.host import write_result  # noqa: E402
-from ppo_bench.workload import limit_threads, model_and_prompts  # noqa: E402
+from ppo_bench.workload import limit_threads, model_and_prompts, one_line_errors  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 WORDS = ("the a of answer is that you should try to be clear and helpful when it rains we go home "
@@ -122,19 +122,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from rlhf_core.errors import RLHFError
     from rlhf_core.reward import RewardModel
     from rlhf_core.reward.build import init_reward_head, load_sequence_classifier
     from rlhf_core.reward.model import reward_tokenizer
 
     limit_threads(args.threads)
-    try:
-        params, model_dir, prompts = model_and_prompts(REPO, args.params, args.model, args.prompts)
-    except RLHFError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    params, model_dir, prompts = model_and_prompts(REPO, args.params, args.model, args.prompts)
     tokenizer = reward_tokenizer(model_dir, params.reward.max_length)
     rows = []
     for dtype in args.dtypes:

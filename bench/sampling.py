@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "bench"))  # ppo_bench, also when a test imports t
 
 from ppo_bench.flops import matmul_peak_flops  # noqa: E402
 from ppo_bench.host import memory_bandwidth, write_result  # noqa: E402
-from ppo_bench.workload import limit_threads, model_and_prompts  # noqa: E402
+from ppo_bench.workload import limit_threads, model_and_prompts, one_line_errors  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 
@@ -180,20 +180,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
     from rlhf_core import kernels
-    from rlhf_core.errors import RLHFError
     from rlhf_core.generation import load_policy
 
     limit_threads(args.threads)
-    try:
-        _, model_dir, prompts = model_and_prompts(REPO, args.params, args.model, max(args.batches))
-    except RLHFError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    _, model_dir, prompts = model_and_prompts(REPO, args.params, args.model, max(args.batches))
     bandwidth = memory_bandwidth()
     peaks = {dtype: matmul_peak_flops(dtype, size=args.matmul_size) for dtype in args.dtypes}
     rows = []

@@ -7,9 +7,11 @@ count.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import resource
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,23 @@ def model_and_prompts(repo: Path, params_file: str, model: str | None, count: in
     if not (model_dir / "config.json").exists():
         raise RLHFError(f"no model at {model_dir}: run `dvc repro base_model` (or pass --model)")
     return params, model_dir, first_prompts(repo / params.paths.prompt_source, params.prompts.text_field, count)
+
+
+def one_line_errors(main):
+    """A benchmark's ``main(argv)`` that ends on an :class:`RLHFError` (a missing model or prompt set, bad params)
+    with ``error: ...`` on one line of stderr and exit status 2, not a traceback."""
+
+    @functools.wraps(main)
+    def wrapped(argv=None) -> int:
+        from rlhf_core.errors import RLHFError
+
+        try:
+            return main(argv)
+        except RLHFError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return wrapped
 
 
 def limit_threads(threads: int) -> None:
