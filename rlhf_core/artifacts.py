@@ -459,6 +459,11 @@ class Layout:
         return CsvCurve(self._path("plots") / "ppo_curve.csv")
 
     @property
+    def ppo_gold_probe(self) -> CsvCurve:
+        """The curve's gold probes per prompt (``update``, ``prompt``, ``gold``, ``gold_proxy``): paired tests."""
+        return CsvCurve(self._path("plots") / "ppo_gold_probe.csv")
+
+    @property
     def evaluation(self) -> EvaluationFolder:
         return EvaluationFolder(self._path("evaluation"))
 
@@ -498,11 +503,11 @@ STAGE_IO: dict[str, StageIO] = {
     "ppo": StageIO(
         inputs=("prompts", "base_model", "sft_model", "reward_model", "reward_release", "preferences"),
         outputs=("policy",),
-        plots=("ppo_curve",),
+        plots=("ppo_curve", "ppo_gold_probe"),
     ),
     "evaluate": StageIO(
         inputs=("prompts", "base_model", "sft_model", "reward_model", "reward_release", "policy", "ppo_curve",
-                "label_export", "preferences"),
+                "ppo_gold_probe", "label_export", "preferences"),
         outputs=("evaluation",),
         plots=tuple(f"evaluation_plot:{name}" for name in EVALUATION_PLOTS), metrics_inputs=("ppo",),
     ),

@@ -490,7 +490,9 @@ class GatesConfig(Section):
     max_repetition_rate: float = Field(0.5, ge=0, le=1, description="Mean seq-rep-n of the candidate's responses.")
     block_on_overoptimisation: bool = Field(True, description="Fail when proxy rises while gold falls (Gao et al. 2022).")
     gold_drop_tolerance: float = Field(
-        0.05, ge=0, description="Fall of gold from its peak along the PPO run that counts as over-optimisation."
+        0.05, ge=0,
+        description="Fall of gold along the PPO run (an earlier probe to the last, paired by prompt and significant) "
+        "that counts as over-optimisation.",
     )
     min_reward_accuracy: float = Field(
         0.55, gt=0.5, le=1, description="Held-out pairwise accuracy of the reward model; above chance (0.5)."

@@ -1,6 +1,8 @@
 """Evaluation metrics on hand-computed inputs."""
 
 import math
+import random
+import statistics
 from itertools import combinations
 
 import pytest
@@ -16,6 +18,7 @@ from rlhf_core.evaluation.metrics import (
     perplexity,
     prompt_win_rate,
     repetition_rate,
+    t_quantile,
     wilson_interval,
     win_rate,
 )
@@ -180,6 +183,56 @@ def test_gold_falling_while_proxy_rises_along_ppo_is_flagged():
     assert gold_trend(_curve([0.1], [0.0])) is None
 
 
+def _probes(golds_per_probe):
+    """Per-prompt probe rows as ``plots/ppo_gold_probe.csv`` holds them: update 4 x probe index."""
+    return [{"update": 4.0 * u, "prompt": float(i), "gold": g} for u, golds in enumerate(golds_per_probe) for i, g in enumerate(golds)]
+
+
+def _means(golds_per_probe, proxies):
+    return [{"update": 4.0 * u, "gold": sum(g) / len(g), "gold_proxy": p} for u, (g, p) in enumerate(zip(golds_per_probe, proxies))]
+
+
+def test_a_real_fall_along_ppo_is_flagged_by_the_paired_test():
+    rng = random.Random(0)
+    base = [rng.gauss(0.6, 0.15) for _ in range(16)]
+    probes = [[b + rng.gauss(0, 0.05) for b in base] for _ in range(4)] + [[b - 0.3 + rng.gauss(0, 0.05) for b in base]]
+    proxies = [0.0, 0.2, 0.4, 0.6, 0.8]
+    trend = gold_trend(_means(probes, proxies), _probes(probes))
+    assert len(trend.drops) == 4 and all(d.mean == pytest.approx(0.3, abs=0.05) and d.low > 0.2 for d in trend.drops)
+    verdict = assess(Gain(0.0, -1.0, 1.0), None, trend, tolerance=0.05)
+    assert verdict.flagged and "on the same prompts" in verdict.reasons[0] and "4 earlier probes" in verdict.reasons[0]
+    # the proxy fell with it: gold and proxy agree, nothing is over-optimised
+    assert not assess(Gain(0.0, -1.0, 1.0), None, gold_trend(_means(probes, proxies[::-1]), _probes(probes)), 0.05).flagged
+    # a fall smaller than the tolerance is not flagged, however significant
+    assert not assess(Gain(0.0, -1.0, 1.0), None, trend, tolerance=0.35).flagged
+
+
+def test_an_unchanged_policy_is_rarely_flagged_along_ppo_where_the_means_alone_flag_it_often():
+    """Five probes of one policy on 16 prompts (prompt effect + answer noise of the real run's size), proxy drifting
+    up by chance: the best of the earlier means sits above the last one by chance; the paired, Bonferroni-split
+    test holds its 5% level."""
+    rng = random.Random(1)
+    runs, by_means, by_pairs = 400, 0, 0
+    for _ in range(runs):
+        base = [rng.gauss(0.6, 0.15) for _ in range(16)]
+        probes = [[b + rng.gauss(0, 0.24) for b in base] for _ in range(5)]
+        rows = _means(probes, [0.1 * u for u in range(5)])
+        by_means += gold_trend(rows).overoptimised(0.05)
+        by_pairs += gold_trend(rows, _probes(probes)).overoptimised(0.05)
+    assert by_means / runs > 0.3
+    assert by_pairs / runs < 0.05
+
+
+def test_the_paired_test_needs_every_probe_per_prompt_else_the_means_decide():
+    probes = [[0.6, 0.7, 0.5], [0.9, 0.9, 0.9], [0.2, 0.3, 0.1]]
+    rows = _means(probes, [0.0, 0.5, 1.0])
+    missing_middle = [r for r in _probes(probes) if r["update"] != 4.0]
+    for probe in ([], missing_middle, [r for r in _probes(probes) if r["update"] != 8.0]):
+        trend = gold_trend(rows, probe)
+        assert trend.drops == () and trend.overoptimised(0.05)  # the means' rule: 0.9 -> 0.2 with the proxy up
+    assert gold_trend(rows, _probes(probes)).drops != ()
+
+
 def test_eval_level_overoptimisation_needs_both_moves_to_be_significant():
     proxy_up = paired_gain([1.0, 1.2, 0.9, 1.1], [0.0, 0.1, -0.1, 0.0])
     gold_down = paired_gain([0.1, 0.0, 0.1, 0.0], [0.5, 0.4, 0.6, 0.5])
@@ -262,3 +315,9 @@ def test_length_batches_sort_by_length_and_respect_both_caps():
     assert length_batches(lengths, batch_size=8, max_tokens=60) == [[1, 4, 2], [0], [3]]
     assert length_batches([(500, 500)], batch_size=8, max_tokens=10) == [[0]]  # an over-long row still runs
     assert length_batches([], batch_size=8, max_tokens=10) == []
+
+
+@pytest.mark.parametrize(("p", "df", "exact"), [(0.975, 5, 2.57058), (0.975, 15, 2.13145), (0.9875, 15, 2.48988), (0.995, 30, 2.75000)])
+def test_t_quantile_matches_the_table(p, df, exact):
+    assert t_quantile(p, df) == pytest.approx(exact, rel=2e-3)
+    assert t_quantile(p, df) > t_quantile(p, 10 * df) > statistics.NormalDist().inv_cdf(p)

@@ -147,6 +147,10 @@ def test_each_optimiser_writes_ppos_outputs_and_passes_through_evaluate_and_prom
     assert list(rows[0]) == ppo.CURVE_COLUMNS
     assert rows[0]["update"] == "0" and rows[0]["kl"] == "0" and rows[0]["gold"] != ""
     assert rows[-1]["gold"] != "" and rows[-1]["beta"] != ""
+    with (project / "plots/ppo_gold_probe.csv").open() as handle:
+        probe = list(csv.DictReader(handle))
+    probed = [r["update"] for r in rows if r["gold"]]
+    assert sorted({p["update"] for p in probe}, key=int) == probed and len(probe) % len(probed) == 0
     if algorithm != "dpo":
         assert all(r["kl"] != "" and r["score"] != "" for r in rows[1:])
         assert [r["update"] for r in rows] == [str(u) for u in range(params.ppo.updates + 1)]

@@ -92,6 +92,15 @@ def test_ppo_stage_trains_logs_every_update_saves_registers_and_resumes(project)
     assert [r["update"] for r in rows] == ["0", "1", "2", "3"]
     assert [bool(r["gold"]) for r in rows] == [True, False, True, True]  # before training, every 2 updates, at the end
     assert rows[0]["kl"] == "0" and rows[0]["score"] == "" and rows[3]["score"] != ""
+    with (project / "plots/ppo_gold_probe.csv").open() as handle:  # the same probes, per prompt, in the slice's order
+        probe = list(csv.DictReader(handle))
+    slice_size = len(probe) // 3
+    assert slice_size >= 2 and [(r["update"], r["prompt"]) for r in probe] == [
+        (u, str(i)) for u in ("0", "2", "3") for i in range(slice_size)
+    ]
+    for row in (r for r in rows if r["gold"]):
+        golds = [float(p["gold"]) for p in probe if p["update"] == row["update"]]
+        assert sum(golds) / len(golds) == pytest.approx(float(row["gold"]), abs=1e-5)
 
     policy = project / "models/policy"
     assert (policy / "model.safetensors").exists() and (policy / "tokenizer.json").exists()

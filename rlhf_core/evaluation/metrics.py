@@ -150,6 +150,19 @@ def perplexity(total_logprob: float, total_tokens: int) -> float:
     return math.exp(-total_logprob / total_tokens)
 
 
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile, by the Cornish-Fisher expansion around the normal's (at 0.975: 2.5678 for 5 degrees of
+    freedom against 2.5706 exactly, 2.13142 for 15 against 2.13145); small samples need it where the normal's
+    interval is too narrow."""
+    z = statistics.NormalDist().inv_cdf(p)
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    )
+
+
 def mean_interval(values: Sequence[float], z: float = Z_95) -> tuple[float, float, float]:
     """Mean with a normal-approximation 95% interval (infinitely wide for fewer than two values)."""
     if not values:

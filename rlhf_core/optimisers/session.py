@@ -137,11 +137,15 @@ class GoldSlice:
             )  # fmt: skip
         finally:
             model.train(was_training)
+        samples = sorted(samples, key=lambda s: s.prompt_index)  # the slice's order: per-prompt values pair up
         prompts = [self.prompts[s.prompt_index] for s in samples]
         texts = [s.text for s in samples]
         gold = [self.gold_fn(p, t) for p, t in zip(prompts, texts)]
         proxy = torch.as_tensor(self.proxy_fn(prompts, texts, [s.finished for s in samples])).reshape(-1).tolist()
-        out = {"gold": statistics.fmean(gold), "gold_proxy": statistics.fmean(proxy)}
+        out = {
+            "gold": statistics.fmean(gold), "gold_proxy": statistics.fmean(proxy),
+            "gold_per_prompt": gold, "gold_proxy_per_prompt": proxy,
+        }  # fmt: skip
         if self.reference is not None:
             out["kl"] = statistics.fmean(self._kl(model, tokenizer, prompts, [s.token_ids for s in samples]))
         return out
@@ -190,7 +194,10 @@ class UpdateCurve:
     def begin(self, model, tokenizer) -> None:
         if self.gold is not None:
             # Before any update the policy is the reference: KL 0 by definition, the gold baseline of the run.
-            self._add(self._row(0, {"kl": 0.0, "beta": self.beta, **self.gold.measure(model, tokenizer)}))
+            measured = self.gold.measure(model, tokenizer)
+            row = self._row(0, {"kl": 0.0, "beta": self.beta, **measured})
+            row.update({f"{self.algorithm}/{k}": v for k, v in measured.items() if isinstance(v, list)})
+            self._add(row)
 
     def logged(self, step: int, logs: dict, seconds: float, model, tokenizer) -> None:
         if step % self.steps_per_update or "loss" not in logs:  # the summary TRL logs after training has no loss

@@ -54,7 +54,11 @@ class GoldProbe:
             responses = trainer.decode(rollout)
             gold += [self.gold_fn(p, r) for p, r in zip(prompts, responses)]
             proxy += trainer.score(prompts, responses, rollout.finished, rollout).tolist()
-        return {"ppo/gold": sum(gold) / len(gold), "ppo/gold_proxy": sum(proxy) / len(proxy)}
+        return {
+            "ppo/gold": sum(gold) / len(gold), "ppo/gold_proxy": sum(proxy) / len(proxy),
+            # per prompt, in the slice's order: the evaluation's paired test of a fall along the run
+            "ppo/gold_per_prompt": gold, "ppo/gold_proxy_per_prompt": proxy,
+        }  # fmt: skip
 
 
 def resume(trainer: PPOTrainer, checkpoint_dir: str | Path, fingerprint: str, updates: int) -> tuple[list[dict], Path | None]:

@@ -146,14 +146,16 @@ def frontier_metrics(points: list[FrontierPoint]) -> dict[str, float]:
     return metrics
 
 
-def overoptimisation_metrics(candidate: Responses, reference: Responses, ppo_rows: list[dict], tolerance: float):
+def overoptimisation_metrics(
+    candidate: Responses, reference: Responses, ppo_rows: list[dict], tolerance: float, probe_rows: list[dict] = ()
+):
     """``eval/overopt/...``: proxy gain next to gold gain (per prompt: the mean of its responses), the PPO run's gold
     trend, and the verdict."""
     proxy_gain = paired_gain(candidate.prompt_means(candidate.proxy), reference.prompt_means(reference.proxy))
     gold_gain = None
     if candidate.gold is not None and reference.gold is not None:
         gold_gain = paired_gain(candidate.prompt_means(candidate.gold), reference.prompt_means(reference.gold))
-    trend = gold_trend(ppo_rows)
+    trend = gold_trend(ppo_rows, probe_rows)
     verdict = assess(proxy_gain, gold_gain, trend, tolerance)
     metrics: dict[str, object] = {
         "eval/overopt/proxy_gain": proxy_gain.mean,
@@ -167,6 +169,9 @@ def overoptimisation_metrics(candidate: Responses, reference: Responses, ppo_row
     if trend is not None:
         metrics.update({f"eval/overopt/ppo_gold_{k}": getattr(trend, k) for k in ("first", "peak", "last")})
         metrics.update({"eval/overopt/ppo_gold_peak_update": trend.peak_update, "eval/overopt/ppo_gold_points": trend.points})
+        if (worst := trend.worst) is not None:  # the paired test's closest call: drop from that probe, its bound
+            metrics.update({"eval/overopt/ppo_gold_drop": worst.mean, "eval/overopt/ppo_gold_drop_low": worst.low,
+                            "eval/overopt/ppo_gold_drop_update": worst.update})
     if verdict.reasons:
         metrics["eval/overopt/reasons"] = "; ".join(verdict.reasons)
     return metrics, verdict
@@ -275,7 +280,9 @@ def run(params: Params) -> dict:
         policies = [r for r in (candidate, reference, champion) if r is not None]
         points = frontier(proxy_pools, gold_pools, cfg.best_of_n)
         ppo_rows = layout.ppo_curve.read()
-        overopt, verdict = overoptimisation_metrics(candidate, reference, ppo_rows, params.gates.gold_drop_tolerance)
+        overopt, verdict = overoptimisation_metrics(
+            candidate, reference, ppo_rows, params.gates.gold_drop_tolerance, layout.ppo_gold_probe.read()
+        )
         salt = hashlib.sha256(f"{version}|{cfg.seed}|{candidate.texts}".encode()).hexdigest()
         human, human_rates = human_evaluation(cfg, params, prompts, policies, salt)
 

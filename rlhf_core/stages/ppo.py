@@ -13,7 +13,8 @@
    MLflow in one batched call; measure the gold score and the proxy on a fixed
    slice of eval prompts before training, every ``gold_eval_every`` updates and
    at the end.
-4. Write ``<paths.plots>/ppo_curve.csv`` (read by the evaluation stage), save the
+4. Write ``<paths.plots>/ppo_curve.csv`` and its gold probes per prompt,
+   ``ppo_gold_probe.csv`` (both read by the evaluation stage), save the
    policy (safetensors, LoRA merged, tokenizer included) to ``paths.policy``,
    log it and register a version of ``rlhf-policy`` with alias ``candidate``.
 
@@ -29,7 +30,6 @@ value), the registry candidate, and metrics and MLflow curves under
 
 from __future__ import annotations
 
-import csv
 import statistics
 from pathlib import Path
 
@@ -46,6 +46,7 @@ CURVE_COLUMNS = [
     "update", "kl", "beta", "score", "rlhf_reward", "entropy", "approx_kl", "clipfrac",
     "response_length", "tokens_per_second", "gold", "gold_proxy",
 ]  # fmt: skip
+PROBE_COLUMNS = ["update", "prompt", "gold", "gold_proxy"]
 
 
 def reward_lineage(release: RewardRelease) -> dict[str, str]:
@@ -64,17 +65,16 @@ def read_prompts(path: Path, required: bool) -> list[str]:
     return prompts
 
 
-def write_curve(path: Path, history: list[dict], prefix: str = "ppo") -> None:
-    """One row per update (row 0: the gold baseline before training); unmeasured cells stay empty."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CURVE_COLUMNS)
-        for row in history:
-            values = [row["update"]] + [row.get(f"{prefix}/{column}") for column in CURVE_COLUMNS[1:]]
-            writer.writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in values])
-    tmp.replace(path)
+def write_curve(layout: Layout, history: list[dict], prefix: str = "ppo") -> None:
+    """The curve, one row per update (row 0: the gold baseline before training; unmeasured cells stay empty), and
+    its gold probes per prompt, one row per probe and prompt."""
+    curve = ([row["update"]] + [row.get(f"{prefix}/{c}") for c in CURVE_COLUMNS[1:]] for row in history)
+    layout.ppo_curve.write(CURVE_COLUMNS, curve)
+    probes = []
+    for row in history:
+        per_prompt = zip(row.get(f"{prefix}/gold_per_prompt", ()), row.get(f"{prefix}/gold_proxy_per_prompt", ()))
+        probes += [[row["update"], i, gold, proxy] for i, (gold, proxy) in enumerate(per_prompt)]
+    layout.ppo_gold_probe.write(PROBE_COLUMNS, probes)
 
 
 def summary(history: list[dict]) -> dict:
@@ -150,7 +150,7 @@ def run_trl_optimiser(params: Params, release: RewardRelease, start_path: Path, 
             from rlhf_core.optimisers.online import train_online
 
             trained = train_online(algorithm, cfg, start_path, score_fn, train_prompts, scratch, **options)
-        write_curve(layout.ppo_curve.path, trained.history, prefix=algorithm)
+        write_curve(layout, trained.history, prefix=algorithm)
         export_policy(trained.model, trained.tokenizer, paths.policy)
         stage.log_artifact(paths.policy, ARTIFACT_PATH)
         metrics = {
@@ -231,7 +231,7 @@ def run(params: Params) -> dict:
         history = train(
             trainer, history=history, on_update=lambda row: stage.log_step(_step_metrics(row), step=row["update"]), **options
         )
-        write_curve(layout.ppo_curve.path, history)
+        write_curve(layout, history)
         export_policy(trainer.policy, cfg, start_path, paths.policy, trainer.tokenizer)
         stage.log_artifact(paths.policy, ARTIFACT_PATH)
         lineage = _lineage(release, stage.run_id, start_label, train_file, layout, "ppo")
