@@ -62,9 +62,13 @@ class GoldTrend:
         """The earlier probe the last one fell furthest below, by the lower bound of the drop."""
         return max(self.drops, key=lambda d: d.low, default=None)
 
+    def significant_drop(self, tolerance: float) -> Drop | None:
+        """Of the falls that count as over-optimisation, the one with the largest lower bound; None if none does."""
+        return max((d for d in self.drops if d.significant(tolerance)), key=lambda d: d.low, default=None)
+
     def overoptimised(self, tolerance: float) -> bool:
         if self.drops:
-            return any(d.significant(tolerance) for d in self.drops)
+            return self.significant_drop(tolerance) is not None
         proxy_rose = self.proxy_last is not None and self.proxy_at_peak is not None and self.proxy_last > self.proxy_at_peak
         return self.peak - self.last > tolerance and proxy_rose
 
@@ -102,8 +106,8 @@ def _paired_drops(measured: Sequence[dict], proxy_key: str, probe: Sequence[dict
             per_update.setdefault(int(r["update"]), {})[int(r["prompt"])] = r["gold"]
     last = measured[-1]
     final = per_update.get(int(last["update"]))
-    earlier = [r for r in measured[:-1] if int(r["update"]) in per_update]
-    if not final or not earlier or len(earlier) != len(measured) - 1:
+    earlier = measured[:-1]
+    if not final or any(int(r["update"]) not in per_update for r in earlier):
         return ()
     drops = []
     for row in earlier:
@@ -147,16 +151,17 @@ def assess(proxy_gain: Gain, gold_gain: Gain | None, trend: GoldTrend | None, to
             f"on eval prompts proxy rose by {proxy_gain.mean:+.3f} while gold fell by {gold_gain.mean:+.3f} "
             "(both outside their 95% intervals)"
         )
-    if trend is not None and trend.overoptimised(tolerance) and trend.drops:
-        d = max((d for d in trend.drops if d.significant(tolerance)), key=lambda d: d.low)
-        reasons.append(
-            f"along PPO gold fell by {d.mean:.3f} from update {d.update} to update {trend.last_update} on the same "
-            f"prompts (one-sided {1 - DROP_ALPHA:.0%} bound {d.low:.3f} > 0 over {len(trend.drops)} earlier probes) "
-            f"while the proxy rose by {d.proxy_rise:.3f}"
-        )
-    elif trend is not None and trend.overoptimised(tolerance):
-        reasons.append(
-            f"along PPO gold fell from {trend.peak:.3f} (update {trend.peak_update}) to {trend.last:.3f} "
-            f"(update {trend.last_update}) while the proxy rose from {trend.proxy_at_peak:.3f} to {trend.proxy_last:.3f}"
-        )
+    if trend is not None and trend.overoptimised(tolerance):
+        d = trend.significant_drop(tolerance)
+        if d is not None:
+            reasons.append(
+                f"along PPO gold fell by {d.mean:.3f} from update {d.update} to update {trend.last_update} on the same "
+                f"prompts (one-sided {1 - DROP_ALPHA:.0%} bound {d.low:.3f} > 0 over {len(trend.drops)} earlier "
+                f"probes) while the proxy rose by {d.proxy_rise:.3f}"
+            )
+        else:  # no per-prompt values: judged by the means
+            reasons.append(
+                f"along PPO gold fell from {trend.peak:.3f} (update {trend.peak_update}) to {trend.last:.3f} (update "
+                f"{trend.last_update}) while the proxy rose from {trend.proxy_at_peak:.3f} to {trend.proxy_last:.3f}"
+            )
     return OverOptimisation(bool(reasons), tuple(reasons))

@@ -194,9 +194,8 @@ class UpdateCurve:
     def begin(self, model, tokenizer) -> None:
         if self.gold is not None:
             # Before any update the policy is the reference: KL 0 by definition, the gold baseline of the run.
-            measured = self.gold.measure(model, tokenizer)
-            row = self._row(0, {"kl": 0.0, "beta": self.beta, **measured})
-            row.update({f"{self.algorithm}/{k}": v for k, v in measured.items() if isinstance(v, list)})
+            row = self._row(0, {"kl": 0.0, "beta": self.beta})
+            row.update({f"{self.algorithm}/{k}": v for k, v in self.gold.measure(model, tokenizer).items()})
             self._add(row)
 
     def logged(self, step: int, logs: dict, seconds: float, model, tokenizer) -> None:
