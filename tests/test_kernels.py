@@ -55,18 +55,40 @@ def test_the_same_bits_whatever_the_number_of_threads():
     assert torch.equal(one, two)
 
 
+def _avx2_path() -> kernels.SkinnyGemm:
+    path = kernels.skinny_gemm().path
+    return kernels.SkinnyGemm(ctypes.CDLL(str(path)), path, avx2=True)
+
+
 @needs_kernel
-def test_the_avx512_and_avx2_paths_give_the_same_bits():
+@pytest.mark.parametrize("rows", [3, 8, 19])  # the AVX2 path's narrow blocks (up to 8 rows) and its wide ones
+def test_the_avx512_and_avx2_paths_give_the_same_bits(rows):
     """Both x86 paths run one summation order: a machine with AVX-512 and one with only AVX2 sample alike."""
     if kernels.skinny_gemm().isa != "avx512":
         pytest.skip("this CPU runs only the AVX2 path; the comparison needs AVX-512")
-    path = kernels.skinny_gemm().path
-    avx2 = kernels.SkinnyGemm(ctypes.CDLL(str(path)), path, avx2=True)
-    x, weight, bias = torch.randn(19, 576), torch.randn(1000, 576), torch.randn(1000)
+    avx2 = _avx2_path()
+    x, weight, bias = torch.randn(rows, 576), torch.randn(1000, 576), torch.randn(1000)
     assert torch.equal(avx2(x, weight, bias), kernels.skinny_gemm()(x, weight, bias))
     assert torch.allclose(avx2(x, weight, bias), torch.addmm(bias, x, weight.T), rtol=1e-5, atol=1e-4)
     half = weight.to(torch.bfloat16)
     assert torch.equal(avx2(x, half, bias), kernels.skinny_gemm()(x, half, bias))
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", ["this CPU's", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_bits_in_a_batch_of_any_size(path, dtype):
+    """Each path picks its blocks by the number of rows (AVX2: 1 x 8 up to 8 rows, 4 x 1 above); every block runs one
+    arithmetic per output, so a row's result does not depend on the batch it is computed in - what lets the sampler
+    drop ended rows without changing the others' samples.  1001 weight rows leave a tail for every block height."""
+    gemm = _avx2_path() if path == "avx2" else kernels.skinny_gemm()
+    generator = torch.Generator().manual_seed(7)
+    x, bias = torch.randn(19, 576, generator=generator), torch.randn(1001, generator=generator)
+    weight = torch.randn(1001, 576, generator=generator).to(dtype)
+    whole = gemm(x, weight, bias)
+    for rows in (1, 3, 8, 9, 16):
+        assert torch.equal(gemm(x[:rows], weight, bias), whole[:rows]), rows
+        assert torch.equal(gemm(x[-rows:], weight, bias), whole[-rows:]), rows
 
 
 @needs_kernel

@@ -70,44 +70,44 @@ static inline __attribute__((always_inline)) float sum8(v8 h) {
             }                                                                                                      \
     }
 
-/* AVX2: 16 vector registers of 8 lanes; blocks of 2 rows of w x 2 rows of x, each 16-lane sum as two halves */
+/* AVX2: 16 vector registers of 8 lanes; each 16-lane sum held as two halves, the low half (lanes 0-7) run over all
+ * the block's rows before the high one, so that a block needs 2 R C accumulators, R weights and one row of x */
 #define AVX2 __attribute__((target("avx2,fma")))
 #define DEFINE_BLOCK_256(NAME, WT, RR, CC)                                                                         \
     static inline AVX2 __attribute__((always_inline)) void NAME(                                                   \
         const TYPE_##WT *restrict w, const float *restrict x, float *restrict y, const float *restrict bias,       \
         int64_t n0, int64_t b0, int64_t K, int64_t N, int prefetch) {                                              \
-        v8 lo[RR][CC], hi[RR][CC];                                                                                 \
-        _Pragma("GCC unroll 8") for (int r = 0; r < RR; r++)                                                      \
-            _Pragma("GCC unroll 8") for (int c = 0; c < CC; c++) lo[r][c] = hi[r][c] = (v8){0};                   \
+        v8 acc[2][RR][CC];                                                                                         \
+        _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++)                                                       \
+            _Pragma("GCC unroll 8") for (int r = 0; r < RR; r++)                                                  \
+                _Pragma("GCC unroll 8") for (int c = 0; c < CC; c++) acc[h][r][c] = (v8){0};                      \
         for (int64_t k = 0; k < K; k += 16) {                                                                      \
-            v8 wl[RR], wh[RR];                                                                                     \
-            _Pragma("GCC unroll 8") for (int r = 0; r < RR; r++) {                                                \
-                wl[r] = LOAD8_##WT(w + (n0 + r) * K + k);                                                          \
-                wh[r] = LOAD8_##WT(w + (n0 + r) * K + k + 8);                                                      \
-                if (prefetch) __builtin_prefetch(w + (n0 + r) * K + k + RR * K, 0, 3);                             \
-            }                                                                                                      \
-            _Pragma("GCC unroll 8") for (int c = 0; c < CC; c++) {                                                \
-                v8 xl = *(const v8u *)(x + (b0 + c) * K + k), xh = *(const v8u *)(x + (b0 + c) * K + k + 8);       \
-                _Pragma("GCC unroll 8") for (int r = 0; r < RR; r++) {                                            \
-                    lo[r][c] += wl[r] * xl;                                                                        \
-                    hi[r][c] += wh[r] * xh;                                                                        \
+            if (prefetch)                                                                                          \
+                _Pragma("GCC unroll 8") for (int r = 0; r < RR; r++)                                              \
+                    __builtin_prefetch(w + (n0 + r) * K + k + RR * K, 0, 3);                                       \
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {                                                 \
+                v8 wv[RR];                                                                                         \
+                _Pragma("GCC unroll 8") for (int r = 0; r < RR; r++) wv[r] = LOAD8_##WT(w + (n0 + r) * K + k + 8 * h); \
+                _Pragma("GCC unroll 8") for (int c = 0; c < CC; c++) {                                            \
+                    v8 xv = *(const v8u *)(x + (b0 + c) * K + k + 8 * h);                                          \
+                    _Pragma("GCC unroll 8") for (int r = 0; r < RR; r++) acc[h][r][c] += wv[r] * xv;              \
                 }                                                                                                  \
             }                                                                                                      \
         }                                                                                                          \
         for (int c = 0; c < CC; c++)                                                                               \
             for (int r = 0; r < RR; r++) {                                                                         \
-                float s = sum8(lo[r][c] + hi[r][c]);                                                               \
+                float s = sum8(acc[0][r][c] + acc[1][r][c]);                                                       \
                 y[(b0 + c) * N + n0 + r] = bias ? s + bias[n0 + r] : s;                                            \
             }                                                                                                      \
     }
 
 /* One block of R rows of w (or, for the last index, the N % R rows left) against every row of x: blocks R x C,
  * R x 1 for the rows of x left over, 1 x C and 1 x 1 for the rows of w left over. */
-#define DEFINE_PATH(ISA, TARGET, WT, R, C)                                                                         \
-    DEFINE_BLOCK_##ISA(block_rc_##ISA##_##WT, WT, R, C)                                                            \
-    DEFINE_BLOCK_##ISA(block_r1_##ISA##_##WT, WT, R, 1)                                                            \
-    DEFINE_BLOCK_##ISA(block_1c_##ISA##_##WT, WT, 1, C)                                                            \
-    DEFINE_BLOCK_##ISA(block_11_##ISA##_##WT, WT, 1, 1)                                                            \
+#define DEFINE_PATH(ISA, BLOCK, TARGET, WT, R, C)                                                                      \
+    DEFINE_BLOCK_##BLOCK(block_rc_##ISA##_##WT, WT, R, C)                                                            \
+    DEFINE_BLOCK_##BLOCK(block_r1_##ISA##_##WT, WT, R, 1)                                                            \
+    DEFINE_BLOCK_##BLOCK(block_1c_##ISA##_##WT, WT, 1, C)                                                            \
+    DEFINE_BLOCK_##BLOCK(block_11_##ISA##_##WT, WT, 1, 1)                                                            \
     static inline TARGET __attribute__((always_inline)) void rows_of_w_##ISA##_##WT(                               \
         const TYPE_##WT *w, const float *x, float *y, const float *bias, int64_t B, int64_t N, int64_t K,          \
         int64_t i) {                                                                                               \
@@ -133,10 +133,25 @@ static inline __attribute__((always_inline)) float sum8(v8 h) {
         for (int64_t i = 0; i < blocks; i++) rows_of_w_##ISA##_##WT(w, x, y, bias, B, N, K, i);                    \
     }
 
-DEFINE_PATH(512, AVX512, f32, 3, 8)
-DEFINE_PATH(256, AVX2, f32, 2, 2)
-DEFINE_PATH(512, AVX512, bf16, 3, 8)
-DEFINE_PATH(256, AVX2, bf16, 2, 2)
+DEFINE_PATH(512, 512, AVX512, f32, 3, 8)
+DEFINE_PATH(512, 512, AVX512, bf16, 3, 8)
+
+/* AVX2 holds a third of AVX-512's register bytes, so one block shape cannot serve every batch: up to 8 rows of x,
+ * blocks of 1 row of w x 8 rows of x (each weight read once, x from L1); above, 4 x 1 (x, which no longer fits
+ * L1, read once per 4 weight rows).  Measured on a 2-core Zen 3 over the model's layer shapes (bench/README.md):
+ * 1.2x the former 2 x 2 blocks at 8 rows, 1.2-1.5x at 16-64.  Every block runs the same arithmetic per output. */
+DEFINE_PATH(256n, 256, AVX2, f32, 1, 8)
+DEFINE_PATH(256w, 256, AVX2, f32, 4, 1)
+DEFINE_PATH(256n, 256, AVX2, bf16, 1, 8)
+DEFINE_PATH(256w, 256, AVX2, bf16, 4, 1)
+#define DEFINE_AVX2(WT)                                                                                            \
+    static AVX2 void gemm_256_##WT(const TYPE_##WT *w, const float *x, float *y, const float *bias, int64_t B,     \
+                                   int64_t N, int64_t K, int threads) {                                            \
+        if (B <= 8) gemm_256n_##WT(w, x, y, bias, B, N, K, threads);                                               \
+        else gemm_256w_##WT(w, x, y, bias, B, N, K, threads);                                                      \
+    }
+DEFINE_AVX2(f32)
+DEFINE_AVX2(bf16)
 
 int skinny_gemm_isa(void) {
     __builtin_cpu_init();
