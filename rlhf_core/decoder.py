@@ -10,7 +10,8 @@ lower layers (a frozen trunk's output, which a model sharing those layers
 reads instead of recomputing it), :class:`SamplingCopy` the bf16 weights
 that PPO's rollouts sample from, and
 :func:`shared_prefix_states` runs sequences that begin alike (several answers
-to one prompt) with their common prefix computed once.
+to one prompt) with their common prefix computed once.  :func:`reserve` gives
+a KV cache room for the answer, which the steps then write in place.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,82 @@ class RecordingStep(DecodeStep):
 
     def states(self) -> torch.Tensor:
         return torch.cat(self.chunks, dim=1)
+
+
+@lru_cache(maxsize=1)
+def _reserved_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys and values live in buffers with room for more positions: a step writes its
+        position in place (``keys``/``values`` are views of the filled part) instead of ``torch.cat`` copying the
+        whole cache, every layer, every step.  Out of room, or asked for what it does not do in place, it grows by
+        concatenation as a ``DynamicLayer`` does."""
+
+        def __init__(self, layer, room: int):
+            super().__init__()
+            self.__dict__.update(layer.__dict__)
+            self.length = layer.keys.shape[-2]
+            self.buffers = [t.new_empty(*t.shape[:-2], self.length + room, t.shape[-1]) for t in (layer.keys, layer.values)]
+            for buffer, t in zip(self.buffers, (layer.keys, layer.values)):
+                buffer[..., : self.length, :] = t
+            self._views()
+
+        def _views(self) -> None:
+            self.keys, self.values = (b[..., : self.length, :] for b in self.buffers)
+
+        def _grow(self) -> None:  # back to a plain DynamicLayer's contiguous tensors
+            self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
+            self.buffers = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            new = key_states.shape[-2]
+            if self.buffers is not None and self.length + new > self.buffers[0].shape[-2]:
+                self._grow()
+            if self.buffers is None:
+                return super().update(key_states, value_states, *args, **kwargs)
+            for buffer, t in zip(self.buffers, (key_states, value_states)):
+                buffer[..., self.length : self.length + new, :] = t
+            self.length += new
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.buffers is None:
+                return super().batch_select_indices(indices)
+            self.buffers = [b[indices, ...] for b in self.buffers]
+            self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.buffers is None:
+                return super().batch_repeat_interleave(repeats)
+            self.buffers = [b.repeat_interleave(repeats, dim=0) for b in self.buffers]
+            self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if self.buffers is not None:
+                self._grow()
+            super().crop(tokens_to_remove)
+
+        def reset(self) -> None:
+            self.buffers = None
+            super().reset()
+
+    return ReservedLayer
+
+
+def reserve(cache, positions: int) -> None:
+    """Give every full-attention layer of a ``DynamicCache`` (filled by a prompt pass) room for ``positions`` more
+    positions, written in place by the steps that follow; the cache otherwise behaves as before (same keys and values,
+    the same bits from attention).  Layers of another kind are left as they are."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if positions <= 0 or layers is None:
+        return
+    for index, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            layers[index] = _reserved_layer_class()(layer, positions)
 
 
 #: Rows (batch x positions) up to which a decode step's fp32 linear layers on a CPU run as ``weight @ x.T``: MKL's

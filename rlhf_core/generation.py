@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_core.base_model import load_tokenizer
-from rlhf_core.decoder import DecodeStep, RecordingStep, skinny_linears
+from rlhf_core.decoder import DecodeStep, RecordingStep, reserve, skinny_linears
 from rlhf_core.precision import default_device
 
 
@@ -203,7 +203,8 @@ def sample_tokens(
     all come from here.  ``model`` is a causal LM or a
     :class:`rlhf_core.decoder.DecodeStep`, whose ``prefill`` runs the prompts (in groups of similar length, so
     that left padding costs little compute).  The attention mask of the whole
-    response is allocated once.  With
+    response is allocated once, and so is the room for it in every layer's KV
+    cache (:func:`rlhf_core.decoder.reserve`: steps write in place, the same bits).  With
     ``num_samples > 1`` each query is processed once and its cache repeated, so
     the K samples of a prompt share one prompt pass; output rows are query-major
     (query 0's samples first).  Once at least :data:`DROP_ENDED` of the rows
@@ -233,6 +234,7 @@ def sample_tokens(
         logits, positions = logits.repeat_interleave(num_samples, dim=0), positions.repeat_interleave(num_samples, dim=0)
         query_ids = query_ids.repeat_interleave(num_samples, dim=0)
         query_mask = query_mask.repeat_interleave(num_samples, dim=0)
+    reserve(cache, max_new_tokens)  # each step writes its position in place (no copy of the cache per step)
     batch = query_ids.shape[0]
     mask = torch.cat([query_mask, query_mask.new_ones(batch, max_new_tokens)], dim=-1)
     next_position = positions[:, -1:] + 1

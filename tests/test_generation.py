@@ -262,3 +262,75 @@ def test_the_sampler_stops_running_rows_that_ended_and_samples_the_same(tiny_bas
     assert torch.allclose(dropping.sample_logprobs, keeping.sample_logprobs, atol=tolerance)
     for (ids_a, a), (ids_b, b) in zip(states, all_states):
         assert ids_a == ids_b and a.shape == b.shape and torch.allclose(a, b, atol=tolerance)
+
+
+# --------------------------------------------------------------------------- the KV cache written in place
+
+
+@DTYPES
+def test_a_cache_with_room_samples_the_same_bits_as_one_that_grows(tiny_base_model, dtype, monkeypatch):
+    """After the prompt pass each layer's cache gets room for the answer (``decoder.reserve``) and the steps write
+    their positions in place; with rows dropping out, several samples per prompt and the recorded trunk states, the
+    run is the same to the last bit as one whose cache grows by concatenation."""
+    from transformers.cache_utils import DynamicLayer
+
+    import rlhf_core.generation as generation
+    from rlhf_core.decoder import RecordingStep, _reserved_layer_class
+
+    model, tokenizer = load_policy(tiny_base_model, dtype)
+    prompts = [("word " * n).strip() + "?" for n in range(1, 11)]
+    ids, mask = encode_queries(tokenizer, prompts)
+
+    class Step(RecordingStep):  # keeps its cache; its stop token likelier, so that rows end at different steps
+        def new_cache(self):
+            self.cache = super().new_cache()
+            return self.cache
+
+        def __call__(self, input_ids, attention_mask, position_ids, cache):
+            logits = super().__call__(input_ids, attention_mask, position_ids, cache)
+            logits[:, tokenizer.eos_token_id] += STOP_BONUS
+            return logits
+
+    runs = []
+    for reserve in (generation.reserve, lambda cache, positions: None):
+        monkeypatch.setattr(generation, "reserve", reserve)
+        step = Step(model, 1)
+        rollout = sample_tokens(step, ids, mask, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                max_new_tokens=12, generator=torch.Generator().manual_seed(5), num_samples=3,
+                                feed_last=True)  # fmt: skip
+        runs.append((rollout, step.states(), {type(layer) for layer in step.cache.layers}))
+    (reserved, states, kinds), (grown, grown_states, grown_kinds) = runs
+    assert kinds == {_reserved_layer_class()} and grown_kinds == {DynamicLayer}
+    assert int(reserved.response_mask.sum(-1).min()) < 12  # some rows ended early and left the batch
+    for field in ("response_ids", "response_mask", "finished", "sample_logprobs"):
+        assert torch.equal(getattr(reserved, field), getattr(grown, field)), field
+    assert torch.equal(states, grown_states)
+
+
+def test_a_reserved_cache_layer_out_of_room_grows_like_a_dynamic_one():
+    """Through its room, a batch selection, past its room and after a crop, a layer returns the same keys and values
+    as a plain ``DynamicLayer``."""
+    from transformers import DynamicCache
+
+    from rlhf_core.decoder import reserve
+
+    generator = torch.Generator().manual_seed(0)
+    plain, reserved = DynamicCache(), DynamicCache()
+    prompt = [torch.randn(4, 2, 5, 8, generator=generator) for _ in range(2)]
+    for cache in (plain, reserved):
+        cache.update(*prompt, 0)
+    reserve(reserved, 2)
+    rows = torch.arange(4)
+    for index in range(4):
+        if index == 2:  # the room is full: drop a row, then run past the room
+            rows = torch.tensor([0, 2, 3])
+            for cache in (plain, reserved):
+                cache.batch_select_indices(torch.tensor([0, 2, 3]))
+        keys, values = (torch.randn(len(rows), 2, 1, 8, generator=generator) for _ in range(2))
+        want = plain.update(keys, values, 0)
+        got = reserved.update(keys, values, 0)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), index
+    assert reserved.get_seq_length() == plain.get_seq_length() == 9 and reserved.layers[0].buffers is None
+    for cache in (plain, reserved):
+        cache.crop(-3)
+    assert torch.equal(reserved.layers[0].keys, plain.layers[0].keys) and reserved.get_seq_length() == 6
