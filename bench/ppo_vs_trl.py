@@ -61,6 +61,13 @@ ALLOCATOR_OF = {name: "system" if name in ("trl", "trl-bf16") else "reuse" for n
 MATMUL_DTYPES = ("float32", "bfloat16")
 
 
+def matmul_dtypes(sides: list[str], fast_bf16: bool) -> tuple[str, ...]:
+    """The dtypes whose matmul peak the run measures: fp32 always, bf16 where a side runs in it or the CPU has fast
+    bf16 (without AVX-512 BF16 or AMX a 2048^3 bf16 matmul runs at ~1 GFLOP/s: minutes per measurement)."""
+    bf16 = fast_bf16 or any(SIDES[name][1].get("dtype") == "bfloat16" for name in sides)
+    return MATMUL_DTYPES if bf16 else ("float32",)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="policy's starting weights (default: params.yaml paths.base_model)")
@@ -101,7 +108,7 @@ def child_main(kind: str, job: dict) -> dict:
         from ppo_bench.flops import matmul_peak_flops
 
         torch.set_num_threads(job["threads"])
-        return {dtype: matmul_peak_flops(dtype) for dtype in MATMUL_DTYPES}
+        return {dtype: matmul_peak_flops(dtype) for dtype in job.get("dtypes", MATMUL_DTYPES)}
     from rlhf_core.runtime import tune_allocator
 
     tuned = tune_allocator()
@@ -221,13 +228,15 @@ def measure(args: argparse.Namespace, params, model: Path, trl_dir: Path, prompt
 
     reward_job = {"model": str(model), "out": str(logs / "reward-model"), "max_length": params.reward.max_length}
     reward = must("reward-model", reward_job, "reward-model")
-    peaks_before = must("matmul", {"threads": args.threads}, "matmul-before")
+    host = machine()
+    matmul_job = {"threads": args.threads, "dtypes": matmul_dtypes(args.sides, host["avx512_bf16"] or host["amx_bf16"])}
+    peaks_before = must("matmul", matmul_job, "matmul-before")
 
     runs = run_sides(args, params, Workload("", str(model), reward["path"], prompts, {}, args.updates, args.threads, str(trl_dir)), logs)
 
-    peaks_after = must("matmul", {"threads": args.threads}, "matmul-after")
+    peaks_after = must("matmul", matmul_job, "matmul-after")
     load.update(at_end=os.getloadavg(), cpu_pressure_at_end=cpu_pressure())
-    peaks = {dtype: max(peaks_before[dtype], peaks_after[dtype]) for dtype in MATMUL_DTYPES}
+    peaks = {dtype: max(peaks_before[dtype], peaks_after[dtype]) for dtype in matmul_job["dtypes"]}
 
     report = summarise(runs, args.sides, peaks)
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"ppo_vs_trl_{datetime.date.today().isoformat()}.json"
@@ -236,7 +245,7 @@ def measure(args: argparse.Namespace, params, model: Path, trl_dir: Path, prompt
         "benchmark": "ppo_vs_trl",
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "machine": machine(),
+        "machine": host,
         "versions": versions(),
         "git": git_state(),
         "config": {

@@ -54,6 +54,14 @@ def test_flops_count_the_rows_own_tokens_and_the_old_pass_only_where_it_runs():
     assert flops == 1340 + 2 * 2820
 
 
+def test_the_bf16_matmul_peak_is_measured_only_where_a_side_or_the_cpu_uses_it():
+    import ppo_vs_trl
+
+    assert ppo_vs_trl.matmul_dtypes(ppo_vs_trl.DEFAULT_SIDES, fast_bf16=False) == ("float32",)
+    assert ppo_vs_trl.matmul_dtypes(ppo_vs_trl.DEFAULT_SIDES, fast_bf16=True) == ("float32", "bfloat16")
+    assert ppo_vs_trl.matmul_dtypes(["ours-bf16", "trl-bf16"], fast_bf16=False) == ("float32", "bfloat16")
+
+
 def test_matmul_peak_is_positive_and_finite():
     peak = matmul_peak_flops("float32", size=64, repeats=2)
     assert 0 < peak < float("inf")
