@@ -68,16 +68,16 @@ def layer_shapes(model_dir: Path) -> list[tuple[int, int]]:
 
 
 def build(source: bytes, directory: Path, name: str):
-    """The source compiled with the project's flags; its fp32 entry point for ``--path``."""
+    """The source compiled as the project compiles its kernel (:func:`rlhf_core.kernels.build`), loaded."""
+    from rlhf_core import kernels
     from rlhf_core.errors import RLHFError
-    from rlhf_core.kernels import FLAGS
 
     path = directory / f"{name}.c"
     path.write_bytes(source)
-    done = subprocess.run(["cc", *FLAGS, str(path), "-o", str(directory / f"{name}.so")], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RLHFError(f"{name}: the build failed: {done.stderr.strip()[-300:]}")
-    return ctypes.CDLL(str(directory / f"{name}.so"))
+    try:
+        return ctypes.CDLL(str(kernels.build(directory, source=path)))
+    except (RuntimeError, OSError) as exc:
+        raise RLHFError(f"{name}: {exc}") from exc
 
 
 def entry(library, path: str):

@@ -80,9 +80,10 @@ def cache_dir() -> Path:
     return base / "rlhf-pipeline" / "kernels"
 
 
-def build(directory: Path | None = None, flags: tuple[str, ...] = FLAGS) -> Path:
-    """Compile ``skinny_gemm.c`` (unless a build for this source, compiler and flags is cached) and return
-    the shared library's path; a :class:`RuntimeError` saying why when it cannot."""
+def build(directory: Path | None = None, flags: tuple[str, ...] = FLAGS, source: Path = SOURCE) -> Path:
+    """Compile ``source`` (default ``skinny_gemm.c``; another version of it for a benchmark) unless a build for this
+    source, compiler and flags is cached, and return the shared library's path; a :class:`RuntimeError` saying why
+    when it cannot."""
     try:
         command = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or "cc"]
     except ValueError as exc:
@@ -90,10 +91,10 @@ def build(directory: Path | None = None, flags: tuple[str, ...] = FLAGS) -> Path
     compiler = command[0]
     if not shutil.which(compiler):
         raise RuntimeError("no C compiler (set CC, or install gcc)")
-    source = SOURCE.read_bytes()
+    text = source.read_bytes()
     found = Path(shutil.which(compiler)).resolve().stat()  # another compiler at the same path: built again
     stamp = f"{' '.join(command)} {found.st_size} {found.st_mtime_ns} {' '.join(flags)}".encode()
-    key = hashlib.sha256(source + b"\0" + stamp)
+    key = hashlib.sha256(text + b"\0" + stamp)
     directory = directory or cache_dir()
     path = directory / f"skinny_gemm-{key.hexdigest()[:16]}.so"
     if path.exists():
@@ -105,7 +106,7 @@ def build(directory: Path | None = None, flags: tuple[str, ...] = FLAGS) -> Path
     except OSError as exc:
         raise RuntimeError(f"cannot write to {directory}: {exc}") from exc
     try:
-        done = subprocess.run([*command, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True)
+        done = subprocess.run([*command, *flags, str(source), "-o", partial], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {(done.stderr or done.stdout).strip()[-400:]}")
         os.replace(partial, path)  # whole or not at all, whatever runs beside us

@@ -138,8 +138,9 @@ DEFINE_PATH(512, 512, AVX512, bf16, 3, 8)
 
 /* AVX2 holds a third of AVX-512's register bytes, so one block shape cannot serve every batch: up to 8 rows of x,
  * blocks of 1 row of w x 8 rows of x (each weight read once, x from L1); above, 4 x 1 (x, which no longer fits
- * L1, read once per 4 weight rows).  Measured on a 2-core Zen 3 over the model's layer shapes (bench/README.md):
- * 1.2x the former 2 x 2 blocks at 8 rows, 1.2-1.5x at 16-64.  Every block runs the same arithmetic per output. */
+ * L1, read once per 4 weight rows).  Measured on a 2-core Zen 3 over the model's layer shapes (bench/README.md,
+ * kernel_blocks.py): 1.3x the former 2 x 2 blocks at 8 rows, 1.2-1.3x at 16-64.  Every block runs the same
+ * arithmetic per output. */
 DEFINE_PATH(256n, 256, AVX2, f32, 1, 8)
 DEFINE_PATH(256w, 256, AVX2, f32, 4, 1)
 DEFINE_PATH(256n, 256, AVX2, bf16, 1, 8)
